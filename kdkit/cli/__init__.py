@@ -1,0 +1,37 @@
+"""The `kdkit` command: one sub-command per verb; a user's mistake prints one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kdkit.registry import KdkitError
+
+VERBS = ("train", "distill", "eval", "quickstart", "recipes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib import import_module
+
+    parser = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation for image classifiers "
+                                     "(the DeiT recipe for any timm teacher and student).")
+    from kdkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb in VERBS:
+        import_module(f"kdkit.cli.{verb}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KdkitError as e:
+        print(f"kdkit {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kdkit {args.verb}: interrupted", file=sys.stderr)
+        return 130

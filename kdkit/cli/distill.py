@@ -1,0 +1,30 @@
+"""kdkit distill: train a student from a teacher."""
+
+from __future__ import annotations
+
+import argparse
+
+from kdkit.cli.common import DISTILL_FLAGS, RUN_FLAGS, add_recipe_args, recipe_from_args
+from kdkit.cli.report import print_summary
+
+EPILOG = """examples:
+  kdkit distill --teacher regnety_160 --student deit_tiny --data /data/imagenet
+  kdkit distill --recipe deit_tiny_imagenet --data /data/imagenet --batch-size 1024
+  kdkit distill --teacher resnet9_cifar_s --teacher-weights runs/teacher/student \\
+      --student deit_tiny --img-size 32 --patch-size 4 --data cifar10-sample --epochs 5
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="distil a teacher into a student", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_args(p, {**DISTILL_FLAGS, **RUN_FLAGS})
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdkit.engine.run import run as run_recipe
+
+    recipe = recipe_from_args(args, {**DISTILL_FLAGS, **RUN_FLAGS})
+    print_summary(run_recipe(recipe, "distill"))
+    return 0

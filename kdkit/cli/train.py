@@ -1,0 +1,31 @@
+"""kdkit train: plain supervised training (a teacher on your label space, or the no-KD baseline)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kdkit.cli.common import RUN_FLAGS, add_recipe_args, recipe_from_args
+from kdkit.cli.report import print_summary
+
+EPILOG = """examples:
+  kdkit train --model resnet9_cifar_s --data /data/cifar10 --recipe cifar10_teacher
+  kdkit train --model deit_tiny --img-size 32 --patch-size 4 --data cifar10-sample --epochs 5
+"""
+
+FLAGS = {"--model": ("model.student", str, "timm model name"),
+         "--head": ("model.head", str, "token | dual | shared | auto"), **RUN_FLAGS}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="supervised training, no teacher", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_args(p, FLAGS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdkit.engine.run import run as run_recipe
+
+    recipe = recipe_from_args(args, FLAGS, {"loss.kind": "none"})
+    print_summary(run_recipe(recipe, "train"))
+    return 0

@@ -1,0 +1,277 @@
+"""Recipes: every hyperparameter of a run, as data (TOML or YAML), validated against dataclasses.
+
+Unknown keys and wrong types are errors that name the key and the closest valid one. Command-line
+flags and dotted overrides (`optim.lr=1e-3`) win over the file, which wins over the preset, which
+wins over the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdkit.registry import KdkitError, suggest
+
+
+@dataclass
+class ModelConfig:
+    student: str = "deit_tiny"
+    head: str = "auto"  # token | dual | shared | auto (token for ViTs with a class token, else dual)
+    img_size: int | None = None
+    patch_size: int | None = None
+    drop_path: float = 0.0
+    pretrained: bool = False  # student from timm's hub weights
+    student_weights: str = ""  # initialise the student from a local file
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs for the student
+    teacher: str = ""
+    teacher_weights: str = ""  # local weights; empty = timm's hub weights
+    teacher_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    path: str = "cifar10-sample"
+    train_split: str = "train"
+    eval_split: str = "auto-eval"
+    batch_size: int = 128  # global: split over processes
+    eval_batch_size: int = 256
+    workers: int = 2
+    strict: bool = False  # fail on an unreadable image instead of skipping it
+
+
+@dataclass
+class AugConfig:
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    auto_augment: str = ""  # e.g. "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+    repeated_aug: int = 0  # number of repeats (3 in DeiT); 0 or 1 = off
+    interpolation: str = "bicubic"
+
+
+@dataclass
+class LossConfig:
+    kind: str = "hard"  # none | soft | hard
+    task_weight: float = 0.5
+    kd_weight: float = 0.5
+    tau: float = 1.0
+    kl_reduction: str = "batchmean"  # batchmean | deit (sum / numel, as the DeiT reference code)
+    hard_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    opt: str = "adamw"
+    lr: float = 5e-4
+    lr_base_batch: int = 512  # lr is scaled by global_batch / lr_base_batch (DeiT); 0 = no scaling
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    epochs: int = 300
+    sched: str = "cosine"
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    clip_grad: float = 0.0  # 0 = off
+    grad_accum: int = 1
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output: str = "runs"
+    name: str = ""
+    precision: str = "no"  # no | bf16 | fp16 (Accelerate mixed precision)
+    log_every: int = 10
+    eval_every: int = 1
+    teacher_check_batches: int = 4  # evaluation batches the teacher is checked on before distilling
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    description: str = ""
+    preset: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+
+# Named settings that reproduce a paper; a recipe names one with `preset = "deit"`.
+PRESETS: dict[str, dict] = {
+    # DeiT's hard distillation through the token: 1/2 CE(y) + 1/2 CE(argmax teacher), the
+    # reference code's KL convention, label smoothing 0.1.
+    "deit": {"model": {"head": "token"}, "loss": {"kind": "hard", "task_weight": 0.5, "kd_weight": 0.5,
+                                                  "tau": 1.0, "kl_reduction": "deit"},
+             "aug": {"label_smoothing": 0.1}},
+    # DeiT's soft distillation (paper, section 5.2): tau = 3, lambda = 0.1.
+    "deit_soft": {"model": {"head": "token"}, "loss": {"kind": "soft", "task_weight": 0.9, "kd_weight": 0.1,
+                                                       "tau": 3.0, "kl_reduction": "deit"},
+                  "aug": {"label_smoothing": 0.1}},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting int -> float and list -> tuple."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except KdkitError:
+                pass
+        raise KdkitError(f"{key}: expected {_name(tp)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise KdkitError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(float(value)):
+            raise KdkitError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is dict and isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise KdkitError(f"{key}: expected {_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            raise KdkitError(f"unknown recipe key {full!r}.{suggest(full, valid)} Valid keys: {', '.join(valid)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise KdkitError(f"{full}: expected a section (table), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """Parse a TOML or YAML recipe into a dict (data only: nothing is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        bundled = recipes_dir() / f"{path.name}.toml"
+        if bundled.is_file() and not path.suffix:
+            path = bundled
+        else:
+            raise KdkitError(f"recipe not found: {path} (bundled: {', '.join(list_recipes())})")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise KdkitError(f"cannot parse recipe {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise KdkitError(f"recipe {path} must be a mapping of sections")
+    return data
+
+
+def parse_override(item: str) -> dict:
+    """'optim.lr=1e-3' -> {'optim': {'lr': 0.001}}; values are TOML literals, else strings."""
+    if "=" not in item:
+        raise KdkitError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict | list[str] | None = None) -> Recipe:
+    """Defaults <- preset <- recipe file <- overrides (a nested dict or 'a.b=value' strings)."""
+    data = read_recipe_file(path) if path else {}
+    over: dict = overrides if isinstance(overrides, dict) else {}
+    for item in overrides if isinstance(overrides, list) else []:
+        over = _merge(over, parse_override(item))
+    merged = _merge(data, over)
+    preset = merged.get("preset", "")
+    if preset:
+        if preset not in PRESETS:
+            raise KdkitError(f"unknown preset {preset!r}.{suggest(preset, list(PRESETS))} Presets: {list(PRESETS)}")
+        merged = _merge(_merge(PRESETS[preset], data), over)
+    return _build(Recipe, merged)
+
+
+def recipes_dir() -> Path:
+    return Path(__file__).resolve().parent / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.toml"))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v))
+
+
+def dumps_toml(data: dict) -> str:
+    """A TOML writer for recipe-shaped dicts (top-level scalars, then one table per section)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,134 @@
+"""Data: datasets from a folder, a local or hub `datasets` dataset, or the bundled CIFAR-10 sample;
+timm transforms; loaders whose samples carry their index."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from timm.data import create_transform
+from torch.utils.data import DataLoader, DistributedSampler
+
+from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset, load_rgb, sample_seed
+from kdkit.registry import KdkitError
+
+__all__ = [
+    "EMBEDDED_SAMPLE", "HFImageDataset", "ImageFolderDataset", "SeededDataset", "collate", "create_loader",
+    "create_transforms", "load_rgb", "open_dataset", "sample_path", "sample_seed",
+]
+
+EMBEDDED_SAMPLE = "cifar10-sample"
+EVAL_SPLITS = ("val", "validation", "test")
+
+
+def sample_path() -> Path:
+    """The CIFAR-10 sample bundled in the package (train/ and test/ in ImageFolder layout)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "cifar10_sample"
+
+
+def _resolve_split(root: Path, split: str) -> Path:
+    if split == "auto-eval":
+        for name in EVAL_SPLITS:
+            if (root / name).is_dir():
+                return root / name
+        if any(p.is_dir() for p in root.iterdir()) and not (root / "train").is_dir():
+            return root  # a bare ImageFolder: evaluate on it
+        raise KdkitError(f"{root} has no evaluation split (looked for {', '.join(EVAL_SPLITS)}/)")
+    if (root / split).is_dir():
+        return root / split
+    raise KdkitError(f"{root} has no {split!r} split (expected {root / split}/<class>/<image>)")
+
+
+def open_dataset(data: str | Path, split: str, transform: Callable | None = None,
+                 classes: list[str] | None = None, seed: int = 0, strict: bool = False) -> SeededDataset:
+    """Open one split of a data source.
+
+    data: a folder with split sub-folders (train/, val|validation|test/) of class folders; a folder
+      written by `datasets.save_to_disk`; "hf:NAME" for a hub dataset (needs internet); or
+      "cifar10-sample" for the bundled sample. split: "train", another split name, or "auto-eval".
+    """
+    data = str(data)
+    if data.startswith("hf:"):
+        return _open_hf(data[3:], split, transform, seed, strict)
+    root = sample_path() if data == EMBEDDED_SAMPLE and not Path(data).exists() else Path(data)
+    if not root.is_dir():
+        raise KdkitError(f"data directory not found: {root}")
+    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+        return _open_hf(str(root), split, transform, seed, strict, local=True)
+    return ImageFolderDataset(_resolve_split(root, split), transform, classes=classes, seed=seed, strict=strict)
+
+
+def _open_hf(name: str, split: str, transform, seed: int, strict: bool, local: bool = False) -> HFImageDataset:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(name) if local else datasets.load_dataset(name)
+    except Exception as e:
+        where = "from disk" if local else "from the hub (no internet?)"
+        raise KdkitError(f"could not load dataset {name!r} {where}: {type(e).__name__}: {str(e)[:200]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        if split == "auto-eval":
+            split = next((s for s in EVAL_SPLITS if s in ds), None) or ""
+        if split not in ds:
+            raise KdkitError(f"dataset {name!r} has no split {split!r}; it has {names}")
+        ds = ds[split]
+    return HFImageDataset(ds, transform, seed=seed, strict=strict)
+
+
+def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, ...], is_training: bool,
+                      scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, color_jitter: float = 0.0,
+                      auto_augment: str = "", reprob: float = 0.0, interpolation: str = "bicubic",
+                      crop_pct: float | None = None) -> Callable:
+    """timm's create_transform: RandomResizedCrop/flip/RandAugment/random erasing when training,
+    resize + centre crop otherwise."""
+    if is_training:
+        return create_transform(img_size, is_training=True, scale=tuple(scale), hflip=hflip,
+                                color_jitter=color_jitter or None, auto_augment=auto_augment or None,
+                                re_prob=reprob, re_mode="pixel", interpolation=interpolation, mean=mean, std=std)
+    return create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
+                            crop_pct=crop_pct if crop_pct is not None else (1.0 if img_size <= 64 else 0.875))
+
+
+def collate(samples: list[dict], even: bool = False) -> dict:
+    """Stack the readable samples; count the unreadable ones under "skipped". With `even`, an odd
+    batch drops its last sample (Mixup/CutMix need pairs)."""
+    good = [s for s in samples if s["image"] is not None]
+    if even and len(good) % 2:
+        good = good[:-1]
+    if not good:
+        return {"images": None, "target": None, "index": None, "skipped": len(samples)}
+    return {
+        "images": torch.stack([s["image"] for s in good]),
+        "target": torch.tensor([s["target"] for s in good], dtype=torch.long),
+        "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
+        "skipped": len(samples) - len(good),
+    }
+
+
+def _collate_even(samples: list[dict]) -> dict:
+    return collate(samples, even=True)
+
+
+def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, workers: int = 2, seed: int = 0,
+                  num_replicas: int = 1, rank: int = 0, even_batches: bool = False,
+                  repeated_aug: int = 0) -> DataLoader:
+    """A DataLoader over one process's shard.
+
+    Training: a seeded shuffle (DistributedSampler; timm's RepeatAugSampler when repeated_aug > 1)
+    whose order depends on (seed, epoch) only, sharded over `num_replicas` processes; `batch_size`
+    is per process and incomplete batches are dropped. Evaluation: in order, every sample once.
+    """
+    if training:
+        if repeated_aug > 1:
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            sampler = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, num_repeats=repeated_aug)
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      collate_fn=_collate_even if even_batches else collate, drop_last=training,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)

@@ -1,0 +1,170 @@
+"""Labeled image datasets whose samples carry their index and whose augmentation is a function of
+(seed, epoch, index): the same view can be replayed (logit caches), resumed, or drawn by any
+number of processes. Unreadable images are skipped and counted, or fail under `strict`."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from kdkit.registry import KdkitError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_rgb(path_or_image: str | Path | Image.Image) -> Image.Image:
+    """Open an image as RGB: EXIF rotation applied; grayscale, palette, RGBA, CMYK, 16-bit converted."""
+    img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float32)
+            img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "P"):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed that depends only on (run seed, epoch, sample index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class SeededDataset(Dataset):
+    """Base class: subclasses list their samples and read one raw (PIL image, label) pair.
+
+    __getitem__(i) returns dict(image=(3, H, W) tensor or None if unreadable, target=int (-1 when
+    unlabeled), index=i). The transform runs under python/numpy/torch RNGs seeded from
+    (seed, epoch, i), so a view never depends on worker count, batch size or process count.
+    """
+
+    classes: list[str]
+
+    def __init__(self, transform: Callable | None = None, seed: int = 0, strict: bool = False):
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.strict = strict
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return f"sample {index}"
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            img, target = self.read(index)
+            img = load_rgb(img)
+        except Exception as e:
+            if self.strict:
+                raise KdkitError(f"unreadable image {self.describe(index)}: {type(e).__name__}: {e}") from None
+            return {"image": None, "target": -1, "index": index}
+        if self.transform is not None:
+            img = self._seeded(self.transform, img, sample_seed(self.seed, self.epoch, index))
+        return {"image": img, "target": target, "index": index}
+
+    @staticmethod
+    def _seeded(transform: Callable, img: Image.Image, seed: int) -> torch.Tensor:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return transform(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class ImageFolderDataset(SeededDataset):
+    """An ImageFolder directory (root/<class>/<image>), scanned with torchvision's helpers.
+
+    `classes` may be given to fix the label space (so train and eval splits agree); empty class
+    folders are kept as classes with no samples.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, classes: list[str] | None = None,
+                 seed: int = 0, strict: bool = False):
+        super().__init__(transform, seed, strict)
+        from torchvision.datasets.folder import find_classes, make_dataset
+
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise KdkitError(f"data directory not found: {self.root}")
+        if classes is None:
+            try:
+                classes, _ = find_classes(str(self.root))
+            except FileNotFoundError:
+                raise KdkitError(f"no class folders in {self.root} (expected {self.root}/<class>/<image>)") from None
+        self.classes = list(classes)
+        mapping = {c: i for i, c in enumerate(self.classes)}
+        present = {p.name for p in self.root.iterdir() if p.is_dir()}
+        unknown = sorted(present - set(self.classes))
+        if unknown:
+            raise KdkitError(f"{self.root} has class folders the label space lacks: {unknown[:5]}")
+        self.samples = make_dataset(str(self.root), {c: i for c, i in mapping.items() if c in present},
+                                    extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not self.samples:
+            raise KdkitError(f"no images found in {self.root} (looked for {', '.join(IMG_EXTENSIONS)})")
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        path, target = self.samples[index]
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+        return img, target
+
+    def describe(self, index: int) -> str:
+        return str(self.samples[index][0])
+
+
+class HFImageDataset(SeededDataset):
+    """A Hugging Face `datasets` split with an Image column and a ClassLabel (or int) column."""
+
+    def __init__(self, ds, transform: Callable | None = None, image_key: str | None = None,
+                 label_key: str | None = None, seed: int = 0, strict: bool = False):
+        super().__init__(transform, seed, strict)
+        from datasets import ClassLabel
+        from datasets import Image as HFImage
+
+        feats = ds.features
+        self.image_key = image_key or next((k for k, f in feats.items() if isinstance(f, HFImage)), None)
+        self.label_key = label_key or next((k for k, f in feats.items() if isinstance(f, ClassLabel)), None)
+        if self.image_key is None or self.label_key is None:
+            raise KdkitError(f"dataset needs an Image and a ClassLabel column; it has {dict(feats)}")
+        label = feats[self.label_key]
+        self.classes = list(label.names) if isinstance(label, ClassLabel) else [
+            str(i) for i in range(max(ds[self.label_key]) + 1)]
+        self.ds = ds
+        self.targets = list(ds[self.label_key])
+        if len(ds) == 0:
+            raise KdkitError("the dataset split is empty")
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        row = self.ds[index]
+        return row[self.image_key], int(row[self.label_key])

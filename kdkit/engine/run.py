@@ -1,0 +1,225 @@
+"""From a recipe to a finished run: build the pieces by name, check the teacher, call `fit`, write
+the run directory (recipe.toml, metrics.jsonl, student/, summary.json)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from kdkit import __version__
+from kdkit.config import Recipe
+from kdkit.data import create_loader, create_transforms, open_dataset
+from kdkit.engine.checkpoint import atomic_write_text, save_student
+from kdkit.engine.evaluate import evaluate
+from kdkit.engine.loop import DistillationStep, fit
+from kdkit.engine.progress import console
+from kdkit.losses import create_loss
+from kdkit.models import create_student, create_teacher, model_data_config, resolve_model_name
+from kdkit.models.teacher import Teacher
+from kdkit.registry import KdkitError
+from kdkit.teachers import LiveTeacher
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    return Accelerator(mixed_precision=recipe.run.precision, gradient_accumulation_steps=recipe.optim.grad_accum,
+                       cpu=not torch.cuda.is_available())
+
+
+def run_dir_for(recipe: Recipe, mode: str) -> Path:
+    name = recipe.run.name or f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(recipe.run.output) / name
+
+
+def student_config(student: nn.Module, recipe: Recipe, classes: list[str], data_cfg: dict,
+                   conventions: dict) -> dict:
+    """timm's config.json layout (architecture, num_classes, model_args, pretrained_cfg) + kdkit's block."""
+    m = recipe.model
+    args = dict(m.kwargs)
+    args.update({k: v for k, v in (("img_size", m.img_size), ("patch_size", m.patch_size))
+                 if v is not None and _accepts(type(student.model), k)})
+    arch = getattr(student.model, "pretrained_cfg", {}).get("architecture") or type(student.model).__name__
+    pcfg = {k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")}
+    return {"architecture": arch, "num_classes": len(classes), "label_names": classes, "model_args": args,
+            "pretrained_cfg": {**pcfg, "num_classes": len(classes)},
+            "kdkit": {"version": __version__, "head": type(student).__name__, "plain_timm": _plain_timm(student),
+                      "conventions": conventions}}
+
+
+def _accepts(cls: type, name: str) -> bool:
+    """Whether cls(...) takes keyword `name`, following **kwargs up the class hierarchy."""
+    for klass in cls.__mro__:
+        params = inspect.signature(klass.__init__).parameters
+        if name in params:
+            return True
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
+def _plain_timm(student: nn.Module) -> bool:
+    """Whether plain timm rebuilds every head of the saved student (see engine/checkpoint.py)."""
+    return not any(not k.startswith("model.") for k in student.state_dict())
+
+
+def check_teacher(teacher: Teacher, loader, num_classes: int, batches: int, accelerator: Accelerator) -> dict:
+    """Top-1 of the teacher on a slice of the evaluation split, through the student's pipeline."""
+    teacher.to(accelerator.device)
+    correct = n = 0
+    k = None
+    for i, raw in enumerate(loader):
+        if i >= batches:
+            break
+        if raw["images"] is None:
+            continue
+        logits = teacher(raw["images"].to(accelerator.device))
+        k = logits.shape[1]
+        if k != num_classes:
+            raise KdkitError(f"the teacher predicts {k} classes but the data has {num_classes}: fine-tune it on "
+                             f"this label space first (kdkit train --model NAME --data DIR) or pass matching "
+                             f"--teacher-weights")
+        correct += (logits.argmax(1).cpu() == raw["target"]).sum().item()
+        n += raw["target"].numel()
+    top1 = 100.0 * correct / max(n, 1)
+    info = {"teacher_top1_slice": top1, "images": n, "num_classes": k, "mean": teacher.mean, "std": teacher.std,
+            "input_size": teacher.input_size, "student_mean": teacher.student_mean,
+            "student_std": teacher.student_std}
+    if accelerator.is_main_process:
+        console.print(f"teacher check: top-1 {top1:.1f}% on {n} evaluation images, {k} classes, "
+                      f"mean {tuple(round(x, 4) for x in teacher.mean)}, std "
+                      f"{tuple(round(x, 4) for x in teacher.std)}, input {teacher.input_size}")
+        if top1 <= 1.5 * 100.0 / num_classes:
+            console.print(f"[bold red]WARNING: the teacher is at chance level ({top1:.1f}%, chance "
+                          f"{100.0 / num_classes:.1f}%): wrong weights, wrong normalisation or wrong label order?")
+    return info
+
+
+def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
+        teacher: nn.Module | None = None) -> dict:
+    """Run `mode` ("distill" or "train") as the recipe says. `student`/`teacher` may be nn.Modules that
+    replace the recipe's model names. Returns the summary (also written to RUN/summary.json)."""
+    r = recipe
+    set_seed(r.run.seed)
+    acc = make_accelerator(r)
+    train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict)
+    eval_ds = open_dataset(r.data.path, r.data.eval_split, classes=train_ds.classes, strict=r.data.strict)
+    classes = train_ds.classes
+    head = r.model.head
+    if mode == "train" and head == "auto":
+        # plain supervised training; a model with a distillation token still trains both heads
+        head = "token" if getattr(student, "dist_token", None) is not None or (
+            student is None and "distilled" in resolve_model_name(r.model.student)) else "shared"
+    student = create_student(student if student is not None else r.model.student, len(classes), head,
+                             pretrained=r.model.pretrained, weights=r.model.student_weights or None,
+                             img_size=r.model.img_size, patch_size=r.model.patch_size,
+                             drop_path_rate=r.model.drop_path, model_kwargs=r.model.kwargs)
+    data_cfg = model_data_config(student.model)
+    if r.model.img_size:
+        data_cfg["input_size"] = (3, r.model.img_size, r.model.img_size)
+    size = data_cfg["input_size"][-1]
+    if size <= 64:
+        data_cfg["crop_pct"] = 1.0  # tiny images (CIFAR): evaluate on the whole image, as the teacher does
+    a = r.aug
+    train_ds.transform = create_transforms(size, data_cfg["mean"], data_cfg["std"], True, scale=a.scale,
+                                           hflip=a.hflip, color_jitter=a.color_jitter,
+                                           auto_augment=a.auto_augment, reprob=a.reprob,
+                                           interpolation=a.interpolation)
+    eval_ds.transform = create_transforms(size, data_cfg["mean"], data_cfg["std"], False,
+                                          interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"])
+    use_mixup = a.mixup > 0 or a.cutmix > 0
+    per_proc = r.data.batch_size // acc.num_processes
+    if per_proc * acc.num_processes != r.data.batch_size:
+        raise KdkitError(f"batch_size {r.data.batch_size} is not divisible by {acc.num_processes} processes")
+    train_loader = create_loader(train_ds, per_proc, training=True, workers=r.data.workers, seed=r.run.seed,
+                                 num_replicas=acc.num_processes, rank=acc.process_index, even_batches=use_mixup,
+                                 repeated_aug=a.repeated_aug)
+    eval_loader = create_loader(eval_ds, r.data.eval_batch_size // acc.num_processes or 1, training=False,
+                                workers=r.data.workers)
+    if len(train_loader) == 0:
+        raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
+    mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                  label_smoothing=a.label_smoothing, num_classes=len(classes)) if use_mixup else None
+    loss_kind = "none" if mode == "train" else r.loss.kind
+    loss = create_loss(loss_kind, task_weight=r.loss.task_weight, kd_weight=r.loss.kd_weight, tau=r.loss.tau,
+                       kl_reduction=r.loss.kl_reduction, hard_smoothing=r.loss.hard_smoothing,
+                       label_smoothing=0.0 if use_mixup else a.label_smoothing)
+    summary: dict = {"mode": mode, "classes": len(classes), "train_images": len(train_ds),
+                     "eval_images": len(eval_ds), "conventions": loss.conventions()}
+    logits = None
+    if loss.needs_teacher:
+        if teacher is None and not r.model.teacher:
+            raise KdkitError("distillation needs a teacher: pass --teacher NAME (and --teacher-weights FILE)")
+        t = create_teacher(teacher if teacher is not None else r.model.teacher, len(classes),
+                           weights=r.model.teacher_weights or None, model_kwargs=r.model.teacher_kwargs)
+        t.set_student_normalization(data_cfg["mean"], data_cfg["std"])
+        summary["teacher_check"] = check_teacher(t, eval_loader, len(classes), r.run.teacher_check_batches, acc)
+        logits = LiveTeacher(t)
+    lr = r.optim.lr * (r.data.batch_size * r.optim.grad_accum / r.optim.lr_base_batch if r.optim.lr_base_batch else 1)
+    optimizer = create_optimizer_v2(student, r.optim.opt, lr=lr, weight_decay=r.optim.weight_decay,
+                                    momentum=r.optim.momentum)
+    updates_per_epoch = max(len(train_loader) // r.optim.grad_accum, 1)
+    scheduler, _ = create_scheduler_v2(optimizer, r.optim.sched, num_epochs=r.optim.epochs,
+                                       warmup_epochs=r.optim.warmup_epochs, warmup_lr=r.optim.warmup_lr,
+                                       min_lr=r.optim.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+    out_dir = run_dir_for(r, mode)
+    config = student_config(student, r, classes, data_cfg, loss.conventions())
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "recipe.toml", r.to_toml())
+        console.print(f"{mode}: {r.model.student} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
+                      f"params, head {type(student).__name__}) on {len(train_ds)} images, {len(classes)} classes, "
+                      f"loss {loss_kind}, lr {lr:.3g}, {r.optim.epochs} epochs -> {out_dir}")
+    start = time.perf_counter()
+    result = fit(student, DistillationStep(loss, logits), train_loader, epochs=r.optim.epochs, optimizer=optimizer,
+                 scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, mixup=mixup,
+                 clip_grad=r.optim.clip_grad, run_dir=out_dir, seed=r.run.seed, log_every=r.run.log_every,
+                 eval_every=r.run.eval_every, progress=r.run.progress,
+                 save=lambda s: save_student(out_dir / "student", s, config))
+    summary.update(eval=result, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
+                   student=str(out_dir / "student"))
+    if acc.is_main_process:
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    summary["model"] = acc.unwrap_model(student)
+    return summary
+
+
+def evaluate_saved(weights: str | Path, data: str, model: str | None = None, batch_size: int = 256,
+                   workers: int = 2, split: str = "auto-eval", progress: bool = True) -> dict:
+    """Evaluate a saved student folder (or any timm model + weights file) on a data split."""
+    from kdkit.engine.checkpoint import read_config
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    path = Path(weights)
+    if not path.exists():
+        raise KdkitError(f"weights not found: {path}")
+    cfg = read_config(path) if (path if path.is_dir() else path.parent).joinpath("config.json").is_file() else {}
+    if cfg:
+        head = {"TokenHead": "token", "DualHead": "dual", "SharedHead": "shared"}[cfg["kdkit"]["head"]] if \
+            "kdkit" in cfg else "shared"
+        student = create_student(model or cfg["architecture"], cfg["num_classes"], head, weights=None,
+                                 model_kwargs=cfg.get("model_args", {}))
+        from kdkit.engine.checkpoint import load_student_weights
+
+        load_student_weights(student, path)
+        classes = cfg.get("label_names")
+    else:
+        if model is None:
+            raise KdkitError(f"no config.json beside {path}: pass --model NAME")
+        t = create_teacher(model, None, weights=path)
+        student, classes = t.model, None
+    ds = open_dataset(data, split, classes=classes)
+    dcfg = cfg.get("pretrained_cfg") or model_data_config(student.model if hasattr(student, "model") else student)
+    ds.transform = create_transforms(dcfg["input_size"][-1], dcfg["mean"], dcfg["std"], False,
+                                     interpolation=dcfg["interpolation"], crop_pct=dcfg["crop_pct"])
+    loader = acc.prepare(create_loader(ds, batch_size, training=False, workers=workers))
+    return evaluate(acc.prepare(student), loader, acc, "eval", progress)

@@ -1,0 +1,191 @@
+"""The losses of DeiT (Touvron et al., 2021, section 4), each one small class.
+
+Contract: a loss maps (student outputs, teacher logits, target) to a dict of named terms; the
+total to back-propagate is under "loss". The task term reads the class head (`out.logits`), the
+distillation term reads the distillation head (`out.dist_logits`): with the `token` head this is
+the paper's distillation-token loss, with the `shared` head both terms read one head.
+
+Targets: (B,) class indices, -1 where a sample has no label (its task term is masked out), or
+(B, K) probabilities (Mixup/CutMix, already label-smoothed by timm's Mixup).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdkit.registry import KdkitError, Registry
+from kdkit.types import StudentOut
+
+LOSSES: Registry[type[DistillationLoss]] = Registry("loss")
+
+KL_REDUCTIONS = ("batchmean", "deit")
+
+
+def task_ce(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy against labels, averaged over the samples that have one.
+
+    logits: (B, K). target: (B,) indices with -1 for "no label", or (B, K) probabilities with an
+    all-zero row for "no label". Returns a scalar; 0 when no sample in the batch has a label.
+    """
+    if target.ndim == 1:
+        labeled = target >= 0
+        if not labeled.any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits[labeled], target[labeled], label_smoothing=label_smoothing)
+    labeled = target.sum(dim=1) > 0
+    if not labeled.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[labeled], target[labeled], label_smoothing=label_smoothing)
+
+
+def soft_kd(student: Tensor, teacher: Tensor, tau: float, reduction: str = "batchmean") -> Tensor:
+    """tau^2 * KL(softmax(teacher/tau) || softmax(student/tau)), both (B, K).
+
+    reduction: "batchmean" divides the summed KL by B (the mathematically correct mean of the
+    per-sample KL, as in Hinton et al.); "deit" divides by B*K, as the DeiT reference code does
+    (its soft loss is therefore K times smaller for the same tau and weight).
+    """
+    kl = F.kl_div(
+        F.log_softmax(student / tau, dim=1),
+        F.log_softmax(teacher / tau, dim=1),
+        reduction="sum",
+        log_target=True,
+    )
+    denom = student.shape[0] if reduction == "batchmean" else student.numel()
+    return kl * (tau * tau) / denom
+
+
+def hard_kd(student: Tensor, teacher: Tensor, smoothing: float = 0.0) -> Tensor:
+    """CE(student, argmax teacher), both (B, K).
+
+    With smoothing eps the teacher's label gets 1 - eps and every other class eps / (K - 1)
+    (DeiT section 4, "label smoothing with hard distillation"); this differs from torch's
+    label_smoothing, which also gives eps / K to the true class.
+    """
+    y_t = teacher.argmax(dim=1)
+    if smoothing == 0.0:
+        return F.cross_entropy(student, y_t)
+    k = student.shape[1]
+    q = torch.full_like(student, smoothing / (k - 1))
+    q.scatter_(1, y_t[:, None], 1.0 - smoothing)
+    return -(q * F.log_softmax(student, dim=1)).sum(dim=1).mean()
+
+
+def _check_weight(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise KdkitError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+class DistillationLoss(nn.Module):
+    """Base: task_weight * CE(class head, y) + kd_weight * KD(distillation head, teacher).
+
+    Args:
+        task_weight: weight of the label term, in [0, 1] (the paper's 1 - lambda).
+        kd_weight: weight of the teacher term, in [0, 1] (the paper's lambda, the DeiT code's alpha).
+        label_smoothing: smoothing of the labels in the task term (0 when Mixup smooths them).
+    """
+
+    needs_teacher = True
+
+    def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, label_smoothing: float = 0.0):
+        super().__init__()
+        self.task_weight = _check_weight("task_weight", task_weight)
+        self.kd_weight = _check_weight("kd_weight", kd_weight)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise KdkitError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, out: StudentOut, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
+        task = task_ce(out.logits, target, self.label_smoothing)
+        if teacher_logits is None:
+            raise KdkitError(f"{type(self).__name__} needs teacher logits; give it a teacher or a cache")
+        kd = self.kd_term(out.dist_logits, teacher_logits.to(out.dist_logits.dtype))
+        loss = self.task_weight * task + self.kd_weight * kd
+        return {"loss": loss, "task": task.detach(), "kd": kd.detach()}
+
+    def conventions(self) -> dict[str, float | str]:
+        """The settings that define the loss, stored with every run and checkpoint."""
+        return {"loss": self.name, "task_weight": self.task_weight, "kd_weight": self.kd_weight,
+                "label_smoothing": self.label_smoothing}
+
+
+@LOSSES.register("none")
+class TaskLoss(DistillationLoss):
+    """No distillation: CE(class head, y) with label smoothing; the distillation head, if any,
+    is trained on the labels too so that its metrics stay meaningful."""
+
+    name = "none"
+    needs_teacher = False
+
+    def __init__(self, label_smoothing: float = 0.0, **_: object):
+        super().__init__(task_weight=1.0, kd_weight=0.0, label_smoothing=label_smoothing)
+
+    def forward(self, out: StudentOut, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
+        task = task_ce(out.logits, target, self.label_smoothing)
+        loss = task
+        if out.dist_logits is not out.logits:
+            loss = (task + task_ce(out.dist_logits, target, self.label_smoothing)) / 2
+        return {"loss": loss, "task": task.detach()}
+
+
+@LOSSES.register("soft")
+class SoftDistillationLoss(DistillationLoss):
+    """Soft distillation (Hinton et al., 2015; DeiT eq. 2):
+
+        task_weight * CE(psi(Zs), y) + kd_weight * tau^2 * KL(psi(Zt / tau) || psi(Zs / tau))
+
+    KL reduction "batchmean" (sum / B, default) or "deit" (sum / (B * K), the reference code's).
+    The paper's soft setting is tau = 3, kd_weight = 0.1, task_weight = 0.9.
+    """
+
+    name = "soft"
+
+    def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, tau: float = 1.0,
+                 kl_reduction: str = "batchmean", label_smoothing: float = 0.0, **_: object):
+        super().__init__(task_weight, kd_weight, label_smoothing)
+        if not tau > 0:
+            raise KdkitError(f"tau must be > 0, got {tau}")
+        if kl_reduction not in KL_REDUCTIONS:
+            raise KdkitError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
+        self.tau = float(tau)
+        self.kl_reduction = kl_reduction
+
+    def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return soft_kd(student, teacher, self.tau, self.kl_reduction)
+
+    def conventions(self) -> dict[str, float | str]:
+        return {**super().conventions(), "tau": self.tau, "kl_reduction": self.kl_reduction}
+
+
+@LOSSES.register("hard")
+class HardDistillationLoss(DistillationLoss):
+    """Hard-label distillation (DeiT eq. 3): task_weight * CE(psi(Zs), y) + kd_weight * CE(psi(Zs), y_t)
+    with y_t = argmax Zt; the paper uses 1/2 and 1/2. `hard_smoothing` eps smooths y_t
+    (1 - eps on the teacher's class, eps / (K - 1) elsewhere)."""
+
+    name = "hard"
+
+    def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, hard_smoothing: float = 0.0,
+                 label_smoothing: float = 0.0, **_: object):
+        super().__init__(task_weight, kd_weight, label_smoothing)
+        if not 0.0 <= hard_smoothing < 1.0:
+            raise KdkitError(f"hard_smoothing must be in [0, 1), got {hard_smoothing}")
+        self.hard_smoothing = float(hard_smoothing)
+
+    def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return hard_kd(student, teacher, self.hard_smoothing)
+
+    def conventions(self) -> dict[str, float | str]:
+        return {**super().conventions(), "hard_smoothing": self.hard_smoothing}
+
+
+def create_loss(name: str, **kwargs: object) -> DistillationLoss:
+    """Build a loss by registry name ("none", "soft", "hard"); settings a loss does not use are ignored,
+    so one recipe section serves every loss."""
+    return LOSSES.get(name)(**kwargs)

@@ -1,0 +1,116 @@
+"""Student head strategies: how a student yields a class head and a distillation head.
+
+- `token`: DeiT's distillation token. timm's distilled DeiTs use their own token and `head_dist`;
+  any other timm ViT with a class token gets a learned token inserted after the class token
+  (before the blocks, so it attends and is attended like DeiT's) and a linear `head_dist`.
+- `dual`: a second linear head on the pooled features, for Swin, ConvNets and anything without a
+  class token.
+- `shared`: one head carries both losses (the paper's "usual" distillation).
+
+Every head is an nn.Module whose forward returns StudentOut(logits, dist_logits), both (B, K).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kdkit.registry import KdkitError, Registry
+from kdkit.types import StudentOut
+
+HEADS: Registry[type[nn.Module]] = Registry("student head")
+
+
+def _is_vit_with_class_token(model: nn.Module) -> bool:
+    return getattr(model, "cls_token", None) is not None and hasattr(model, "patch_drop")
+
+
+def _num_pooled_features(model: nn.Module) -> int:
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+@HEADS.register("token")
+class TokenHead(nn.Module):
+    """DeiT distillation token on a timm ViT. `model` keeps its timm structure and state-dict names."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not _is_vit_with_class_token(model):
+            raise KdkitError(
+                f"head 'token' needs a ViT with a class token; {type(model).__name__} has none: use head 'dual'"
+            )
+        self.model = model
+        self.native = getattr(model, "dist_token", None) is not None
+        if not self.native:
+            if getattr(model, "dynamic_img_size", False):
+                raise KdkitError("head 'token' does not support dynamic_img_size ViTs; use head 'dual'")
+            dim, k = model.embed_dim, model.num_classes
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+            self.head_dist = nn.Linear(dim, k)
+            # Insert the token between the position embedding and the blocks; pooling and patch
+            # dropout then skip it like any other prefix token.
+            model.num_prefix_tokens += 1
+            model.patch_drop.register_forward_pre_hook(self._insert_token)
+
+    def _insert_token(self, _module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        x = args[0]
+        token = self.dist_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        return (torch.cat([x[:, :1], token, x[:, 1:]], dim=1), *args[1:])
+
+    def forward(self, x: Tensor) -> StudentOut:
+        m = self.model
+        feats = m.forward_features(x)
+        head_dist = m.head_dist if self.native else self.head_dist
+        if self.native:
+            logits = m.head(m.head_drop(feats[:, 0]))
+        else:
+            logits = m.forward_head(feats)
+        return StudentOut(logits, head_dist(m.head_drop(feats[:, 1])))
+
+
+@HEADS.register("dual")
+class DualHead(nn.Module):
+    """A second linear classifier on the model's pooled features (timm `forward_head(pre_logits=True)`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if getattr(model, "dist_token", None) is not None:
+            raise KdkitError("this model has a distillation token: use head 'token'")
+        if not hasattr(model, "forward_head"):
+            raise KdkitError(f"head 'dual' needs timm's forward_features/forward_head on {type(model).__name__}: "
+                             "use head 'shared'")
+        self.model = model
+        self.head_dist = nn.Linear(_num_pooled_features(model), model.num_classes)
+
+    def forward(self, x: Tensor) -> StudentOut:
+        feats = self.model.forward_features(x)
+        # The class head goes through the model's own forward_head (which may scale or normalise).
+        logits = self.model.forward_head(feats)
+        return StudentOut(logits, self.head_dist(self.model.forward_head(feats, pre_logits=True)))
+
+
+@HEADS.register("shared")
+class SharedHead(nn.Module):
+    """The model's own classifier carries both the label and the teacher term."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if getattr(model, "dist_token", None) is not None:
+            raise KdkitError("this model has a distillation token: use head 'token' or a non-distilled model")
+        self.model = model
+
+    def forward(self, x: Tensor) -> StudentOut:
+        logits = self.model(x)
+        return StudentOut(logits, logits)
+
+
+def default_head(model: nn.Module) -> str:
+    """`token` for ViTs with a class token, `dual` otherwise."""
+    return "token" if _is_vit_with_class_token(model) else "dual"
+
+
+def wrap_student(model: nn.Module, head: str = "auto") -> nn.Module:
+    """Wrap any classifier `model` (timm-style: forward_features/forward_head) in a head strategy."""
+    head = default_head(model) if head == "auto" else head
+    return HEADS.get(head)(model)

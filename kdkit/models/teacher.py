@@ -1,0 +1,67 @@
+"""The teacher: frozen in exactly one place, fed the student's batch through a normalisation bridge."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Teacher(nn.Module):
+    """A frozen classifier that answers for the student's batch.
+
+    The student's batch is normalised with the student's mean/std at the student's size; the teacher
+    may expect another mean/std (from its timm pretrained config) and another size. The bridge
+    undoes the student's normalisation, resizes to `input_size` when the sizes differ, and applies
+    the teacher's own.
+
+    Args:
+        model: any classifier returning (B, K) logits.
+        mean, std: the teacher's input normalisation (3 floats each).
+        input_size: (C, H, W) the teacher expects; None keeps the student's size.
+        student_mean, student_std: how the student's batch is normalised.
+        amp_dtype: autocast dtype on GPU (bf16 by default there), None for full precision.
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 input_size: tuple[int, int, int] | None = None,
+                 student_mean: tuple[float, ...] | None = None, student_std: tuple[float, ...] | None = None,
+                 interpolation: str = "bicubic", amp_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.input_size = tuple(input_size) if input_size else None
+        self.interpolation = interpolation
+        self.amp_dtype = amp_dtype
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.set_student_normalization(student_mean or mean, student_std or std)
+
+    def set_student_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """x_teacher = (x_student * s_std + s_mean - t_mean) / t_std, folded into one scale and shift."""
+        s_mean, s_std = torch.tensor(mean), torch.tensor(std)
+        t_mean, t_std = torch.tensor(self.mean), torch.tensor(self.std)
+        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
+        self.student_mean, self.student_std = tuple(mean), tuple(std)
+
+    def train(self, mode: bool = True) -> Teacher:
+        # The teacher never leaves eval mode, whatever the caller does to the modules around it.
+        return super().train(False)
+
+    def prepare_input(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) student batch -> (B, 3, H', W') teacher batch."""
+        if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size[-2:]:
+            images = F.interpolate(images, size=self.input_size[-2:], mode=self.interpolation,
+                                   align_corners=False, antialias=self.interpolation in ("bilinear", "bicubic"))
+        return images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Returns teacher logits (B, K) in float32, detached from any graph."""
+        with torch.inference_mode():
+            x = self.prepare_input(images)
+            if self.amp_dtype is not None and x.device.type == "cuda":
+                with torch.autocast("cuda", dtype=self.amp_dtype):
+                    logits = self.model(x)
+            else:
+                logits = self.model(x)
+        # A plain tensor: inference-mode tensors cannot be saved for the student's backward.
+        return logits.float().clone()

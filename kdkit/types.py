@@ -1,0 +1,50 @@
+"""The few shapes every strategy speaks: a batch, the student's outputs, a training step's result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """One training or evaluation batch.
+
+    images: (B, 3, H, W) normalised with the student's mean/std (after Mixup/CutMix when on).
+    target: (B,) class indices, or (B, K) soft targets after Mixup/CutMix or label smoothing.
+    index: (B,) dataset index of every sample, so a logit source can look samples up.
+    epoch: the epoch the batch belongs to (augmentation and cached logits depend on it).
+    """
+
+    images: Tensor
+    target: Tensor
+    index: Tensor
+    epoch: int = 0
+
+
+@dataclass
+class StudentOut:
+    """What a student head returns.
+
+    logits: (B, K) class-head logits, trained against the labels.
+    dist_logits: (B, K) distillation-head logits, trained against the teacher; the same tensor
+        as `logits` for the `shared` head.
+    """
+
+    logits: Tensor
+    dist_logits: Tensor
+
+    @property
+    def fused(self) -> Tensor:
+        """Late fusion as in DeiT: the average of the two heads' logits, (B, K)."""
+        return (self.logits + self.dist_logits) / 2
+
+
+@dataclass
+class StepOut:
+    """One training step: the loss to back-propagate, the student's outputs and named loss terms."""
+
+    loss: Tensor
+    out: StudentOut
+    terms: dict[str, Tensor] = field(default_factory=dict)
