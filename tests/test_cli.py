@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -16,13 +15,13 @@ from kdkit.data import create_loader, create_transforms, open_dataset, sample_pa
 from .conftest import run_cli
 
 TINY = ["--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--img-size", "32", "--patch-size", "8"]
-FAST = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress", "--set", "optim.warmup_epochs=0"]
+FAST = ["--img-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress", "--set", "optim.warmup_epochs=0"]
 
 
 @pytest.fixture(scope="module")
 def teacher_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    assert run_cli("train", "--model", "resnet10t", "--img-size", "32", "--data", tiny_data, "--output", out, "--name", "teacher",
+    assert run_cli("train", "--model", "resnet10t", "--data", tiny_data, "--output", out, "--name", "teacher",
                    *FAST) == 0
     return out / "teacher"
 
@@ -85,7 +84,7 @@ def test_dual_head_student_round_trip(tiny_data, teacher_run, tmp_path, capsys):
 
 
 def test_cli_on_the_bundled_sample(tmp_path):
-    assert run_cli("train", "--model", "resnet10t", "--data", "cifar10-sample", "--output", tmp_path,
+    assert run_cli("train", "--model", "resnet10t", "--img-size", "32", "--data", "cifar10-sample", "--output", tmp_path,
                    "--name", "s", "--epochs", "1", "--batch-size", "128", "--no-progress",
                    "--set", "optim.warmup_epochs=0") == 0
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     out.rule("2/2 the same student distilled from the teacher")
     kd = run_recipe(distill, "distill")
 
-    # The teacher on the same held-out split, through the student's evaluation pipeline.
+    # The teacher on the same held-out split, with its own normalisation (crop_pct 1.0 at 32x32, like the student).
     from kdkit.data import create_loader, create_transforms, open_dataset
     from kdkit.models import model_data_config
 

@@ -73,7 +73,7 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
     """Train `student` for `epochs`; returns the last evaluation (or {} without an eval loader).
 
     Logs per-step loss terms, lr and images/s, and per-epoch evaluation, to RUN/metrics.jsonl.
-    `save(student)` is called by the main process after every evaluation and at the end.
+    `save(student)` is called by the main process after every epoch that has an eval loader, and at the end.
     """
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     student, optimizer = acc.prepare(student, optimizer)
