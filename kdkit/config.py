@@ -73,6 +73,11 @@ class LossConfig:
     kl_reduction: str = "batchmean"  # batchmean | deit (sum / numel, as the DeiT reference code)
     hard_smoothing: float = 0.0
 
+    def __post_init__(self) -> None:
+        from kdkit.losses.distillation import check_loss_settings
+
+        check_loss_settings(self.task_weight, self.kd_weight, self.tau, self.kl_reduction, self.hard_smoothing)
+
 
 @dataclass
 class OptimConfig:

@@ -79,6 +79,21 @@ def _check_weight(name: str, value: float) -> float:
     return float(value)
 
 
+def check_loss_settings(task_weight: float = 0.5, kd_weight: float = 0.5, tau: float = 1.0,
+                        kl_reduction: str = "batchmean", hard_smoothing: float = 0.0,
+                        label_smoothing: float = 0.0) -> None:
+    """Raise KdkitError for a setting out of range, whichever loss will use it."""
+    _check_weight("task_weight", task_weight)
+    _check_weight("kd_weight", kd_weight)
+    if not tau > 0:
+        raise KdkitError(f"tau must be > 0, got {tau}")
+    if kl_reduction not in KL_REDUCTIONS:
+        raise KdkitError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
+    for name, value in (("hard_smoothing", hard_smoothing), ("label_smoothing", label_smoothing)):
+        if not 0.0 <= value < 1.0:
+            raise KdkitError(f"{name} must be in [0, 1), got {value}")
+
+
 class DistillationLoss(nn.Module):
     """Base: task_weight * CE(class head, y) + kd_weight * KD(distillation head, teacher).
 
@@ -92,10 +107,8 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, label_smoothing: float = 0.0):
         super().__init__()
-        self.task_weight = _check_weight("task_weight", task_weight)
-        self.kd_weight = _check_weight("kd_weight", kd_weight)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise KdkitError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_loss_settings(task_weight=task_weight, kd_weight=kd_weight, label_smoothing=label_smoothing)
+        self.task_weight, self.kd_weight = float(task_weight), float(kd_weight)
         self.label_smoothing = label_smoothing
 
     def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
@@ -149,10 +162,7 @@ class SoftDistillationLoss(DistillationLoss):
     def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, tau: float = 1.0,
                  kl_reduction: str = "batchmean", label_smoothing: float = 0.0, **_: object):
         super().__init__(task_weight, kd_weight, label_smoothing)
-        if not tau > 0:
-            raise KdkitError(f"tau must be > 0, got {tau}")
-        if kl_reduction not in KL_REDUCTIONS:
-            raise KdkitError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
+        check_loss_settings(tau=tau, kl_reduction=kl_reduction)
         self.tau = float(tau)
         self.kl_reduction = kl_reduction
 
@@ -174,8 +184,7 @@ class HardDistillationLoss(DistillationLoss):
     def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, hard_smoothing: float = 0.0,
                  label_smoothing: float = 0.0, **_: object):
         super().__init__(task_weight, kd_weight, label_smoothing)
-        if not 0.0 <= hard_smoothing < 1.0:
-            raise KdkitError(f"hard_smoothing must be in [0, 1), got {hard_smoothing}")
+        check_loss_settings(hard_smoothing=hard_smoothing)
         self.hard_smoothing = float(hard_smoothing)
 
     def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:

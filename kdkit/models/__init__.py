@@ -126,6 +126,9 @@ def create_teacher(model: str | nn.Module, num_classes: int | None = None, *, we
                            **(model_kwargs or {}))
         if weights is not None:
             load_weights(net, weights)
+    if getattr(net, "pretrained_cfg", None) is None:
+        # A custom module: unless told otherwise it takes the student's normalisation and size.
+        return Teacher(net, mean, std, input_size, amp_dtype=amp_dtype)
     cfg = model_data_config(net)
     return Teacher(net, mean or cfg["mean"], std or cfg["std"], input_size or cfg["input_size"],
                    amp_dtype=amp_dtype)

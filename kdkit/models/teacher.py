@@ -17,13 +17,13 @@ class Teacher(nn.Module):
 
     Args:
         model: any classifier returning (B, K) logits.
-        mean, std: the teacher's input normalisation (3 floats each).
+        mean, std: the teacher's input normalisation (3 floats each); None: whatever the student's is.
         input_size: (C, H, W) the teacher expects; None keeps the student's size.
         student_mean, student_std: how the student's batch is normalised.
         amp_dtype: autocast dtype on GPU (bf16 by default there), None for full precision.
     """
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+    def __init__(self, model: nn.Module, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
                  input_size: tuple[int, int, int] | None = None,
                  student_mean: tuple[float, ...] | None = None, student_std: tuple[float, ...] | None = None,
                  interpolation: str = "bicubic", amp_dtype: torch.dtype | None = None):
@@ -32,11 +32,15 @@ class Teacher(nn.Module):
         self.input_size = tuple(input_size) if input_size else None
         self.interpolation = interpolation
         self.amp_dtype = amp_dtype
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.set_student_normalization(student_mean or mean, student_std or std)
+        # No mean/std of its own (a custom module without a timm config): it takes the student's input.
+        self.follows_student = mean is None or std is None
+        self.mean, self.std = (None, None) if self.follows_student else (tuple(mean), tuple(std))
+        self.set_student_normalization(student_mean or mean or (0.0, 0.0, 0.0), student_std or std or (1.0, 1.0, 1.0))
 
     def set_student_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """x_teacher = (x_student * s_std + s_mean - t_mean) / t_std, folded into one scale and shift."""
+        if self.follows_student:
+            self.mean, self.std = tuple(mean), tuple(std)
         s_mean, s_std = torch.tensor(mean), torch.tensor(std)
         t_mean, t_std = torch.tensor(self.mean), torch.tensor(self.std)
         self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
