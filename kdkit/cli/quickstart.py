@@ -38,12 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdkit.config import _merge, load_recipe, parse_override
-    from kdkit.engine.evaluate import evaluate
-    from kdkit.engine.run import run as run_recipe
-    from kdkit.models import create_teacher
+    from kdkit.config import _merge, parse_override
 
-    over: dict = {"run": {"output": args.output}, "model": {"teacher_weights": str(teacher_path())}}
+    over: dict = {"run": {"output": args.output}}
     if args.epochs is not None:
         over["optim"] = {"epochs": args.epochs}
     if args.seed is not None:
@@ -52,30 +49,40 @@ def run(args: argparse.Namespace) -> int:
         over["run"]["progress"] = False
     for item in args.overrides:
         over = _merge(over, parse_override(item))
+    result = run_quickstart(over)
+    print_table(result["teacher"], result["no_kd"], result["distilled"])
+    return 0
+
+
+def run_quickstart(overrides: dict) -> dict:
+    """Both runs of the quickstart recipe (with `overrides`) and the teacher's evaluation.
+
+    Returns {"teacher": eval, "no_kd": summary, "distilled": summary} (evals as in kdkit.evaluate).
+    """
+    from kdkit.config import _merge, load_recipe
+    from kdkit.data import create_loader, eval_transform, open_dataset
+    from kdkit.engine.evaluate import evaluate
+    from kdkit.engine.run import run as run_recipe
+    from kdkit.models import create_teacher, model_data_config
+
+    over = _merge({"model": {"teacher_weights": str(teacher_path())}}, overrides)
     distill = load_recipe("quickstart", _merge(over, {"run": {"name": "distilled"}}))
     baseline = load_recipe("quickstart", _merge(over, {"run": {"name": "no-kd"}, "loss": {"kind": "none"}}))
-
     out.rule("1/2 student without distillation")
     base = run_recipe(baseline, "train")
     out.rule("2/2 the same student distilled from the teacher")
     kd = run_recipe(distill, "distill")
 
     # The teacher on the same held-out split, with its own normalisation (crop_pct 1.0 at 32x32, like the student).
-    from kdkit.data import create_loader, create_transforms, open_dataset
-    from kdkit.models import model_data_config
-
     teacher = create_teacher(distill.model.teacher, weights=distill.model.teacher_weights)
-    cfg = model_data_config(teacher.model)
-    ds = open_dataset(distill.data.path, distill.data.eval_split,
-                      transform=create_transforms(cfg["input_size"][-1], cfg["mean"], cfg["std"], False,
-                                                  interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"]))
+    ds = open_dataset(distill.data.path, distill.data.eval_split, eval_transform(model_data_config(teacher.model)))
     t = evaluate(teacher, create_loader(ds, 500, training=False, workers=distill.data.workers),
-                 description="teacher", progress=not args.no_progress)
-    print_table(t, base["eval"], kd["eval"], kd, base)
-    return 0
+                 description="teacher", progress=distill.run.progress)
+    return {"teacher": t, "no_kd": base, "distilled": kd}
 
 
-def print_table(t: dict, base: dict, kd: dict, kd_summary: dict, base_summary: dict) -> None:
+def print_table(t: dict, base_summary: dict, kd_summary: dict) -> None:
+    base, kd = base_summary["eval"], kd_summary["eval"]
     ref = base["fused_top1"]
     table = Table(title=f"kdkit quickstart: top-1 on {kd['n']} held-out CIFAR-10 images")
     for col in ("model", "top-1 %", "vs. no KD"):

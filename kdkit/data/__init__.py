@@ -15,7 +15,7 @@ from kdkit.registry import KdkitError
 
 __all__ = [
     "EMBEDDED_SAMPLE", "HFImageDataset", "ImageFolderDataset", "SeededDataset", "collate", "create_loader",
-    "create_transforms", "load_rgb", "open_dataset", "sample_path", "sample_seed",
+    "create_transforms", "eval_transform", "load_rgb", "open_dataset", "sample_path", "sample_seed",
 ]
 
 EMBEDDED_SAMPLE = "cifar10-sample"
@@ -89,6 +89,12 @@ def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, 
                                 re_prob=reprob, re_mode="pixel", interpolation=interpolation, mean=mean, std=std)
     return create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
                             crop_pct=crop_pct if crop_pct is not None else (1.0 if img_size <= 64 else 0.875))
+
+
+def eval_transform(data_cfg: dict) -> Callable:
+    """The evaluation transform of a timm data config (input_size, mean, std, interpolation, crop_pct)."""
+    return create_transforms(data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"], False,
+                             interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"])
 
 
 def collate(samples: list[dict], even: bool = False) -> dict:

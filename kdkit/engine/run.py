@@ -18,7 +18,7 @@ from torch import nn
 
 from kdkit import __version__
 from kdkit.config import Recipe
-from kdkit.data import create_loader, create_transforms, open_dataset
+from kdkit.data import create_loader, create_transforms, eval_transform, open_dataset
 from kdkit.engine.checkpoint import atomic_write_text, save_student
 from kdkit.engine.evaluate import evaluate
 from kdkit.engine.loop import DistillationStep, fit
@@ -103,6 +103,52 @@ def check_teacher(teacher: Teacher, loader, num_classes: int, batches: int, acce
     return info
 
 
+def student_data_config(student: nn.Module, img_size: int | None) -> dict:
+    """The student's timm data config, at `img_size` when given; tiny images (CIFAR) are evaluated
+    whole (crop_pct 1.0), as the teacher is."""
+    cfg = model_data_config(student.model)
+    if img_size:
+        cfg["input_size"] = (3, img_size, img_size)
+    if cfg["input_size"][-1] <= 64:
+        cfg["crop_pct"] = 1.0
+    return cfg
+
+
+def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
+    """Transforms, per-process loaders and Mixup/CutMix (None when off) from the recipe."""
+    a = r.aug
+    train_ds.transform = create_transforms(data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"], True,
+                                           scale=a.scale, hflip=a.hflip, color_jitter=a.color_jitter,
+                                           auto_augment=a.auto_augment, reprob=a.reprob,
+                                           interpolation=a.interpolation)
+    eval_ds.transform = eval_transform(data_cfg)
+    use_mixup = a.mixup > 0 or a.cutmix > 0
+    per_proc = r.data.batch_size // acc.num_processes
+    if per_proc * acc.num_processes != r.data.batch_size:
+        raise KdkitError(f"batch_size {r.data.batch_size} is not divisible by {acc.num_processes} processes")
+    train_loader = create_loader(train_ds, per_proc, training=True, workers=r.data.workers, seed=r.run.seed,
+                                 num_replicas=acc.num_processes, rank=acc.process_index, even_batches=use_mixup,
+                                 repeated_aug=a.repeated_aug)
+    if len(train_loader) == 0:
+        raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
+    eval_loader = create_loader(eval_ds, max(r.data.eval_batch_size // acc.num_processes, 1), training=False,
+                                workers=r.data.workers)
+    mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                  label_smoothing=a.label_smoothing, num_classes=len(train_ds.classes)) if use_mixup else None
+    return train_loader, eval_loader, mixup
+
+
+def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int):
+    """timm optimizer and per-update scheduler; lr scaled by global batch / lr_base_batch (DeiT)."""
+    o = r.optim
+    lr = o.lr * (r.data.batch_size * o.grad_accum / o.lr_base_batch if o.lr_base_batch else 1)
+    optimizer = create_optimizer_v2(student, o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    scheduler, _ = create_scheduler_v2(optimizer, o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs,
+                                       warmup_lr=o.warmup_lr, min_lr=o.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=max(batches_per_epoch // o.grad_accum, 1))
+    return optimizer, scheduler, lr
+
+
 def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         teacher: nn.Module | None = None) -> dict:
     """Run `mode` ("distill" or "train") as the recipe says. `student`/`teacher` may be nn.Modules that
@@ -122,36 +168,12 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                              pretrained=r.model.pretrained, weights=r.model.student_weights or None,
                              img_size=r.model.img_size, patch_size=r.model.patch_size,
                              drop_path_rate=r.model.drop_path, model_kwargs=r.model.kwargs)
-    data_cfg = model_data_config(student.model)
-    if r.model.img_size:
-        data_cfg["input_size"] = (3, r.model.img_size, r.model.img_size)
-    size = data_cfg["input_size"][-1]
-    if size <= 64:
-        data_cfg["crop_pct"] = 1.0  # tiny images (CIFAR): evaluate on the whole image, as the teacher does
-    a = r.aug
-    train_ds.transform = create_transforms(size, data_cfg["mean"], data_cfg["std"], True, scale=a.scale,
-                                           hflip=a.hflip, color_jitter=a.color_jitter,
-                                           auto_augment=a.auto_augment, reprob=a.reprob,
-                                           interpolation=a.interpolation)
-    eval_ds.transform = create_transforms(size, data_cfg["mean"], data_cfg["std"], False,
-                                          interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"])
-    use_mixup = a.mixup > 0 or a.cutmix > 0
-    per_proc = r.data.batch_size // acc.num_processes
-    if per_proc * acc.num_processes != r.data.batch_size:
-        raise KdkitError(f"batch_size {r.data.batch_size} is not divisible by {acc.num_processes} processes")
-    train_loader = create_loader(train_ds, per_proc, training=True, workers=r.data.workers, seed=r.run.seed,
-                                 num_replicas=acc.num_processes, rank=acc.process_index, even_batches=use_mixup,
-                                 repeated_aug=a.repeated_aug)
-    eval_loader = create_loader(eval_ds, r.data.eval_batch_size // acc.num_processes or 1, training=False,
-                                workers=r.data.workers)
-    if len(train_loader) == 0:
-        raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
-    mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
-                  label_smoothing=a.label_smoothing, num_classes=len(classes)) if use_mixup else None
+    data_cfg = student_data_config(student, r.model.img_size)
+    train_loader, eval_loader, mixup = build_data(r, data_cfg, train_ds, eval_ds, acc)
     loss_kind = "none" if mode == "train" else r.loss.kind
     loss = create_loss(loss_kind, task_weight=r.loss.task_weight, kd_weight=r.loss.kd_weight, tau=r.loss.tau,
                        kl_reduction=r.loss.kl_reduction, hard_smoothing=r.loss.hard_smoothing,
-                       label_smoothing=0.0 if use_mixup else a.label_smoothing)
+                       label_smoothing=0.0 if mixup else r.aug.label_smoothing)
     summary: dict = {"mode": mode, "classes": len(classes), "train_images": len(train_ds),
                      "eval_images": len(eval_ds), "conventions": loss.conventions()}
     logits = None
@@ -163,20 +185,13 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         t.set_student_normalization(data_cfg["mean"], data_cfg["std"])
         summary["teacher_check"] = check_teacher(t, eval_loader, len(classes), r.run.teacher_check_batches, acc)
         logits = LiveTeacher(t)
-    lr = r.optim.lr * (r.data.batch_size * r.optim.grad_accum / r.optim.lr_base_batch if r.optim.lr_base_batch else 1)
-    optimizer = create_optimizer_v2(student, r.optim.opt, lr=lr, weight_decay=r.optim.weight_decay,
-                                    momentum=r.optim.momentum)
-    updates_per_epoch = max(len(train_loader) // r.optim.grad_accum, 1)
-    scheduler, _ = create_scheduler_v2(optimizer, r.optim.sched, num_epochs=r.optim.epochs,
-                                       warmup_epochs=r.optim.warmup_epochs, warmup_lr=r.optim.warmup_lr,
-                                       min_lr=r.optim.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)
+    optimizer, scheduler, lr = build_optimizer(r, student, len(train_loader))
     out_dir = run_dir_for(r, mode)
     config = student_config(student, r, classes, data_cfg, loss.conventions())
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "recipe.toml", r.to_toml())
-        console.print(f"{mode}: {r.model.student} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
+        console.print(f"{mode}: {config['architecture']} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
                       f"params, head {type(student).__name__}) on {len(train_ds)} images, {len(classes)} classes, "
                       f"loss {loss_kind}, lr {lr:.3g}, {r.optim.epochs} epochs -> {out_dir}")
     start = time.perf_counter()
@@ -217,9 +232,7 @@ def evaluate_saved(weights: str | Path, data: str, model: str | None = None, bat
             raise KdkitError(f"no config.json beside {path}: pass --model NAME")
         t = create_teacher(model, None, weights=path)
         student, classes = t.model, None
-    ds = open_dataset(data, split, classes=classes)
     dcfg = cfg.get("pretrained_cfg") or model_data_config(student.model if hasattr(student, "model") else student)
-    ds.transform = create_transforms(dcfg["input_size"][-1], dcfg["mean"], dcfg["std"], False,
-                                     interpolation=dcfg["interpolation"], crop_pct=dcfg["crop_pct"])
+    ds = open_dataset(data, split, eval_transform(dcfg), classes=classes)
     loader = acc.prepare(create_loader(ds, batch_size, training=False, workers=workers))
     return evaluate(acc.prepare(student), loader, acc, "eval", progress)
