@@ -154,3 +154,16 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal_with_strict(tiny_dat
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "kdkit", "recipes"], capture_output=True, text=True, check=True)
     assert "deit_tiny_imagenet" in out.stdout and "quickstart" in out.stdout
+
+
+def test_quickstart_smoke_run_prints_the_table(tmp_path, capsys):
+    assert run_cli("quickstart", "--epochs", "1", "--output", tmp_path, "--no-progress",
+                   "--set", "model.kwargs={depth=1, embed_dim=32, num_heads=2}", "--set", "model.patch_size=8") == 0
+    printed = capsys.readouterr().out
+    assert "late fusion" in printed and "student without distillation" in printed
+    for run in ("no-kd", "distilled"):
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert summary["eval"]["n"] == 2000
+    # the bundled teacher knows CIFAR-10 (84% on these images when it was packed)
+    teacher_check = json.loads((tmp_path / "distilled" / "summary.json").read_text())["teacher_check"]
+    assert teacher_check["teacher_top1_slice"] > 75

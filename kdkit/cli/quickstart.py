@@ -60,10 +60,8 @@ def run_quickstart(overrides: dict) -> dict:
     Returns {"teacher": eval, "no_kd": summary, "distilled": summary} (evals as in kdkit.evaluate).
     """
     from kdkit.config import _merge, load_recipe
-    from kdkit.data import create_loader, eval_transform, open_dataset
-    from kdkit.engine.evaluate import evaluate
+    from kdkit.engine.run import evaluate_saved
     from kdkit.engine.run import run as run_recipe
-    from kdkit.models import create_teacher, model_data_config
 
     over = _merge({"model": {"teacher_weights": str(teacher_path())}}, overrides)
     distill = load_recipe("quickstart", _merge(over, {"run": {"name": "distilled"}}))
@@ -73,11 +71,9 @@ def run_quickstart(overrides: dict) -> dict:
     out.rule("2/2 the same student distilled from the teacher")
     kd = run_recipe(distill, "distill")
 
-    # The teacher on the same held-out split, with its own normalisation (crop_pct 1.0 at 32x32, like the student).
-    teacher = create_teacher(distill.model.teacher, weights=distill.model.teacher_weights)
-    ds = open_dataset(distill.data.path, distill.data.eval_split, eval_transform(model_data_config(teacher.model)))
-    t = evaluate(teacher, create_loader(ds, 500, training=False, workers=distill.data.workers),
-                 description="teacher", progress=distill.run.progress)
+    # The teacher on the same held-out split, as `kdkit eval` sees its saved folder.
+    t = evaluate_saved(distill.model.teacher_weights, distill.data.path, batch_size=500,
+                       workers=distill.data.workers, split=distill.data.eval_split, progress=distill.run.progress)
     return {"teacher": t, "no_kd": base, "distilled": kd}
 
 
