@@ -8,14 +8,17 @@ from pathlib import Path
 
 import torch
 from timm.data import create_transform
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset, load_rgb, sample_seed
+from kdkit.data.mixup import SampleMixup
+from kdkit.data.sampler import EpochSampler, epoch_views
 from kdkit.registry import KdkitError
 
 __all__ = [
-    "EMBEDDED_SAMPLE", "HFImageDataset", "ImageFolderDataset", "SeededDataset", "collate", "create_loader",
-    "create_transforms", "eval_transform", "load_rgb", "open_dataset", "sample_path", "sample_seed",
+    "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "SampleMixup", "SeededDataset",
+    "collate", "create_loader", "create_transforms", "epoch_views", "eval_transform", "load_rgb", "open_dataset",
+    "sample_path", "sample_seed",
 ]
 
 EMBEDDED_SAMPLE = "cifar10-sample"
@@ -97,44 +100,33 @@ def eval_transform(data_cfg: dict) -> Callable:
                              interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"])
 
 
-def collate(samples: list[dict], even: bool = False) -> dict:
-    """Stack the readable samples; count the unreadable ones under "skipped". With `even`, an odd
-    batch drops its last sample (Mixup/CutMix need pairs)."""
+def collate(samples: list[dict]) -> dict:
+    """Stack the readable samples; count the unreadable ones under "skipped". target is (B,) int64
+    class indices, or (B, K) float soft targets under Mixup/CutMix; epoch is the batch's view epoch."""
     good = [s for s in samples if s["image"] is not None]
-    if even and len(good) % 2:
-        good = good[:-1]
+    epoch = samples[0]["epoch"] if samples else 0
     if not good:
-        return {"images": None, "target": None, "index": None, "skipped": len(samples)}
+        return {"images": None, "target": None, "index": None, "skipped": len(samples), "epoch": epoch}
+    targets = [s["target"] for s in good]
     return {
         "images": torch.stack([s["image"] for s in good]),
-        "target": torch.tensor([s["target"] for s in good], dtype=torch.long),
+        "target": torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets),
         "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
         "skipped": len(samples) - len(good),
+        "epoch": epoch,
     }
 
 
-def _collate_even(samples: list[dict]) -> dict:
-    return collate(samples, even=True)
-
-
 def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, workers: int = 2, seed: int = 0,
-                  num_replicas: int = 1, rank: int = 0, even_batches: bool = False,
-                  repeated_aug: int = 0) -> DataLoader:
-    """A DataLoader over one process's shard.
+                  num_replicas: int = 1, rank: int = 0, repeated_aug: int = 0) -> DataLoader:
+    """A DataLoader over one process's part of the data.
 
-    Training: a seeded shuffle (DistributedSampler; timm's RepeatAugSampler when repeated_aug > 1)
-    whose order depends on (seed, epoch) only, sharded over `num_replicas` processes; `batch_size`
-    is per process and incomplete batches are dropped. Evaluation: in order, every sample once.
+    Training: an EpochSampler whose global order depends on (seed, epoch) only (with
+    `repeated_aug` > 1, each drawn image comes `repeated_aug` times in distinct views), split over
+    `num_replicas` processes; `batch_size` is per process and incomplete batches are dropped.
+    Evaluation: in order, every sample once (Accelerate shards it and drops the padding).
     """
-    if training:
-        if repeated_aug > 1:
-            from timm.data.distributed_sampler import RepeatAugSampler
-
-            sampler = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, num_repeats=repeated_aug)
-        else:
-            sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-    else:
-        sampler = None
+    sampler = EpochSampler(len(dataset), seed, num_replicas, rank, max(repeated_aug, 1)) if training else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      collate_fn=_collate_even if even_batches else collate, drop_last=training,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                      collate_fn=collate, drop_last=training, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)

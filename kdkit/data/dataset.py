@@ -35,17 +35,24 @@ def load_rgb(path_or_image: str | Path | Image.Image) -> Image.Image:
         return img.convert("RGB")
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 32-bit seed that depends only on (run seed, epoch, sample index)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+# independent random streams drawn from one (seed, epoch, index)
+AUGMENT, MIX, ORDER, PARTNER = 0, 1, 2, 3
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: int = AUGMENT) -> int:
+    """A 32-bit seed that depends only on (run seed, epoch, view index, stream); all non-negative."""
+    return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1)[0])
 
 
 class SeededDataset(Dataset):
     """Base class: subclasses list their samples and read one raw (PIL image, label) pair.
 
-    __getitem__(i) returns dict(image=(3, H, W) tensor or None if unreadable, target=int (-1 when
-    unlabeled), index=i). The transform runs under python/numpy/torch RNGs seeded from
-    (seed, epoch, i), so a view never depends on worker count, batch size or process count.
+    __getitem__(v) takes a view id v (sample v % len, repeat v // len; see data/sampler.py) and
+    returns dict(image=(3, H, W) tensor or None if unreadable, target=int (-1 when unlabeled) or a
+    (K,) soft target under Mixup/CutMix, index=v, epoch=the view epoch). The transform runs under
+    python/numpy/torch RNGs seeded from (seed, view epoch, v), and Mixup/CutMix (`mixup`, a
+    SampleMixup) pairs samples by a seeded order: a view never depends on worker count, batch size
+    or process count. With `view_cycle` E > 0, epoch e draws the views of epoch e % E.
     """
 
     classes: list[str]
@@ -55,9 +62,11 @@ class SeededDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.strict = strict
+        self.mixup = None
+        self.view_cycle = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = epoch % self.view_cycle if self.view_cycle else epoch
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -68,17 +77,27 @@ class SeededDataset(Dataset):
     def describe(self, index: int) -> str:
         return f"sample {index}"
 
-    def __getitem__(self, index: int) -> dict:
+    def view(self, view: int) -> tuple[torch.Tensor | None, int]:
+        """The augmented image of view `view` in the current epoch (None if unreadable) and its label."""
+        index = view % len(self)
         try:
             img, target = self.read(index)
             img = load_rgb(img)
         except Exception as e:
             if self.strict:
                 raise KdkitError(f"unreadable image {self.describe(index)}: {type(e).__name__}: {e}") from None
-            return {"image": None, "target": -1, "index": index}
+            return None, -1
         if self.transform is not None:
-            img = self._seeded(self.transform, img, sample_seed(self.seed, self.epoch, index))
-        return {"image": img, "target": target, "index": index}
+            img = self._seeded(self.transform, img, sample_seed(self.seed, self.epoch, view))
+        return img, target
+
+    def __getitem__(self, view: int) -> dict:
+        img, target = self.view(view)
+        if self.mixup is not None and img is not None:
+            partner = self.mixup.partner(self.seed, self.epoch, view % len(self), len(self))
+            other, other_target = self.view(partner)
+            img, target = self.mixup(img, target, other, other_target, sample_seed(self.seed, self.epoch, view, MIX))
+        return {"image": img, "target": target, "index": view, "epoch": self.epoch}
 
     @staticmethod
     def _seeded(transform: Callable, img: Image.Image, seed: int) -> torch.Tensor:
@@ -92,7 +111,6 @@ class SeededDataset(Dataset):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-
 
 class ImageFolderDataset(SeededDataset):
     """An ImageFolder directory (root/<class>/<image>), scanned with torchvision's helpers.

@@ -9,13 +9,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from kdkit.data.dataset import sample_seed
 from kdkit.engine.evaluate import evaluate
 from kdkit.engine.progress import console, progress_bar
 from kdkit.losses import DistillationLoss
@@ -53,23 +51,17 @@ class MetricsLog:
             self.file.close()
 
 
-def make_batch(raw: dict, device: torch.device, epoch: int, step: int, seed: int,
-               mixup: Callable | None) -> Batch:
-    """Move a collated batch to the device and apply Mixup/CutMix, seeded by (seed, epoch, step)."""
-    images, target = raw["images"].to(device, non_blocking=True), raw["target"].to(device, non_blocking=True)
-    if mixup is not None:
-        state = np.random.get_state()
-        np.random.seed(sample_seed(seed, epoch, -1 - step))
-        images, target = mixup(images, target)
-        np.random.set_state(state)
-    return Batch(images, target, raw["index"], epoch)
+def make_batch(raw: dict, device: torch.device) -> Batch:
+    """Move a collated batch to the device (Mixup/CutMix already happened per sample, in the data)."""
+    return Batch(raw["images"].to(device, non_blocking=True), raw["target"].to(device, non_blocking=True),
+                 raw["index"], raw["epoch"])
 
 
 def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler=None, eval_loader: DataLoader | None = None,
-        accelerator: Accelerator | None = None, mixup: Callable | None = None, clip_grad: float = 0.0,
-        run_dir: str | Path | None = None, save: Callable[[nn.Module], None] | None = None,
-        seed: int = 0, log_every: int = 10, eval_every: int = 1, progress: bool = True) -> dict:
+        accelerator: Accelerator | None = None, clip_grad: float = 0.0, run_dir: str | Path | None = None,
+        save: Callable[[nn.Module], None] | None = None, log_every: int = 10, eval_every: int = 1,
+        progress: bool = True) -> dict:
     """Train `student` for `epochs`; returns the last evaluation (or {} without an eval loader).
 
     Logs per-step loss terms, lr and images/s, and per-epoch evaluation, to RUN/metrics.jsonl.
@@ -92,7 +84,7 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
             for step, raw in enumerate(train_loader):
                 if raw["images"] is None:
                     continue
-                batch = make_batch(raw, acc.device, epoch, step, seed, mixup)
+                batch = make_batch(raw, acc.device)
                 with acc.accumulate(student):
                     out = step_fn(student, batch)
                     if not math.isfinite(out.loss.item()):

@@ -18,7 +18,7 @@ from torch import nn
 
 from kdkit import __version__
 from kdkit.config import Recipe
-from kdkit.data import create_loader, create_transforms, eval_transform, open_dataset
+from kdkit.data import SampleMixup, create_loader, create_transforms, eval_transform, open_dataset
 from kdkit.engine.checkpoint import atomic_write_text, save_student
 from kdkit.engine.evaluate import evaluate
 from kdkit.engine.loop import DistillationStep, fit
@@ -115,27 +115,27 @@ def student_data_config(student: nn.Module, img_size: int | None) -> dict:
 
 
 def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
-    """Transforms, per-process loaders and Mixup/CutMix (None when off) from the recipe."""
+    """Transforms, per-sample Mixup/CutMix and per-process loaders from the recipe."""
     a = r.aug
+    if a.mixup > 0 or a.cutmix > 0:
+        train_ds.mixup = SampleMixup(Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
+                                           switch_prob=a.mixup_switch_prob, label_smoothing=a.label_smoothing,
+                                           num_classes=len(train_ds.classes)))
     train_ds.transform = create_transforms(data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"], True,
                                            scale=a.scale, hflip=a.hflip, color_jitter=a.color_jitter,
                                            auto_augment=a.auto_augment, reprob=a.reprob,
                                            interpolation=a.interpolation)
     eval_ds.transform = eval_transform(data_cfg)
-    use_mixup = a.mixup > 0 or a.cutmix > 0
     per_proc = r.data.batch_size // acc.num_processes
     if per_proc * acc.num_processes != r.data.batch_size:
         raise KdkitError(f"batch_size {r.data.batch_size} is not divisible by {acc.num_processes} processes")
     train_loader = create_loader(train_ds, per_proc, training=True, workers=r.data.workers, seed=r.run.seed,
-                                 num_replicas=acc.num_processes, rank=acc.process_index, even_batches=use_mixup,
-                                 repeated_aug=a.repeated_aug)
+                                 num_replicas=acc.num_processes, rank=acc.process_index, repeated_aug=a.repeated_aug)
     if len(train_loader) == 0:
         raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
     eval_loader = create_loader(eval_ds, max(r.data.eval_batch_size // acc.num_processes, 1), training=False,
                                 workers=r.data.workers)
-    mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
-                  label_smoothing=a.label_smoothing, num_classes=len(train_ds.classes)) if use_mixup else None
-    return train_loader, eval_loader, mixup
+    return train_loader, eval_loader
 
 
 def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int):
@@ -169,11 +169,11 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                              img_size=r.model.img_size, patch_size=r.model.patch_size,
                              drop_path_rate=r.model.drop_path, model_kwargs=r.model.kwargs)
     data_cfg = student_data_config(student, r.model.img_size)
-    train_loader, eval_loader, mixup = build_data(r, data_cfg, train_ds, eval_ds, acc)
+    train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
     loss_kind = "none" if mode == "train" else r.loss.kind
     loss = create_loss(loss_kind, task_weight=r.loss.task_weight, kd_weight=r.loss.kd_weight, tau=r.loss.tau,
                        kl_reduction=r.loss.kl_reduction, hard_smoothing=r.loss.hard_smoothing,
-                       label_smoothing=0.0 if mixup else r.aug.label_smoothing)
+                       label_smoothing=0.0 if train_ds.mixup else r.aug.label_smoothing)
     summary: dict = {"mode": mode, "classes": len(classes), "train_images": len(train_ds),
                      "eval_images": len(eval_ds), "conventions": loss.conventions()}
     logits = None
@@ -196,8 +196,8 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                       f"loss {loss_kind}, lr {lr:.3g}, {r.optim.epochs} epochs -> {out_dir}")
     start = time.perf_counter()
     result = fit(student, DistillationStep(loss, logits), train_loader, epochs=r.optim.epochs, optimizer=optimizer,
-                 scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, mixup=mixup,
-                 clip_grad=r.optim.clip_grad, run_dir=out_dir, seed=r.run.seed, log_every=r.run.log_every,
+                 scheduler=scheduler, eval_loader=eval_loader, accelerator=acc,
+                 clip_grad=r.optim.clip_grad, run_dir=out_dir, log_every=r.run.log_every,
                  eval_every=r.run.eval_every, progress=r.run.progress,
                  save=lambda s: save_student(out_dir / "student", s, config))
     summary.update(eval=result, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
