@@ -9,7 +9,7 @@ import torch
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from kdkit.data.dataset import MIX, PARTNER, sample_seed
+from kdkit.data.dataset import PARTNER, sample_seed
 
 
 class SampleMixup:
