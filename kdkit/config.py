@@ -8,7 +8,6 @@ wins over the defaults below.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tomllib
 import types
@@ -35,6 +34,8 @@ class ModelConfig:
     teacher: str = ""
     teacher_weights: str = ""  # local weights; empty = timm's hub weights
     teacher_kwargs: dict = field(default_factory=dict)
+    teacher_logits: str = ""  # a `kdkit cache` folder: read the teacher's outputs instead of running it
+    teacher_logits_cycle: bool = False  # past the cached epochs, replay them again (else run the teacher live)
 
 
 @dataclass
@@ -93,6 +94,11 @@ class OptimConfig:
     min_lr: float = 1e-5
     clip_grad: float = 0.0  # 0 = off
     grad_accum: int = 1
+    ema_decay: float = 0.0  # EMA of the student's weights (timm ModelEmaV3), e.g. 0.99996; 0 = off
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise KdkitError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -105,6 +111,17 @@ class RunConfig:
     eval_every: int = 1
     teacher_check_batches: int = 4  # evaluation batches the teacher is checked on before distilling
     progress: bool = True
+    checkpoint_every: int = 500  # optimizer updates between checkpoints (plus one per epoch); 0 = per epoch only
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints; 0 = write none
+    deterministic: bool = False  # deterministic kernels (CUDA); CPU runs are reproducible anyway
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise KdkitError(f"run.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        for key in ("checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise KdkitError(f"run.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -245,6 +262,8 @@ def load_recipe(path: str | Path | None = None, overrides: dict | list[str] | No
         over = _merge(over, parse_override(item))
     merged = _merge(data, over)
     preset = merged.get("preset", "")
+    if not isinstance(preset, str):
+        raise KdkitError(f"preset: expected a preset name, got {type(preset).__name__} {preset!r}")
     if preset:
         if preset not in PRESETS:
             raise KdkitError(f"unknown preset {preset!r}.{suggest(preset, list(PRESETS))} Presets: {list(PRESETS)}")
@@ -268,8 +287,23 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return json.dumps(str(v))
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return _toml_string(str(v))
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped, everything else as is
+    (json.dumps would write astral characters as surrogate pairs, which TOML refuses)."""
+    return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                         for c in s) + '"'
+
+
+def _toml_key(k: object) -> str:
+    k = str(k)
+    return k if k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k) else _toml_string(k)
 
 
 def dumps_toml(data: dict) -> str:

@@ -7,7 +7,7 @@ import sys
 
 from kdkit.registry import KdkitError
 
-VERBS = ("train", "distill", "eval", "quickstart", "recipes")
+VERBS = ("train", "distill", "cache", "eval", "compare", "benchmark", "quickstart", "recipes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KdkitError as e:
-        print(f"kdkit {args.verb}: error: {e}", file=sys.stderr)
+        print(f"kdkit {args.verb}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kdkit {args.verb}: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(e: KdkitError) -> str:
+    """The error's message. torch re-raises an error from a data-loader worker in the main process
+    with the worker's traceback as its message: keep its last line, and say where it came from."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    where = text.split("\n", 1)[0].removeprefix("Caught KdkitError ").rstrip(".")
+    return f"{text.rstrip().splitlines()[-1].removeprefix('kdkit.registry.KdkitError: ')} ({where})"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from kdkit.config import Recipe, load_recipe
+from kdkit.registry import KdkitError
 
 # flag -> (recipe key, type, help)
 RUN_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -24,6 +26,8 @@ RUN_FLAGS: dict[str, tuple[str, type, str]] = {
 DISTILL_FLAGS: dict[str, tuple[str, type, str]] = {
     "--teacher": ("model.teacher", str, "teacher: timm name (regnety_160 = DeiT's RegNetY-16GF)"),
     "--teacher-weights": ("model.teacher_weights", str, "local teacher weights (file or kdkit student folder)"),
+    "--logits": ("model.teacher_logits", str, "read the teacher's outputs from a `kdkit cache` folder "
+                 "(the teacher is not loaded, unless the run is longer than the cache)"),
     "--student": ("model.student", str, "student: timm name (deit_tiny = DeiT-Ti with distillation token)"),
     "--head": ("model.head", str, "token | dual | shared | auto"),
     "--loss": ("loss.kind", str, "none | soft | hard"),
@@ -38,6 +42,12 @@ def add_recipe_args(p: argparse.ArgumentParser, flags: dict[str, tuple[str, type
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe key, e.g. --set optim.weight_decay=0.1 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at an unreadable image or an empty class folder instead of skipping and counting it "
+                        "[data.strict]")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped run from its newest valid checkpoint, with its recorded recipe "
+                        "(only flags that cannot change results, such as --workers, may be added)")
     for flag, (key, tp, text) in flags.items():
         p.add_argument(flag, type=tp, default=None, help=f"{text} [{key}]")
 
@@ -52,6 +62,8 @@ def recipe_from_args(args: argparse.Namespace, flags: dict[str, tuple[str, type,
     items += list((extra or {}).items())
     if args.no_progress:
         items.append(("run.progress", False))
+    if args.strict:
+        items.append(("data.strict", True))
     over: dict = {}
     for key, value in items:
         node = over
@@ -63,4 +75,35 @@ def recipe_from_args(args: argparse.Namespace, flags: dict[str, tuple[str, type,
 
     for item in args.overrides:
         over = _merge(over, parse_override(item))
+    if args.resume:
+        return resumed_recipe(args.resume, over, args.recipe)
     return load_recipe(args.recipe, over)
+
+
+# recipe keys a resumed run may change: they cannot change its results
+RESUME_SAFE = ("data.workers", "data.strict", "run.progress", "run.checkpoint_every", "run.keep_checkpoints",
+               "run.on_nonfinite", "run.teacher_check_batches")
+
+
+def resumed_recipe(run_dir: str | Path, over: dict, recipe: str | None = None) -> Recipe:
+    """RUN/recipe.toml with the command line's overrides, which may only touch RESUME_SAFE keys."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "recipe.toml"
+    if recipe:
+        raise KdkitError("--resume reads the run's own recipe.toml: drop --recipe")
+    if not saved.is_file():
+        raise KdkitError(f"{run_dir} is not a kdkit run directory (it has no recipe.toml)")
+    before, after = _flat(load_recipe(saved)), load_recipe(saved, over)
+    changed = [f"{k} ({before[k]!r} -> {v!r})" for k, v in _flat(after).items()
+               if v != before[k] and k not in RESUME_SAFE and k not in ("run.output", "run.name")]
+    if changed:
+        raise KdkitError(f"--resume continues {run_dir} with its recorded recipe, and these would change it: "
+                         f"{', '.join(changed)}. Only {', '.join(RESUME_SAFE)} may change on resume")
+    after.run.output, after.run.name = str(run_dir.parent), run_dir.name
+    return after
+
+
+def _flat(recipe: Recipe) -> dict[str, object]:
+    return {f"{section}.{k}" if isinstance(values, dict) else section: v
+            for section, values in recipe.to_dict().items()
+            for k, v in (values.items() if isinstance(values, dict) else [(section, values)])}

@@ -12,6 +12,7 @@ EPILOG = """examples:
   kdkit distill --recipe deit_tiny_imagenet --data /data/imagenet --batch-size 1024
   kdkit distill --teacher resnet9_cifar_s --teacher-weights runs/teacher/student \\
       --student deit_tiny --img-size 32 --patch-size 4 --data cifar10-sample --epochs 5
+  kdkit distill --logits cache/r9 --student deit_tiny --img-size 32 --patch-size 4 --epochs 5
 """
 
 
@@ -19,12 +20,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="distil a teacher into a student", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_args(p, {**DISTILL_FLAGS, **RUN_FLAGS})
+    p.add_argument("--logits-cycle", action="store_true",
+                   help="past the cached epochs, replay them again instead of running the teacher")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from kdkit.engine.run import run as run_recipe
 
-    recipe = recipe_from_args(args, {**DISTILL_FLAGS, **RUN_FLAGS})
-    print_summary(run_recipe(recipe, "distill"))
+    extra = {"model.teacher_logits_cycle": True} if args.logits_cycle else {}
+    recipe = recipe_from_args(args, {**DISTILL_FLAGS, **RUN_FLAGS}, extra)
+    print_summary(run_recipe(recipe, "distill", resume=args.resume))
     return 0

@@ -7,21 +7,37 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
+from timm.data import auto_augment as _auto_augment
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset, load_rgb, sample_seed
 from kdkit.data.mixup import SampleMixup
 from kdkit.data.sampler import EpochSampler, epoch_views
+from kdkit.data.views import apply_views, is_augmented, view_settings, view_transform
 from kdkit.registry import KdkitError
 
 __all__ = [
     "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "SampleMixup", "SeededDataset",
     "collate", "create_loader", "create_transforms", "epoch_views", "eval_transform", "load_rgb", "open_dataset",
-    "sample_path", "sample_seed",
+    "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
 ]
 
 EMBEDDED_SAMPLE = "cifar10-sample"
+
+
+def _posterize_keep_zero_bits(img, bits_to_keep, **kwargs):
+    # timm's "inc1" RandAugment (DeiT's rand-m9-mstd0.5-inc1) keeps 0 bits at its top magnitude;
+    # recent Pillow refuses posterize(0) where it used to return the all-black image the policy means.
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+_timm_posterize = _auto_augment.NAME_TO_OP["PosterizeIncreasing"]
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    _auto_augment.NAME_TO_OP[_name] = _posterize_keep_zero_bits
 EVAL_SPLITS = ("val", "validation", "test")
 
 
@@ -96,8 +112,9 @@ def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, 
 
 def eval_transform(data_cfg: dict) -> Callable:
     """The evaluation transform of a timm data config (input_size, mean, std, interpolation, crop_pct)."""
-    return create_transforms(data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"], False,
-                             interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"])
+    from kdkit.data.views import view_settings, view_transform
+
+    return view_transform(view_settings(data_cfg))
 
 
 def collate(samples: list[dict]) -> dict:
@@ -125,8 +142,11 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     `repeated_aug` > 1, each drawn image comes `repeated_aug` times in distinct views), split over
     `num_replicas` processes; `batch_size` is per process and incomplete batches are dropped.
     Evaluation: in order, every sample once (Accelerate shards it and drops the padding).
+    The loader draws its workers' base seed from a private generator, not the global torch RNG:
+    starting an epoch (or resuming in the middle of one) leaves the training's random stream
+    (dropout, drop_path) as it was, and the views are seeded by the dataset anyway.
     """
     sampler = EpochSampler(len(dataset), seed, num_replicas, rank, max(repeated_aug, 1)) if training else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, drop_last=training, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))

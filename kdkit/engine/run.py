@@ -3,6 +3,7 @@ the run directory (recipe.toml, metrics.jsonl, student/, summary.json)."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import time
@@ -11,23 +12,24 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from kdkit import __version__
+from kdkit.cache import LogitCache
 from kdkit.config import Recipe
-from kdkit.data import SampleMixup, create_loader, create_transforms, eval_transform, open_dataset
+from kdkit.data import apply_views, create_loader, eval_transform, is_augmented, open_dataset, view_settings
 from kdkit.engine.checkpoint import atomic_write_text, save_student
 from kdkit.engine.evaluate import evaluate
 from kdkit.engine.loop import DistillationStep, fit
 from kdkit.engine.progress import console
+from kdkit.engine.state import set_deterministic
 from kdkit.losses import create_loss
 from kdkit.models import create_student, create_teacher, model_data_config, resolve_model_name
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError
-from kdkit.teachers import LiveTeacher
+from kdkit.teachers import CachedLogits, LiveTeacher
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -115,22 +117,14 @@ def student_data_config(student: nn.Module, img_size: int | None) -> dict:
 
 
 def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
-    """Transforms, per-sample Mixup/CutMix and per-process loaders from the recipe."""
-    a = r.aug
-    if a.mixup > 0 or a.cutmix > 0:
-        train_ds.mixup = SampleMixup(Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
-                                           switch_prob=a.mixup_switch_prob, label_smoothing=a.label_smoothing,
-                                           num_classes=len(train_ds.classes)))
-    train_ds.transform = create_transforms(data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"], True,
-                                           scale=a.scale, hflip=a.hflip, color_jitter=a.color_jitter,
-                                           auto_augment=a.auto_augment, reprob=a.reprob,
-                                           interpolation=a.interpolation)
-    eval_ds.transform = eval_transform(data_cfg)
+    """Views (transforms, per-sample Mixup/CutMix) and per-process loaders from the recipe."""
+    apply_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), len(train_ds.classes))
+    apply_views(eval_ds, view_settings(data_cfg), len(train_ds.classes))
     per_proc = r.data.batch_size // acc.num_processes
     if per_proc * acc.num_processes != r.data.batch_size:
         raise KdkitError(f"batch_size {r.data.batch_size} is not divisible by {acc.num_processes} processes")
     train_loader = create_loader(train_ds, per_proc, training=True, workers=r.data.workers, seed=r.run.seed,
-                                 num_replicas=acc.num_processes, rank=acc.process_index, repeated_aug=a.repeated_aug)
+                                 num_replicas=acc.num_processes, rank=acc.process_index, repeated_aug=r.aug.repeated_aug)
     if len(train_loader) == 0:
         raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
     eval_loader = create_loader(eval_ds, max(r.data.eval_batch_size // acc.num_processes, 1), training=False,
@@ -149,25 +143,84 @@ def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int):
     return optimizer, scheduler, lr
 
 
-def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
-        teacher: nn.Module | None = None) -> dict:
-    """Run `mode` ("distill" or "train") as the recipe says. `student`/`teacher` may be nn.Modules that
-    replace the recipe's model names. Returns the summary (also written to RUN/summary.json)."""
-    r = recipe
-    set_seed(r.run.seed)
-    acc = make_accelerator(r)
+def open_data(r: Recipe):
+    """The training split and the evaluation split (in the training split's label space)."""
     train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict)
     eval_ds = open_dataset(r.data.path, r.data.eval_split, classes=train_ds.classes, strict=r.data.strict)
-    classes = train_ds.classes
+    return train_ds, eval_ds
+
+
+def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_classes: int) -> nn.Module:
+    """The recipe's student (or the given module) wrapped with its head strategy."""
     head = r.model.head
     if mode == "train" and head == "auto":
         # plain supervised training; a model with a distillation token still trains both heads
         head = "token" if getattr(student, "dist_token", None) is not None or (
             student is None and "distilled" in resolve_model_name(r.model.student)) else "shared"
-    student = create_student(student if student is not None else r.model.student, len(classes), head,
-                             pretrained=r.model.pretrained, weights=r.model.student_weights or None,
-                             img_size=r.model.img_size, patch_size=r.model.patch_size,
-                             drop_path_rate=r.model.drop_path, model_kwargs=r.model.kwargs)
+    return create_student(student if student is not None else r.model.student, num_classes, head,
+                          pretrained=r.model.pretrained, weights=r.model.student_weights or None,
+                          img_size=r.model.img_size, patch_size=r.model.patch_size,
+                          drop_path_rate=r.model.drop_path, model_kwargs=r.model.kwargs)
+
+
+def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, data_cfg: dict) -> Teacher:
+    """The recipe's teacher (or the given module), frozen, bridged to the student's normalisation.
+    Built under a forked RNG so that a teacher (or none, with a cache) never changes the student's
+    random stream: a run reading cached logits draws the same dropout as one running the teacher."""
+    if teacher is None and not r.model.teacher:
+        raise KdkitError("distillation needs a teacher: pass --teacher NAME (and --teacher-weights FILE), "
+                         "or --logits CACHE")
+    with torch.random.fork_rng(devices=[]):
+        t = create_teacher(teacher if teacher is not None else r.model.teacher, num_classes,
+                           weights=r.model.teacher_weights or None, model_kwargs=r.model.teacher_kwargs)
+    t.set_student_normalization(data_cfg["mean"], data_cfg["std"])
+    return t
+
+
+def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dict, train_ds, eval_loader,
+                       acc: Accelerator, summary: dict):
+    """A LiveTeacher, or CachedLogits when the recipe names a cache (checked against this run; a
+    live teacher serves the epochs past the cache, unless the cached epochs are cycled)."""
+    num_classes = len(train_ds.classes)
+    if not r.model.teacher_logits:
+        t = build_teacher(r, teacher, num_classes, data_cfg)
+        summary["teacher_check"] = check_teacher(t, eval_loader, num_classes, r.run.teacher_check_batches, acc)
+        return LiveTeacher(t)
+    from kdkit.engine.caching import expected_manifest
+
+    cache = LogitCache(r.model.teacher_logits)
+    cache.check_run(expected_manifest(r, train_ds, data_cfg, cache.mode))
+    fallback = None
+    if cache.mode == "fixed" and is_augmented(view_settings(data_cfg, dataclasses.asdict(r.aug))):
+        console.print("[bold yellow]warning: the cache holds one fixed record per image, but training augments "
+                      "every view: the teacher's answer is for the clean image, not the view the student sees")
+    if cache.mode == "replay" and r.optim.epochs > cache.epochs:
+        if r.model.teacher_logits_cycle:
+            train_ds.view_cycle = cache.epochs
+        elif teacher is not None or r.model.teacher:
+            fallback = LiveTeacher(build_teacher(r, teacher, num_classes, data_cfg))
+        else:
+            raise KdkitError(f"the cache holds {cache.epochs} epochs and the run has {r.optim.epochs}: pass "
+                             f"--teacher to compute the rest live, or --logits-cycle to replay the cached ones")
+    summary["logits"] = {"cache": str(cache.root), "mode": cache.mode, "epochs": cache.epochs,
+                         "topk": cache.manifest["topk"], "dtype": cache.manifest["dtype"],
+                         "cycle": bool(train_ds.view_cycle), "live_after": cache.epochs if fallback else None}
+    return CachedLogits(cache, fallback)
+
+
+def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
+        teacher: nn.Module | None = None, resume: str | Path | None = None) -> dict:
+    """Run `mode` ("distill" or "train") as the recipe says. `student`/`teacher` may be nn.Modules that
+    replace the recipe's model names. `resume`: a run directory whose newest valid checkpoint the
+    run continues from (same recipe). Returns the summary (also written to RUN/summary.json)."""
+    r = recipe
+    set_seed(r.run.seed)
+    if r.run.deterministic:
+        set_deterministic()
+    acc = make_accelerator(r)
+    train_ds, eval_ds = open_data(r)
+    classes = train_ds.classes
+    student = build_student(r, mode, student, len(classes))
     data_cfg = student_data_config(student, r.model.img_size)
     train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
     loss_kind = "none" if mode == "train" else r.loss.kind
@@ -176,17 +229,10 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                        label_smoothing=0.0 if train_ds.mixup else r.aug.label_smoothing)
     summary: dict = {"mode": mode, "classes": len(classes), "train_images": len(train_ds),
                      "eval_images": len(eval_ds), "conventions": loss.conventions()}
-    logits = None
-    if loss.needs_teacher:
-        if teacher is None and not r.model.teacher:
-            raise KdkitError("distillation needs a teacher: pass --teacher NAME (and --teacher-weights FILE)")
-        t = create_teacher(teacher if teacher is not None else r.model.teacher, len(classes),
-                           weights=r.model.teacher_weights or None, model_kwargs=r.model.teacher_kwargs)
-        t.set_student_normalization(data_cfg["mean"], data_cfg["std"])
-        summary["teacher_check"] = check_teacher(t, eval_loader, len(classes), r.run.teacher_check_batches, acc)
-        logits = LiveTeacher(t)
+    logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
+        if loss.needs_teacher else None
     optimizer, scheduler, lr = build_optimizer(r, student, len(train_loader))
-    out_dir = run_dir_for(r, mode)
+    out_dir = Path(resume) if resume else run_dir_for(r, mode)
     config = student_config(student, r, classes, data_cfg, loss.conventions())
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,21 +245,31 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                  scheduler=scheduler, eval_loader=eval_loader, accelerator=acc,
                  clip_grad=r.optim.clip_grad, run_dir=out_dir, log_every=r.run.log_every,
                  eval_every=r.run.eval_every, progress=r.run.progress,
-                 save=lambda s: save_student(out_dir / "student", s, config))
+                 save=lambda s: save_student(out_dir / "student", s, config),
+                 ema_decay=r.optim.ema_decay, save_ema=lambda s: save_student(out_dir / "student_ema", s, config),
+                 checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
+                 resume=bool(resume), on_nonfinite=r.run.on_nonfinite, stats=(stats := {}))
     summary.update(eval=result, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
-                   student=str(out_dir / "student"))
+                   student=str(out_dir / "student"), updates=stats["updates"], skipped_steps=stats["skipped_steps"],
+                   data={"train": {**train_ds.issues(), "skipped_images": stats["skipped_images"]},
+                         "eval": {**eval_ds.issues(), "skipped_images": result.get("skipped", 0)}})
     if acc.is_main_process:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     summary["model"] = acc.unwrap_model(student)
     return summary
 
 
-def evaluate_saved(weights: str | Path, data: str, model: str | None = None, batch_size: int = 256,
-                   workers: int = 2, split: str = "auto-eval", progress: bool = True) -> dict:
-    """Evaluate a saved student folder (or any timm model + weights file) on a data split."""
-    from kdkit.engine.checkpoint import read_config
+def load_saved(weights: str | Path, model: str | None = None,
+               num_classes: int | None = None) -> tuple[nn.Module, list[str] | None, dict]:
+    """Rebuild a saved student folder (or any timm model + weights file) for inference.
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    Returns (module, classes, data_cfg): for a folder with config.json, the student in its saved head
+    strategy (forward gives StudentOut) and its saved label_names; otherwise the timm model `model`
+    with `weights` loaded (forward gives (B, K) logits; num_classes as given, timm's default when
+    None) and classes None. data_cfg is the timm data config (input_size, mean, std, ...) to feed it.
+    """
+    from kdkit.engine.checkpoint import load_student_weights, read_config
+
     path = Path(weights)
     if not path.exists():
         raise KdkitError(f"weights not found: {path}")
@@ -223,16 +279,22 @@ def evaluate_saved(weights: str | Path, data: str, model: str | None = None, bat
             "kdkit" in cfg else "shared"
         student = create_student(model or cfg["architecture"], cfg["num_classes"], head, weights=None,
                                  model_kwargs=cfg.get("model_args", {}))
-        from kdkit.engine.checkpoint import load_student_weights
-
         load_student_weights(student, path)
         classes = cfg.get("label_names")
     else:
         if model is None:
             raise KdkitError(f"no config.json beside {path}: pass --model NAME")
-        t = create_teacher(model, None, weights=path)
+        t = create_teacher(model, num_classes, weights=path)
         student, classes = t.model, None
     dcfg = cfg.get("pretrained_cfg") or model_data_config(student.model if hasattr(student, "model") else student)
+    return student, classes, dcfg
+
+
+def evaluate_saved(weights: str | Path, data: str, model: str | None = None, batch_size: int = 256,
+                   workers: int = 2, split: str = "auto-eval", progress: bool = True) -> dict:
+    """Evaluate a saved student folder (or any timm model + weights file) on a data split."""
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    student, classes, dcfg = load_saved(weights, model)
     ds = open_dataset(data, split, eval_transform(dcfg), classes=classes)
     loader = acc.prepare(create_loader(ds, batch_size, training=False, workers=workers))
     return evaluate(acc.prepare(student), loader, acc, "eval", progress)

@@ -1,0 +1,88 @@
+"""Teacher outputs computed once and read back: `write_cache` runs the teacher over every view a
+run will draw; `LogitCache` looks records up by (epoch, view id) for `teachers.CachedLogits`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kdkit.cache.manifest import MODES, build_manifest, data_identity, differences, weights_sha256
+from kdkit.cache.store import LogitStore, decode, encode, read_manifest, record_bytes
+from kdkit.data.sampler import epoch_views
+from kdkit.registry import KdkitError
+
+# keys a run must share with the cache it reads
+RUN_KEYS = ("format", "data.classes", "data.num_samples", "data.fingerprint", "views", "seed", "repeats")
+
+
+class LogitCache:
+    """A finished (or partly written) cache folder, read-only.
+
+    lookup(epoch, views) -> (B, C) float32 teacher log-probabilities of those view ids in that
+    epoch; a fixed cache ignores the epoch and the repeat (one record per image).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.store = LogitStore(self.root, self.manifest)
+        self._sorted: dict[int, Tensor] = {}
+
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
+    @property
+    def epochs(self) -> int:
+        return self.manifest["epochs"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+    def views_of_epoch(self, epoch: int) -> Tensor:
+        """The view ids stored for `epoch`, in storage order (sorted), (records_per_epoch,)."""
+        m = self.manifest
+        if m["mode"] == "fixed" or m["repeats"] <= 1:
+            return torch.arange(m["records_per_epoch"])
+        if epoch not in self._sorted:
+            self._sorted[epoch] = epoch_views(m["records_per_epoch"], m["seed"], epoch, m["repeats"]).sort().values
+        return self._sorted[epoch]
+
+    def positions(self, epoch: int, views: Tensor) -> Tensor:
+        views = views.cpu().long()
+        if self.mode == "fixed":
+            return views % self.manifest["records_per_epoch"]
+        if epoch >= self.epochs:
+            raise KdkitError(f"the cache holds epochs 0-{self.epochs - 1}, not epoch {epoch}")
+        if self.manifest["repeats"] <= 1:
+            return views
+        stored = self.views_of_epoch(epoch)
+        pos = torch.searchsorted(stored, views).clamp_max(len(stored) - 1)
+        if not torch.equal(stored[pos], views):
+            raise KdkitError(f"views not in the cache for epoch {epoch}: other sampler settings?")
+        return pos
+
+    def lookup(self, epoch: int, views: Tensor) -> Tensor:
+        return self.store.rows(0 if self.mode == "fixed" else epoch, self.positions(epoch, views))
+
+    def check_run(self, expected: dict) -> None:
+        """Refuse with every difference named when the run's manifest does not match the cache's."""
+        keys = RUN_KEYS if self.mode == "replay" else tuple(k for k in RUN_KEYS if k not in ("seed", "repeats"))
+        if self.mode == "fixed":
+            keys = tuple(k for k in keys if k != "views")
+        diffs = differences(self.manifest, expected, keys)
+        name = expected.get("teacher", {}).get("name")
+        if name and name != self.manifest["teacher"]["name"]:
+            diffs.insert(0, f"teacher: cache {self.manifest['teacher']['name']!r}, run {name!r}")
+        sha = expected.get("teacher", {}).get("weights_sha256")
+        if sha and sha != self.manifest["teacher"]["weights_sha256"]:
+            diffs.insert(0, "teacher weights: the run's teacher weights differ from the cache's (sha256)")
+        if diffs:
+            raise KdkitError(f"the logit cache {self.root} does not match this run: " + "; ".join(diffs))
+
+
+__all__ = ["MODES", "LogitCache", "LogitStore", "build_manifest", "data_identity", "decode", "differences", "encode",
+           "read_manifest", "record_bytes", "weights_sha256"]

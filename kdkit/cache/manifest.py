@@ -1,0 +1,88 @@
+"""A cache's provenance: what produced its records (teacher, data, views, seed) and how they are
+stored. A run builds the same dict for itself; `differences` names every key on which they differ."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import timm
+import torch
+from torch import nn
+
+from kdkit import __version__
+from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset
+from kdkit.data.views import NOT_PIXELS
+
+FORMAT = "kdkit-logits/1"
+MODES = ("replay", "fixed")
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_identity(dataset: SeededDataset, source: str, split: str) -> dict:
+    """Where the data came from and a fingerprint of its content: the sorted (path, size, label)
+    list of a folder, or the `datasets` fingerprint of a hub/disk dataset."""
+    h = hashlib.sha256()
+    if isinstance(dataset, ImageFolderDataset):
+        for path, target in dataset.samples:
+            h.update(f"{os.path.relpath(path, dataset.root)}|{os.path.getsize(path)}|{target}\n".encode())
+    elif isinstance(dataset, HFImageDataset):
+        h.update(str(getattr(dataset.ds, "_fingerprint", "")).encode())
+    else:
+        h.update(f"{type(dataset).__name__}|{len(dataset)}".encode())
+    return {"source": source, "split": split, "num_samples": len(dataset), "classes": list(dataset.classes),
+            "fingerprint": h.hexdigest()}
+
+
+def build_manifest(*, mode: str, teacher: dict, data: dict, views: dict, seed: int, epochs: int, topk: int,
+                   dtype: str, shard_size: int) -> dict:
+    """The manifest of a cache (or the one a run expects). teacher: {"name", "weights_sha256"};
+    data: data_identity(...); views: kdkit.data.views.view_settings(...)."""
+    num_classes = len(data["classes"])
+    fixed = mode == "fixed"
+    return {"format": FORMAT, "mode": mode, "teacher": teacher, "data": data, "views": views,
+            "seed": None if fixed else seed, "epochs": 1 if fixed else epochs,
+            "repeats": 1 if fixed else max(int(views.get("repeated_aug", 1)), 1),
+            "topk": min(topk, num_classes) if topk > 0 else num_classes, "dtype": dtype, "values": "log_softmax",
+            "num_classes": num_classes, "records_per_epoch": data["num_samples"], "shard_size": shard_size,
+            "versions": {"kdkit": __version__, "timm": timm.__version__, "torch": torch.__version__}}
+
+
+def differences(cache: dict, run: dict, keys: tuple[str, ...]) -> list[str]:
+    """Human-readable differences between two manifests on `keys` (dotted paths allowed)."""
+    out = []
+    for key in keys:
+        a, b = _get(cache, key), _get(run, key)
+        if key == "views":
+            a = {k: v for k, v in (a or {}).items() if k not in NOT_PIXELS}
+            b = {k: v for k, v in (b or {}).items() if k not in NOT_PIXELS}
+            out += [f"views.{k}: cache {a.get(k)!r}, run {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        elif key == "data.classes" and a != b:
+            added, removed = sorted(set(b) - set(a)), sorted(set(a) - set(b))
+            out.append(f"classes: cache has {len(a)}, the data has {len(b)}"
+                       + (f" (added {added[:5]})" if added else "") + (f" (removed {removed[:5]})" if removed else "")
+                       + ("" if added or removed else " (other order)"))
+        elif a != b:
+            out.append(f"{key}: cache {_short(a)}, run {_short(b)}")
+    return out
+
+
+def _get(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."

@@ -1,0 +1,189 @@
+"""On-disk teacher outputs: a manifest (JSON) and shards of top-K records (safetensors).
+
+    CACHE/manifest.json                    provenance and layout (see kdkit/cache/manifest.py)
+    CACHE/shards/e0003-s00012.safetensors  records [12 * shard_size, 13 * shard_size) of epoch 3
+
+A record is the teacher's log-probabilities (log_softmax at tau = 1) for one view. With K < C it
+holds the top-K values, sorted, and their class indices (uint8 up to 256 classes, int16 up to
+32768); with K = C all C values in class order plus the top-1 class. Decoding rebuilds a (C,)
+log-probability vector: the mass the top K leave, 1 - sum(exp(top K)), is spread evenly over the
+other C - K classes, so softmax(x / tau) of the result is a distribution at any tau, and its arg-max
+is the teacher's top-1 exactly (a tie made by rounding is broken toward the stored top-1).
+
+Every shard is written whole through a temporary file and a rename, and carries in its metadata
+the sha256 of its tensor bytes, checked by `verify`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from kdkit.engine.checkpoint import atomic_write
+from kdkit.registry import KdkitError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def index_dtype(num_classes: int) -> torch.dtype:
+    return torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32768 else torch.int32
+
+
+def encode(logits: Tensor, topk: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """(n, C) teacher logits -> the record tensors of n records (see the module docstring)."""
+    logp = logits.float().log_softmax(dim=1)
+    num_classes = logp.shape[1]
+    idt = index_dtype(num_classes)
+    if topk >= num_classes:
+        return {"values": logp.to(dtype), "top1": logp.argmax(1).to(idt)}
+    values, indices = logp.topk(topk, dim=1)
+    return {"values": values.to(dtype), "indices": indices.to(idt)}
+
+
+def decode(record: dict[str, Tensor], num_classes: int) -> Tensor:
+    """Record tensors of n records -> (n, C) float32 log-probabilities."""
+    values = record["values"].float().clone()
+    if "top1" in record:
+        full, top1 = values, record["top1"].long()
+    else:
+        topk = values.shape[1]
+        indices = record["indices"].long()
+        rest = (1.0 - values.exp().sum(1, keepdim=True)).clamp_min(1e-12) / max(num_classes - topk, 1)
+        full = rest.log().expand(-1, num_classes).clone()
+        full.scatter_(1, indices, values)
+        top1 = indices[:, 0]
+    rows = torch.arange(full.shape[0])
+    tied = full.argmax(1) != top1  # rounding made another class equal to the top-1
+    if tied.any():
+        best = full[tied].max(1).values
+        full[rows[tied], top1[tied]] = torch.nextafter(best, torch.full_like(best, float("inf")))
+    return full
+
+
+def record_bytes(topk: int, num_classes: int, dtype: str) -> int:
+    """Bytes on disk per record, headers aside."""
+    value = DTYPES[dtype].itemsize
+    idx = index_dtype(num_classes).itemsize
+    return num_classes * value + idx if topk >= num_classes else topk * (value + idx)
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_NUMPY = {"F16": np.float16, "BF16": np.int16, "F32": np.float32, "U8": np.uint8, "I16": np.int16,
+          "I32": np.int32}
+
+
+def mmap_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A safetensors file's tensors as read-only views of a memory map, and its metadata.
+    (safetensors' own loader copies every tensor into memory; a cache only needs the rows it gathers.)"""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    meta = header.pop("__metadata__", None) or {}
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    base = 8 + size
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only memory: never written, decode() copies
+        for name, info in header.items():
+            lo, hi = info["data_offsets"]
+            arr = data[base + lo:base + hi].view(_NUMPY[info["dtype"]]).reshape(info["shape"])
+            t = torch.from_numpy(arr)
+            out[name] = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
+    return out, meta
+
+
+class LogitStore:
+    """The shards of one cache folder: paths, atomic writes, memory-mapped reads, checks.
+    Reads keep the memory maps of the last two epochs' shards open."""
+
+    def __init__(self, root: str | Path, manifest: dict):
+        self.root, self.manifest = Path(root), manifest
+        self.num_classes = manifest["num_classes"]
+        self.shard_size = manifest["shard_size"]
+        self._loaded: OrderedDict[tuple[int, int], dict[str, Tensor]] = OrderedDict()
+        self.keep = 2 * self.shards_per_epoch()  # an epoch's shuffled batches touch all of its shards
+
+    def path(self, epoch: int, shard: int) -> Path:
+        return self.root / "shards" / f"e{epoch:04d}-s{shard:05d}.safetensors"
+
+    def shards_per_epoch(self) -> int:
+        return -(-self.manifest["records_per_epoch"] // self.shard_size)
+
+    def all_shards(self) -> list[tuple[int, int]]:
+        return [(e, s) for e in range(self.manifest["epochs"]) for s in range(self.shards_per_epoch())]
+
+    def write(self, epoch: int, shard: int, record: dict[str, Tensor]) -> None:
+        meta = {"epoch": str(epoch), "shard": str(shard), "sha256": tensors_sha256(record)}
+        try:
+            atomic_write(self.path(epoch, shard), lambda tmp: save_file(record, tmp, metadata=meta))
+        except OSError as e:
+            raise KdkitError(f"could not write cache shard {self.path(epoch, shard)}: {e}") from None
+
+    def read(self, epoch: int, shard: int, check: bool = False) -> dict[str, Tensor]:
+        """The record tensors of one shard, memory-mapped (rows are paged in when gathered);
+        `check` verifies the shard's sha256."""
+        path = self.path(epoch, shard)
+        if not path.is_file():
+            raise KdkitError(f"cache shard missing: {path} (resume the cache: rerun the same `kdkit cache`)")
+        try:
+            record, meta = mmap_safetensors(path)
+        except Exception as e:
+            raise KdkitError(f"cache shard {path} is unreadable ({type(e).__name__}: {e})") from None
+        if check and meta.get("sha256") != tensors_sha256(record):
+            raise KdkitError(f"cache shard {path} is corrupt: its checksum does not match its contents")
+        return record
+
+    def rows(self, epoch: int, positions: Tensor) -> Tensor:
+        """(n, C) log-probabilities of the records at `positions` of `epoch`."""
+        shard_of, row_of = positions // self.shard_size, positions % self.shard_size
+        out = torch.empty(positions.shape[0], self.num_classes)
+        for shard in shard_of.unique().tolist():
+            key = (epoch, shard)
+            if key not in self._loaded:
+                self._loaded[key] = self.read(epoch, shard)
+                if len(self._loaded) > self.keep:
+                    self._loaded.popitem(last=False)
+            record = self._loaded[key]
+            mask = shard_of == shard
+            out[mask] = decode({k: v[row_of[mask]] for k, v in record.items()}, self.num_classes)
+        return out
+
+    def verify(self) -> dict[str, list[str]]:
+        """Check every shard the manifest promises: returns {"missing": [...], "corrupt": [...]}."""
+        problems: dict[str, list[str]] = {"missing": [], "corrupt": []}
+        for epoch, shard in self.all_shards():
+            path = self.path(epoch, shard)
+            if not path.is_file():
+                problems["missing"].append(path.name)
+                continue
+            try:
+                self.read(epoch, shard, check=True)
+            except KdkitError:
+                problems["corrupt"].append(path.name)
+        return problems
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise KdkitError(f"not a kdkit logit cache (no manifest.json): {root}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise KdkitError(f"unreadable cache manifest {path}: {e}") from None

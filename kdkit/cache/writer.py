@@ -1,0 +1,94 @@
+"""Writing a cache: every process runs the teacher over its own shards (shard j of the whole
+list goes to process j mod N), in shard-aligned batches, so the bytes written depend on neither
+the number of processes nor on which shards were already there."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from kdkit.cache import LogitCache
+from kdkit.cache.manifest import differences
+from kdkit.cache.store import DTYPES, LogitStore, encode, read_manifest, record_bytes
+from kdkit.data import SeededDataset, collate
+from kdkit.engine.checkpoint import atomic_write_text
+from kdkit.engine.progress import progress_bar
+from kdkit.registry import KdkitError
+
+# keys that must match to resume (or extend) an existing cache folder
+RESUME_KEYS = ("format", "mode", "teacher", "data.classes", "data.num_samples", "data.fingerprint", "views", "seed",
+               "repeats", "topk", "dtype", "num_classes", "records_per_epoch", "shard_size")
+
+
+def open_for_writing(root: Path, manifest: dict, overwrite: bool, accelerator: Accelerator) -> LogitStore:
+    """Create the cache folder, or resume one written with the same settings (a larger `epochs`
+    extends it). Anything else is refused, naming the differences, unless `overwrite`."""
+    if accelerator.is_main_process:
+        if (root / "manifest.json").is_file():
+            old = read_manifest(root)
+            diffs = differences(old, manifest, RESUME_KEYS)
+            if diffs and not overwrite:
+                raise KdkitError(f"{root} holds a different cache ({'; '.join(diffs)}): pass --overwrite to "
+                                 f"replace it, or choose another --out")
+            if diffs:
+                shutil.rmtree(root / "shards", ignore_errors=True)
+            elif old["epochs"] > manifest["epochs"]:
+                manifest = {**manifest, "epochs": old["epochs"]}  # keep what is there; compute nothing more
+        elif root.exists() and any(root.iterdir()):
+            raise KdkitError(f"{root} exists and is not a kdkit logit cache: choose another --out")
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2))
+    accelerator.wait_for_everyone()
+    return LogitStore(root, read_manifest(root))
+
+
+def write_cache(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, root: str | Path, manifest: dict, *,
+                batch_size: int = 256, workers: int = 2, accelerator: Accelerator | None = None,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """Run `teacher` ((B, 3, H, W) -> (B, C) logits) over every record `manifest` promises and write
+    the missing shards. `dataset` must already carry the manifest's views (kdkit.data.apply_views).
+
+    Returns {"shards_written", "shards_present", "records", "seconds", "records_per_s", "bytes_per_record"}.
+    """
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    root = Path(root)
+    store = open_for_writing(root, manifest, overwrite, acc)
+    m = store.manifest
+    reader = LogitCache(root)
+    mine = [job for i, job in enumerate(store.all_shards()) if i % acc.num_processes == acc.process_index]
+    todo = [job for job in mine if not store.path(*job).is_file()]
+    topk, dtype = m["topk"], DTYPES[m["dtype"]]
+    if isinstance(teacher, torch.nn.Module):
+        teacher.to(acc.device)
+    start, records = time.perf_counter(), 0
+    with progress_bar(acc, f"caching {m['mode']} logits", len(todo), progress) as bar:
+        for epoch, shard in todo:
+            dataset.set_epoch(epoch)
+            lo = shard * store.shard_size
+            views = reader.views_of_epoch(epoch)[lo:lo + store.shard_size]
+            loader = DataLoader(dataset, batch_size=batch_size, sampler=views.tolist(), num_workers=workers,
+                                collate_fn=collate)
+            record = encode(torch.zeros(len(views), m["num_classes"]), topk, dtype)  # unreadable views stay 0
+            row_of = {v: r for r, v in enumerate(views.tolist())}
+            for raw in loader:
+                if raw["images"] is None:
+                    continue
+                rows = torch.tensor([row_of[v] for v in raw["index"].tolist()])
+                for k, v in encode(teacher(raw["images"].to(acc.device)).cpu(), topk, dtype).items():
+                    record[k][rows] = v
+            store.write(epoch, shard, record)
+            records += len(views)
+            bar(records=records)
+    acc.wait_for_everyone()
+    seconds = time.perf_counter() - start
+    return {"shards_written": len(todo), "shards_present": len(mine) - len(todo), "records": records,
+            "seconds": seconds, "records_per_s": records / seconds if seconds else 0.0,
+            "bytes_per_record": record_bytes(topk, m["num_classes"], m["dtype"])}

@@ -1,0 +1,78 @@
+"""kdkit cache: run the teacher once over every view a distillation run will draw, write its
+outputs to disk; `--verify` checks a cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kdkit.cli.common import DISTILL_FLAGS, RUN_FLAGS, add_recipe_args, recipe_from_args
+
+EPILOG = """examples:
+  # replay: the exact augmented views (RandAugment, erasing, Mixup/CutMix) of 5 epochs, seed 0
+  kdkit cache --recipe cifar10_deit_cpu --teacher resnet9_cifar_s \\
+      --teacher-weights kdkit/assets/teachers/resnet9_cifar_s --data /data/cifar10 --epochs 5 --out cache/r9
+  kdkit distill --recipe cifar10_deit_cpu --logits cache/r9 --data /data/cifar10 --epochs 5
+  # fixed: one record per image (clean view), top-5 in float16
+  kdkit cache --mode fixed --topk 5 --teacher regnety_160 --data /data/imagenet --out cache/rg-fixed
+  # check every shard, and re-run the teacher on 64 random records
+  kdkit cache --verify cache/r9 --teacher resnet9_cifar_s --teacher-weights kdkit/assets/teachers/resnet9_cifar_s
+Pass the same recipe, seed, image size and augmentation as the distillation run: a cache that
+does not match a run is refused, naming the difference. An interrupted cache resumes when the
+same command is run again; a larger --epochs extends it.
+"""
+
+FLAGS = {k: v for k, v in {**DISTILL_FLAGS, **RUN_FLAGS}.items()
+         if k not in ("--head", "--loss", "--task-weight", "--kd-weight", "--tau", "--lr", "--name", "--output",
+                      "--logits")}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="precompute teacher logits to disk (or --verify a cache)", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_args(p, FLAGS)
+    p.add_argument("--out", help="cache folder to write (or resume)")
+    p.add_argument("--mode", default="replay", choices=("replay", "fixed"),
+                   help="replay: every augmented view of every epoch; fixed: one clean view per image")
+    p.add_argument("--topk", type=int, default=0, help="values kept per record (default 0: every class)")
+    p.add_argument("--dtype", default="float16", help="float16 | bfloat16 | float32 (default float16)")
+    p.add_argument("--shard-size", type=int, default=4096, help="records per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
+    p.add_argument("--verify", metavar="CACHE", help="check CACHE's shards (and re-run --teacher on a sample)")
+    p.add_argument("--samples", type=int, default=64, help="records re-run by --verify with a teacher")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdkit.engine.caching import cache_teacher, verify_cache
+    from kdkit.registry import KdkitError
+
+    recipe = recipe_from_args(args, FLAGS)
+    if args.verify:
+        report = verify_cache(args.verify, recipe if args.teacher else None, args.samples)
+        _print(report, args.json)
+        return 0 if report["ok"] else 1
+    if not args.out:
+        raise KdkitError("pass --out CACHE (the folder to write), or --verify CACHE")
+    if not recipe.model.teacher:
+        raise KdkitError("pass --teacher NAME (and --teacher-weights FILE): the cache holds its outputs")
+    _print(cache_teacher(recipe, args.out, args.mode, args.topk, args.dtype, args.shard_size, args.overwrite),
+           args.json)
+    return 0
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.table import Table
+
+    from kdkit.engine.progress import console
+
+    table = Table(title="kdkit cache")
+    table.add_column("")
+    table.add_column("")
+    for k, v in result.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(table)

@@ -1,0 +1,61 @@
+"""What decides a view: one flat dict of settings (size, normalisation, crop, augmentation) that
+builds the transforms and Mixup/CutMix of a dataset and is recorded in a logit cache's manifest,
+so a run and a cache agree on their views by comparing dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from timm.data import Mixup
+
+from kdkit.data.dataset import SeededDataset
+from kdkit.data.mixup import SampleMixup
+
+AUG_KEYS = ("scale", "hflip", "color_jitter", "auto_augment", "reprob", "mixup", "cutmix", "mixup_prob",
+            "mixup_switch_prob", "label_smoothing", "repeated_aug")
+# settings that do not change the pixels a teacher sees (the teacher's input bridge undoes the
+# student's normalisation; label smoothing only changes targets)
+NOT_PIXELS = ("mean", "std", "label_smoothing")
+
+
+def view_settings(data_cfg: dict, aug: dict | None = None) -> dict:
+    """Training views when `aug` (AugConfig as a dict) is given, evaluation views (resize + centre
+    crop) otherwise. data_cfg: a timm data config (input_size, interpolation, mean, std, crop_pct)."""
+    views = {"train": aug is not None, "img_size": int(data_cfg["input_size"][-1]),
+             "mean": [float(x) for x in data_cfg["mean"]], "std": [float(x) for x in data_cfg["std"]]}
+    if aug is None:
+        return {**views, "interpolation": data_cfg["interpolation"], "crop_pct": float(data_cfg["crop_pct"])}
+    augment = {k: list(aug[k]) if isinstance(aug[k], tuple) else aug[k] for k in AUG_KEYS}
+    return {**views, "interpolation": aug["interpolation"], **augment}
+
+
+def is_augmented(views: dict) -> bool:
+    """Whether training views differ from epoch to epoch (any random augmentation on)."""
+    return views["train"] and (tuple(views["scale"]) != (1.0, 1.0) or views["hflip"] > 0 or views["color_jitter"] > 0
+                               or bool(views["auto_augment"]) or views["reprob"] > 0 or views["mixup"] > 0
+                               or views["cutmix"] > 0)
+
+
+def view_transform(views: dict) -> Callable:
+    """timm's create_transform for `views`: RandomResizedCrop/flip/RandAugment/random erasing for
+    training views, resize + centre crop for evaluation views."""
+    from kdkit.data import create_transforms
+
+    v = views
+    if not v["train"]:
+        return create_transforms(v["img_size"], v["mean"], v["std"], False, interpolation=v["interpolation"],
+                                 crop_pct=v["crop_pct"])
+    return create_transforms(v["img_size"], v["mean"], v["std"], True, scale=v["scale"], hflip=v["hflip"],
+                             color_jitter=v["color_jitter"], auto_augment=v["auto_augment"], reprob=v["reprob"],
+                             interpolation=v["interpolation"])
+
+
+def apply_views(dataset: SeededDataset, views: dict, num_classes: int) -> SeededDataset:
+    """Set the dataset's transform and per-sample Mixup/CutMix (training views) from `views`."""
+    v = views
+    dataset.transform = view_transform(v)
+    dataset.mixup = SampleMixup(Mixup(mixup_alpha=v["mixup"], cutmix_alpha=v["cutmix"], prob=v["mixup_prob"],
+                                      switch_prob=v["mixup_switch_prob"], label_smoothing=v["label_smoothing"],
+                                      num_classes=num_classes)) if v["train"] and (v["mixup"] > 0 or v["cutmix"] > 0) \
+        else None
+    return dataset

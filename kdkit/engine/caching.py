@@ -1,0 +1,102 @@
+"""`kdkit cache` from a recipe: the same data, student views and seed as the distillation run that
+will read the cache, so the manifests agree; and `--verify`, which checks shards and re-runs the
+teacher on a random sample of records."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from kdkit.cache import LogitCache, build_manifest, data_identity, weights_sha256
+from kdkit.cache.store import DTYPES
+from kdkit.cache.writer import write_cache
+from kdkit.config import Recipe
+from kdkit.data import apply_views, open_dataset, view_settings
+from kdkit.engine.progress import console
+from kdkit.models import resolve_model_name
+from kdkit.registry import KdkitError
+
+
+def views_for(r: Recipe, data_cfg: dict, mode: str) -> dict:
+    """Replay caches hold the run's training views; fixed caches the evaluation view of each image."""
+    return view_settings(data_cfg, dataclasses.asdict(r.aug)) if mode == "replay" else view_settings(data_cfg)
+
+
+def expected_manifest(r: Recipe, train_ds, data_cfg: dict, mode: str, teacher: dict | None = None, topk: int = 0,
+                      dtype: str = "float16", shard_size: int = 4096) -> dict:
+    """The manifest of a cache of this run's teacher outputs (teacher {} when no teacher is loaded)."""
+    if teacher is None:
+        teacher = {"name": resolve_model_name(r.model.teacher) if r.model.teacher else None}
+    return build_manifest(mode=mode, teacher=teacher, data=data_identity(train_ds, r.data.path, r.data.train_split),
+                          views=views_for(r, data_cfg, mode), seed=r.run.seed, epochs=r.optim.epochs, topk=topk,
+                          dtype=dtype, shard_size=shard_size)
+
+
+def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 0, dtype: str = "float16",
+                  shard_size: int = 4096, overwrite: bool = False) -> dict:
+    """Write (or resume, or extend) the cache of the recipe's teacher on its training data."""
+    from kdkit.engine.run import build_student, build_teacher, make_accelerator, student_data_config
+
+    if mode not in ("replay", "fixed"):
+        raise KdkitError(f"unknown cache mode {mode!r}: replay or fixed")
+    if dtype not in DTYPES:
+        raise KdkitError(f"unknown cache dtype {dtype!r}: {', '.join(DTYPES)}")
+    if shard_size < 1 or topk < 0:
+        raise KdkitError("--shard-size must be >= 1 and --topk >= 0 (0 = every class)")
+    acc = make_accelerator(r)
+    train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict)
+    num_classes = len(train_ds.classes)
+    data_cfg = student_data_config(build_student(r, "distill", None, num_classes), r.model.img_size)
+    teacher = build_teacher(r, None, num_classes, data_cfg)
+    identity = {"name": resolve_model_name(r.model.teacher), "weights": r.model.teacher_weights or "hub",
+                "weights_sha256": weights_sha256(teacher.model)}
+    manifest = expected_manifest(r, train_ds, data_cfg, mode, identity, topk, dtype, shard_size)
+    apply_views(train_ds, manifest["views"], num_classes)
+    per_proc = max(r.data.eval_batch_size // acc.num_processes, 1)
+    stats = write_cache(teacher, train_ds, out, manifest, batch_size=per_proc, workers=r.data.workers,
+                        accelerator=acc, progress=r.run.progress, overwrite=overwrite)
+    cache = LogitCache(out)
+    stats.update(cache=str(out), mode=mode, epochs=cache.epochs, records_per_epoch=manifest["records_per_epoch"],
+                 topk=cache.manifest["topk"], dtype=dtype, teacher=identity["name"])
+    return stats
+
+
+def verify_cache(path: str | Path, r: Recipe | None = None, samples: int = 64, seed: int = 0) -> dict:
+    """Check every shard's checksum; with a recipe naming the teacher, re-run it on `samples` random
+    records and report the largest difference of the stored log-probabilities."""
+    cache = LogitCache(path)
+    problems = cache.store.verify()
+    report: dict = {"cache": str(path), "shards": len(cache.store.all_shards()), **problems,
+                    "ok": not problems["missing"] and not problems["corrupt"]}
+    if r is None or not r.model.teacher:
+        return report
+    from kdkit.engine.run import build_teacher
+
+    m = cache.manifest
+    ds = open_dataset(m["data"]["source"], m["data"]["split"], seed=m["seed"] or 0)
+    apply_views(ds, m["views"], m["num_classes"])
+    data_cfg = {"mean": m["views"]["mean"], "std": m["views"]["std"]}
+    teacher = build_teacher(r, None, m["num_classes"], data_cfg)
+    report["teacher_matches_manifest"] = weights_sha256(teacher.model) == m["teacher"]["weights_sha256"]
+    g = torch.Generator().manual_seed(seed)
+    worst, top1_agree, n = 0.0, 0, 0
+    for _ in range(samples):
+        epoch = int(torch.randint(cache.epochs, (1,), generator=g))
+        pos = int(torch.randint(m["records_per_epoch"], (1,), generator=g))
+        view = int(cache.views_of_epoch(epoch)[pos])
+        ds.set_epoch(epoch)
+        sample = ds[view]
+        if sample["image"] is None:
+            continue
+        logp = teacher(sample["image"][None]).log_softmax(1)[0]
+        stored = cache.lookup(epoch, torch.tensor([view]))[0]
+        kept = stored.topk(m["topk"]).indices
+        worst = max(worst, (stored[kept] - logp[kept]).abs().max().item())
+        top1_agree += int(stored.argmax() == logp.argmax())
+        n += 1
+    report.update(rechecked=n, max_abs_diff=worst, top1_agreement=top1_agree / max(n, 1))
+    console.print(f"re-ran the teacher on {n} records: largest |difference| {worst:.3g} (log-probability), "
+                  f"top-1 agreement {100 * top1_agree / max(n, 1):.1f}%")
+    return report

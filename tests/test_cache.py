@@ -1,0 +1,218 @@
+"""The logit cache: exact replay of augmented views, top-K records, resume, refusal, verification."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from kdkit.cache import LogitCache, decode, encode, record_bytes
+from kdkit.config import load_recipe
+from kdkit.engine.caching import cache_teacher
+from tests.conftest import run_cli
+
+AUG = ["aug.auto_augment=rand-m9-mstd0.5-inc1", "aug.reprob=0.25", "aug.mixup=0.8", "aug.cutmix=1.0",
+       "aug.label_smoothing=0.1"]
+STUDENT = ["--student", "deit_tiny", "--img-size", "32", "--patch-size", "8", "--set", "model.kwargs.depth=2",
+           "--set", "model.kwargs.embed_dim=32", "--set", "model.kwargs.num_heads=2"]
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A random resnet10t for 10 classes at 32x32, saved as a timm folder (config.json + safetensors).
+    Its classifier is scaled up so that its logits are apart like a trained teacher's: an untrained
+    one has near-ties (top-2 gaps of 1e-7) that the float noise of batched inference can flip."""
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(1)
+    model = timm.create_model("resnet10t", num_classes=10)
+    with torch.no_grad():
+        model.fc.weight.mul_(50)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
+    cfg = {"architecture": "resnet10t", "num_classes": 10,
+           "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
+                              "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": 10}}
+    (root / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def common(data: Path, epochs: int = 8, seed: int = 3) -> list[str]:
+    args = [*STUDENT, "--data", data, "--batch-size", "16", "--epochs", str(epochs), "--workers", "0",
+            "--seed", str(seed), "--no-progress", "--set", "run.log_every=1", "--set", "run.eval_every=100",
+            "--set", "optim.warmup_epochs=1", "--set", "optim.lr=1e-3"]
+    for item in AUG:
+        args += ["--set", item]
+    return args
+
+
+def teacher_args(teacher_dir: Path) -> list[str]:
+    return ["--teacher", "resnet10t", "--teacher-weights", teacher_dir]
+
+
+def step_terms(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def distill(tmp: Path, name: str, *args) -> list[dict]:
+    assert run_cli("distill", *args, "--output", tmp / "runs", "--name", name) == 0
+    return step_terms(tmp / "runs" / name)
+
+
+@pytest.fixture(scope="module")
+def live_runs(tmp_path_factory, tiny_data, teacher_dir) -> dict:
+    """Online-teacher runs (soft and hard) that the cached runs must reproduce: 8 epochs x 7 steps."""
+    tmp = tmp_path_factory.mktemp("live")
+    return {loss: distill(tmp, loss, *common(tiny_data), *teacher_args(teacher_dir), "--loss", loss, "--tau", "2")
+            for loss in ("soft", "hard")}
+
+
+def test_replay_cache_float32_all_classes_gives_the_online_losses(tmp_path, tiny_data, teacher_dir, live_runs):
+    assert run_cli("cache", *common(tiny_data), *teacher_args(tmp_path / "nope"), "--out", tmp_path / "c") == 2
+    assert run_cli("cache", *common(tiny_data), *teacher_args(teacher_dir), "--dtype", "float32",
+                   "--out", tmp_path / "c") == 0
+    cached = distill(tmp_path, "cached", *common(tiny_data), "--logits", tmp_path / "c", "--loss", "soft",
+                     "--tau", "2")
+    live = live_runs["soft"]
+    assert len(cached) == len(live) >= 50
+    for a, b in zip(live, cached, strict=True):
+        for term in ("loss", "task", "kd"):
+            assert abs(a[term] - b[term]) <= 1e-5, (a["step"], term, a[term], b[term])
+    summary = json.loads((tmp_path / "runs" / "cached" / "summary.json").read_text())
+    assert "teacher_check" not in summary and summary["logits"]["mode"] == "replay"
+
+
+def test_float16_top10_hard_losses_identical_soft_within_fp16_rounding(tmp_path, tiny_data, teacher_dir, live_runs):
+    assert run_cli("cache", *common(tiny_data), *teacher_args(teacher_dir), "--topk", "10", "--out",
+                   tmp_path / "c") == 0
+    hard = distill(tmp_path, "hard", *common(tiny_data), "--logits", tmp_path / "c", "--loss", "hard")
+    assert [r["loss"] for r in hard] == [r["loss"] for r in live_runs["hard"]]
+    soft = distill(tmp_path, "soft", *common(tiny_data), "--logits", tmp_path / "c", "--loss", "soft", "--tau", "2")
+    # float16 keeps 11 significant bits: each stored log-probability is off by at most 2^-11 of
+    # itself (4.9e-4 relative); the soft term moves by at most about that fraction of itself.
+    for a, b in zip(live_runs["soft"], soft, strict=True):
+        assert b["kd"] == pytest.approx(a["kd"], rel=1e-3, abs=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-5)
+
+
+def test_top_k_records_rebuild_a_distribution_with_the_exact_top1():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 100) * 3
+    logits[0, 7] = logits[0, 3] = 9.0  # a tie: the stored top-1 must win after decoding
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        rec = encode(logits, 10, dtype)
+        assert rec["values"].shape == (64, 10) and rec["indices"].dtype == torch.uint8
+        full = decode(rec, 100)
+        p = logits.log_softmax(1)
+        assert torch.allclose(full.exp().sum(1), torch.ones(64), atol=1e-2)
+        top = p.topk(10)
+        assert torch.equal(full.argmax(1), rec["indices"][:, 0].long())
+        assert torch.equal(full.argmax(1), torch.where(torch.arange(64) == 0, rec["indices"][:, 0].long(),
+                                                       p.argmax(1)))
+        tol = {torch.float16: 1e-2, torch.bfloat16: 8e-2, torch.float32: 1e-6}[dtype]
+        assert (full.gather(1, top.indices) - top.values).abs().max() <= tol
+        # the rest of the mass is spread evenly over the 90 other classes
+        stored = rec["values"].float()
+        rest = ((1 - stored.exp().sum(1)) / 90).clamp_min(1e-12 / 90)
+        others = torch.ones_like(full, dtype=torch.bool).scatter_(1, rec["indices"].long(), False)
+        assert torch.allclose(full[others].view(64, 90).exp(), rest[:, None].expand(64, 90), rtol=1e-4)
+        if dtype == torch.float32:
+            exact = (1 - top.values.exp().sum(1)) / 90
+            assert torch.allclose(rest, exact, rtol=1e-3)
+    assert record_bytes(10, 10, "float16") == 21 and record_bytes(10, 1000, "float16") == 40
+
+
+def test_interrupted_cache_resumes_and_equals_an_uninterrupted_one(tmp_path, tiny_data, teacher_dir, monkeypatch):
+    args = [*common(tiny_data, epochs=2), *teacher_args(teacher_dir), "--shard-size", "32"]
+    assert run_cli("cache", *args, "--out", tmp_path / "whole") == 0
+    from kdkit.cache import store
+
+    real, calls = store.LogitStore.write, []
+
+    def crash_on_third(self, epoch, shard, record):
+        calls.append((epoch, shard))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while the third shard is written
+        real(self, epoch, shard, record)
+
+    monkeypatch.setattr(store.LogitStore, "write", crash_on_third)
+    assert run_cli("cache", *args, "--out", tmp_path / "cut") == 130
+    monkeypatch.setattr(store.LogitStore, "write", real)
+    assert len(list((tmp_path / "cut" / "shards").glob("*.safetensors"))) == 2
+    r = load_recipe(None, {"model": {"teacher": "resnet10t", "teacher_weights": str(teacher_dir), "img_size": 32,
+                                     "patch_size": 8, "kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}},
+                           "data": {"path": str(tiny_data), "workers": 0, "batch_size": 16},
+                           "optim": {"epochs": 2}, "run": {"seed": 3, "progress": False},
+                           "aug": {k.split(".")[1]: _value(v) for k, v in (a.split("=") for a in AUG)}})
+    stats = cache_teacher(r, tmp_path / "cut", shard_size=32)
+    assert stats["shards_present"] == 2 and stats["shards_written"] == 6
+    whole, cut = LogitCache(tmp_path / "whole"), LogitCache(tmp_path / "cut")
+    for epoch, shard in whole.store.all_shards():
+        a, b = whole.store.read(epoch, shard), cut.store.read(epoch, shard, check=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _value(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def test_mismatched_cache_is_refused_naming_the_difference(tmp_path, tiny_data, teacher_dir, capsys):
+    assert run_cli("cache", *common(tiny_data, epochs=2), *teacher_args(teacher_dir), "--out", tmp_path / "c") == 0
+    capsys.readouterr()
+    cases = {"seed": common(tiny_data, epochs=2, seed=4),
+             "views.img_size": [*common(tiny_data, epochs=2), "--img-size", "16"],
+             "views.reprob": [*common(tiny_data, epochs=2), "--set", "aug.reprob=0.5"],
+             "holds 2 epochs": common(tiny_data, epochs=3)}
+    for needle, args in cases.items():
+        assert run_cli("distill", *args, "--logits", tmp_path / "c", "--output", tmp_path / "runs") == 2
+        assert needle in capsys.readouterr().err
+    # a cache folder refuses to be resumed with other settings
+    assert run_cli("cache", *common(tiny_data, epochs=2), *teacher_args(teacher_dir), "--topk", "3",
+                   "--out", tmp_path / "c") == 2
+    assert "topk: cache 10, run 3" in capsys.readouterr().err
+    # a class folder added between cache and distill
+    extra = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(tiny_data, extra)
+    shutil.copytree(extra / "train" / "cat", extra / "train" / "zebra")
+    shutil.copytree(extra / "test" / "cat", extra / "test" / "zebra")
+    args = [*common(extra, epochs=2)]
+    assert run_cli("distill", *args, "--logits", tmp_path / "c", "--output", tmp_path / "runs") == 2
+    assert "added ['zebra']" in capsys.readouterr().err
+
+
+def test_longer_run_falls_back_to_the_live_teacher_or_cycles(tmp_path, tiny_data, teacher_dir, live_runs):
+    assert run_cli("cache", *common(tiny_data), *teacher_args(teacher_dir), "--dtype", "float32", "--epochs", "5",
+                   "--out", tmp_path / "c") == 0
+    mixed = distill(tmp_path, "mixed", *common(tiny_data), "--logits", tmp_path / "c", *teacher_args(teacher_dir),
+                    "--loss", "soft", "--tau", "2")
+    for a, b in zip(live_runs["soft"], mixed, strict=True):  # epochs 5-7 computed live
+        assert abs(a["loss"] - b["loss"]) <= 1e-5
+    assert json.loads((tmp_path / "runs" / "mixed" / "summary.json").read_text())["logits"]["live_after"] == 5
+    cycled = distill(tmp_path, "cycled", *common(tiny_data), "--logits", tmp_path / "c", "--logits-cycle",
+                     "--loss", "soft", "--tau", "2")
+    assert len(cycled) == len(mixed)
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-5 for a, b in zip(mixed[:35], cycled[:35], strict=True))
+
+
+def test_verify_catches_a_corrupted_shard_and_rechecks_the_teacher(tmp_path, tiny_data, teacher_dir, capsys):
+    args = [*common(tiny_data, epochs=1), *teacher_args(teacher_dir)]
+    assert run_cli("cache", *args, "--out", tmp_path / "c", "--shard-size", "64") == 0
+    assert run_cli("cache", *args, "--verify", tmp_path / "c", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["teacher_matches_manifest"] and report["rechecked"] == 64
+    assert report["max_abs_diff"] < 2e-2 and report["top1_agreement"] == 1.0  # float16 records
+    shard = tmp_path / "c" / "shards" / "e0000-s00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert run_cli("cache", "--verify", tmp_path / "c", "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["corrupt"] == ["e0000-s00001.safetensors"] and not report["missing"]
