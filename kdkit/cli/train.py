@@ -27,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
     from kdkit.engine.run import run as run_recipe
 
     recipe = recipe_from_args(args, FLAGS, {"loss.kind": "none"})
-    print_summary(run_recipe(recipe, "train"))
+    print_summary(run_recipe(recipe, "train", resume=args.resume))
     return 0

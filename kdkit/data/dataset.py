@@ -20,14 +20,19 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 def load_rgb(path_or_image: str | Path | Image.Image) -> Image.Image:
-    """Open an image as RGB: EXIF rotation applied; grayscale, palette, RGBA, CMYK, 16-bit converted."""
+    """Open an image as RGB: EXIF rotation applied; grayscale, palette, RGBA, CMYK, 16-bit converted.
+
+    16-bit images map 0..65535 onto 0..255 (never stretched per image, which would turn a dark
+    image bright); 32-bit integer ("I") images are read as 16-bit when a value exceeds 255.
+    """
     img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float32)
-            img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
+            arr = np.asarray(img, dtype=np.float64)
+            scale = 257.0 if img.mode != "I" or arr.max() > 255 else 1.0
+            img = Image.fromarray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8))
         if img.mode in ("RGBA", "LA", "P"):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -77,6 +82,10 @@ class SeededDataset(Dataset):
     def describe(self, index: int) -> str:
         return f"sample {index}"
 
+    def issues(self) -> dict:
+        """What the scan of the data found besides readable samples (for the run summary)."""
+        return {}
+
     def view(self, view: int) -> tuple[torch.Tensor | None, int]:
         """The augmented image of view `view` in the current epoch (None if unreadable) and its label."""
         index = view % len(self)
@@ -115,8 +124,9 @@ class SeededDataset(Dataset):
 class ImageFolderDataset(SeededDataset):
     """An ImageFolder directory (root/<class>/<image>), scanned with torchvision's helpers.
 
-    `classes` may be given to fix the label space (so train and eval splits agree); empty class
-    folders are kept as classes with no samples.
+    `classes` may be given to fix the label space (so train and eval splits agree). Empty class
+    folders are kept as classes with no samples and listed by `issues()`, or are an error under
+    `strict`; files without an image extension are ignored and counted.
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None, classes: list[str] | None = None,
@@ -138,11 +148,26 @@ class ImageFolderDataset(SeededDataset):
         unknown = sorted(present - set(self.classes))
         if unknown:
             raise KdkitError(f"{self.root} has class folders the label space lacks: {unknown[:5]}")
+        self.ignored_files = 0
+
+        def is_image(path: str) -> bool:
+            ok = path.lower().endswith(IMG_EXTENSIONS)
+            self.ignored_files += not ok
+            return ok
+
         self.samples = make_dataset(str(self.root), {c: i for c, i in mapping.items() if c in present},
-                                    extensions=IMG_EXTENSIONS, allow_empty=True)
+                                    is_valid_file=is_image, allow_empty=True)
         if not self.samples:
             raise KdkitError(f"no images found in {self.root} (looked for {', '.join(IMG_EXTENSIONS)})")
         self.targets = [t for _, t in self.samples]
+        counts = np.bincount(self.targets, minlength=len(self.classes))
+        self.empty_classes = [c for c in sorted(present) if counts[mapping[c]] == 0]
+        if strict and self.empty_classes:
+            raise KdkitError(f"{self.root} has class folders without images: {self.empty_classes[:5]} "
+                             f"(without --strict they stay classes with no samples)")
+
+    def issues(self) -> dict:
+        return {"empty_classes": self.empty_classes, "ignored_files": self.ignored_files}
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from kdkit.engine.evaluate import evaluate
 from kdkit.engine.progress import console, progress_bar
+from kdkit.engine.state import NONFINITE, Checkpointer, MetricsLog, Position, nonfinite_terms, seek
 from kdkit.losses import DistillationLoss
 from kdkit.registry import KdkitError
 from kdkit.types import Batch, StepOut
@@ -36,87 +36,129 @@ class DistillationStep:
         return StepOut(terms.pop("loss"), out, terms)
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as written (main process only)."""
-
-    def __init__(self, path: Path | None):
-        self.file = open(path, "a", buffering=1) if path else None  # noqa: SIM115
-
-    def write(self, **record: object) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-
-
 def make_batch(raw: dict, device: torch.device) -> Batch:
     """Move a collated batch to the device (Mixup/CutMix already happened per sample, in the data)."""
     return Batch(raw["images"].to(device, non_blocking=True), raw["target"].to(device, non_blocking=True),
                  raw["index"], raw["epoch"])
 
 
+def train_step(acc: Accelerator, student: nn.Module, optimizer: torch.optim.Optimizer, step_fn: DistillationStep,
+               batch: Batch, clip_grad: float = 0.0) -> tuple[StepOut, dict[str, float]]:
+    """Forward; then, when the loss and every term are finite, backward and (at an accumulation
+    boundary) the optimizer step. Returns the step's output and its non-finite terms: a step with
+    any is not applied, and at a boundary its accumulated gradients are dropped."""
+    with acc.accumulate(student):
+        out = step_fn(student, batch)
+        bad = nonfinite_terms(out, acc)
+        if not bad:
+            acc.backward(out.loss)
+            if clip_grad and acc.sync_gradients:
+                acc.clip_grad_norm_(student.parameters(), clip_grad)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return out, bad
+
+
+def nonfinite_step(policy: str, ckpt: Checkpointer, pos: Position, log: MetricsLog, bad: dict[str, float]) -> None:
+    """A step with a NaN or infinite loss: "skip" counts it and goes on; "stop" makes sure a checkpoint
+    of the last good weights exists, then raises KdkitError naming the step and the bad terms."""
+    parts = ", ".join(f"{k}={v}" for k, v in sorted(bad.items(), key=lambda kv: kv[0] == "loss"))
+    where = f"epoch {pos.epoch} step {pos.step} (after {pos.updates} updates; numbered as in metrics.jsonl)"
+    if policy == "skip":
+        pos.skipped_steps += 1
+        console.print(f"[bold yellow]warning: non-finite loss at {where}: {parts}; step skipped "
+                      f"({pos.skipped_steps} so far)")
+        return
+    kept = ckpt.keep_good(pos, log)
+    hint = (f"the last good checkpoint is {kept}: continue with --resume {ckpt.run_dir}" if kept else
+            "no checkpoint was kept")
+    raise KdkitError(f"non-finite loss at {where}: {parts}; {hint} (run.on_nonfinite = \"skip\" skips such steps)")
+
+
 def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler=None, eval_loader: DataLoader | None = None,
         accelerator: Accelerator | None = None, clip_grad: float = 0.0, run_dir: str | Path | None = None,
         save: Callable[[nn.Module], None] | None = None, log_every: int = 10, eval_every: int = 1,
-        progress: bool = True) -> dict:
+        progress: bool = True, ema_decay: float = 0.0, save_ema: Callable[[nn.Module], None] | None = None,
+        checkpoint_every: int = 0, keep_checkpoints: int = 2, resume: bool = False,
+        on_nonfinite: str = "stop", stats: dict | None = None) -> dict:
     """Train `student` for `epochs`; returns the last evaluation (or {} without an eval loader).
 
     Logs per-step loss terms, lr and images/s, and per-epoch evaluation, to RUN/metrics.jsonl.
-    `save(student)` is called by the main process after every epoch that has an eval loader, and at the end.
+    `save(student)` (and `save_ema(ema_model)` with `ema_decay` > 0: timm's ModelEmaV3, evaluated
+    too as ema_*) is called by the main process after every epoch that has an eval loader, and at
+    the end. With a `run_dir`, the whole training state is checkpointed to RUN/checkpoints/ (see
+    engine/state.py) every `checkpoint_every` updates and at the end of every epoch, the newest
+    `keep_checkpoints` kept; `resume` continues from the newest valid one. `on_nonfinite`: "stop"
+    or "skip" a step whose loss is NaN/inf. `stats`, if given, receives updates, skipped_steps and
+    skipped_images (unreadable training images over the run, all processes).
     """
+    if on_nonfinite not in NONFINITE:
+        raise KdkitError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     student, optimizer = acc.prepare(student, optimizer)
     if isinstance(step_fn.logits, nn.Module):
         step_fn.logits.to(acc.device)  # the teacher: moved, never wrapped for data parallelism
     if eval_loader is not None:
         eval_loader = acc.prepare(eval_loader)
-    log = MetricsLog(Path(run_dir) / "metrics.jsonl" if run_dir and acc.is_main_process else None)
-    updates, result = 0, {}
-    for epoch in range(epochs):
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.dataset.set_epoch(epoch)
+    ema = ModelEmaV3(acc.unwrap_model(student), decay=ema_decay) if ema_decay else None
+    ckpt = Checkpointer(run_dir, acc, student, optimizer, scheduler, ema, every=checkpoint_every, keep=keep_checkpoints)
+    pos = ckpt.restore() if resume else ckpt.start()
+    log = MetricsLog(Path(run_dir) / "metrics.jsonl" if run_dir and acc.is_main_process else None, pos.metrics_lines)
+    result = pos.eval
+    for epoch in range(pos.epoch, epochs):
+        seek(train_loader, epoch, pos.step)  # mid-epoch on resume: the batches before are not read
+        pos.epoch, end = epoch, pos.step + len(train_loader)
         student.train()
         tick, seen = time.perf_counter(), 0
         with progress_bar(acc, f"epoch {epoch + 1}/{epochs}", len(train_loader), progress) as bar:
-            for step, raw in enumerate(train_loader):
+            for raw in train_loader:
+                step, updated = pos.step, False
+                if raw["images"] is not None:
+                    out, bad = train_step(acc, student, optimizer, step_fn, make_batch(raw, acc.device), clip_grad)
+                    if bad:
+                        nonfinite_step(on_nonfinite, ckpt, pos, log, bad)
+                    updated = acc.sync_gradients and not bad
+                pos.step, pos.skipped_images = step + 1, pos.skipped_images + raw["skipped"]
                 if raw["images"] is None:
                     continue
-                batch = make_batch(raw, acc.device)
-                with acc.accumulate(student):
-                    out = step_fn(student, batch)
-                    if not math.isfinite(out.loss.item()):
-                        raise KdkitError(f"non-finite loss at epoch {epoch} step {step}: "
-                                         f"{ {k: v.item() for k, v in out.terms.items()} }")
-                    acc.backward(out.loss)
-                    if clip_grad and acc.sync_gradients:
-                        acc.clip_grad_norm_(student.parameters(), clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if acc.sync_gradients:
-                    updates += 1
+                if updated:
+                    pos.updates += 1
                     if scheduler is not None:
-                        scheduler.step_update(updates)
-                seen += batch.images.shape[0] * acc.num_processes
+                        scheduler.step_update(pos.updates)
+                    if ema is not None:
+                        ema.update(acc.unwrap_model(student), step=pos.updates)
+                seen += raw["images"].shape[0] * acc.num_processes
                 terms = {k: v.item() for k, v in out.terms.items()}
                 bar(loss=out.loss.item(), **terms)
                 if step % log_every == 0:
-                    rate = seen / (time.perf_counter() - tick)
-                    log.write(epoch=epoch, step=step, update=updates, loss=out.loss.item(), **terms,
-                              lr=optimizer.param_groups[0]["lr"], images_per_s=rate, skipped=raw["skipped"])
+                    log.write(epoch=epoch, step=step, update=pos.updates, loss=out.loss.item(), **terms,
+                              lr=optimizer.param_groups[0]["lr"], images_per_s=seen / (time.perf_counter() - tick),
+                              skipped=raw["skipped"], skipped_steps=pos.skipped_steps)
+                if updated and ckpt.due(pos) and pos.step < end:  # the epoch's end saves anyway
+                    ckpt.save(pos, log)
         if scheduler is not None:
             scheduler.step(epoch + 1)
         last = epoch + 1 == epochs
         if eval_loader is not None and ((epoch + 1) % eval_every == 0 or last):
             result = evaluate(student, eval_loader, acc, f"eval {epoch + 1}", progress)
+            if ema is not None:
+                ema_result = evaluate(ema.module, eval_loader, acc, f"eval EMA {epoch + 1}", progress)
+                result.update({f"ema_{k}": v for k, v in ema_result.items() if "_top" in k})
             log.write(epoch=epoch, eval=result)
             if acc.is_main_process and progress:
                 console.print(f"epoch {epoch + 1}: class {result['class_top1']:.2f}%  "
                               f"dist {result['dist_top1']:.2f}%  fused {result['fused_top1']:.2f}%")
-        if save is not None and acc.is_main_process and (last or eval_loader is not None):
-            save(acc.unwrap_model(student))
+        if acc.is_main_process and (last or eval_loader is not None):
+            if save is not None:
+                save(acc.unwrap_model(student))
+            if save_ema is not None and ema is not None:
+                save_ema(ema.module)
+        pos.epoch, pos.step, pos.eval = epoch + 1, 0, result
+        ckpt.save(pos, log)
     log.close()
+    if stats is not None:
+        skipped = acc.reduce(torch.tensor(pos.skipped_images, device=acc.device), "sum").item()
+        stats.update(updates=pos.updates, skipped_steps=pos.skipped_steps, skipped_images=int(skipped))
     acc.wait_for_everyone()
     return result

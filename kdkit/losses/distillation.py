@@ -23,12 +23,21 @@ LOSSES: Registry[type[DistillationLoss]] = Registry("loss")
 KL_REDUCTIONS = ("batchmean", "deit")
 
 
+def _wide(student: Tensor, *others: Tensor) -> list[Tensor]:
+    """`student` and `others` in float32 at least (float64 stays float64): float16/bfloat16 sums
+    of extreme logits overflow or lose the loss."""
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    return [x.to(dtype) for x in (student, *others)]
+
+
 def task_ce(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy against labels, averaged over the samples that have one.
 
     logits: (B, K). target: (B,) indices with -1 for "no label", or (B, K) probabilities with an
-    all-zero row for "no label". Returns a scalar; 0 when no sample in the batch has a label.
+    all-zero row for "no label". Returns a scalar (float32 at least); 0 when no sample in the batch has a label.
+    Computed in float32: float16/bfloat16 logits of magnitude 1e4 would overflow the sum.
     """
+    (logits,) = _wide(logits)
     if target.ndim == 1:
         labeled = target >= 0
         if not labeled.any():
@@ -45,8 +54,10 @@ def soft_kd(student: Tensor, teacher: Tensor, tau: float, reduction: str = "batc
 
     reduction: "batchmean" divides the summed KL by B (the mathematically correct mean of the
     per-sample KL, as in Hinton et al.); "deit" divides by B*K, as the DeiT reference code does
-    (its soft loss is therefore K times smaller for the same tau and weight).
+    (its soft loss is therefore K times smaller for the same tau and weight). Computed in float32
+    (the KL summed over a batch of extreme float16 logits overflows float16's 65504).
     """
+    student, teacher = _wide(student, teacher)
     kl = F.kl_div(
         F.log_softmax(student / tau, dim=1),
         F.log_softmax(teacher / tau, dim=1),
@@ -62,8 +73,9 @@ def hard_kd(student: Tensor, teacher: Tensor, smoothing: float = 0.0) -> Tensor:
 
     With smoothing eps the teacher's label gets 1 - eps and every other class eps / (K - 1)
     (DeiT section 4, "label smoothing with hard distillation"); this differs from torch's
-    label_smoothing, which also gives eps / K to the true class.
+    label_smoothing, which also gives eps / K to the true class. Computed in float32.
     """
+    (student,) = _wide(student)
     y_t = teacher.argmax(dim=1)
     if smoothing == 0.0:
         return F.cross_entropy(student, y_t)
@@ -118,7 +130,7 @@ class DistillationLoss(nn.Module):
         task = task_ce(out.logits, target, self.label_smoothing)
         if teacher_logits is None:
             raise KdkitError(f"{type(self).__name__} needs teacher logits; give it a teacher or a cache")
-        kd = self.kd_term(out.dist_logits, teacher_logits.to(out.dist_logits.dtype))
+        kd = self.kd_term(out.dist_logits, teacher_logits)  # float32 at least inside
         loss = self.task_weight * task + self.kd_weight * kd
         return {"loss": loss, "task": task.detach(), "kd": kd.detach()}
 

@@ -1,0 +1,395 @@
+"""Training-state checkpoints: everything a run needs to continue exactly, and no pickle.
+
+A checkpoint is a folder, written whole (atomic_folder: temporary folder, fsync, rename):
+
+    RUN/checkpoints/step-0001234/     (1234 = optimizer updates so far; the newest run.keep_checkpoints kept)
+      model.safetensors      the head-wrapped student's state dict
+      ema.safetensors        the EMA student (optim.ema_decay > 0)
+      state.safetensors      every other tensor: optimizer moments, torch RNG states (uint8), ...
+      state.json             the rest, as data: position (epoch, step, updates, ...), optimizer
+                             param_groups, scheduler, gradient scaler, numpy/python RNG states
+                             per process; tensors appear as {"__tensor__": key}
+      manifest.json          sha256 and size of every other file, written last
+
+A folder with no manifest, a missing file or a wrong checksum is skipped (with a warning) in
+favour of the previous checkpoint. Data-loader workers need no saved state: every view is a
+function of (seed, epoch, view id) and the sampler's order of (seed, epoch), so (epoch, step)
+is the data state (see data/sampler.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kdkit.engine.checkpoint import (
+    atomic_folder,
+    atomic_write_text,
+    disk_full,
+    out_of_space,
+    remove_stale_temporaries,
+)
+from kdkit.engine.progress import console
+from kdkit.registry import KdkitError
+from kdkit.types import StepOut
+
+FORMAT = "kdkit-checkpoint/1"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+NONFINITE = ("stop", "skip")
+
+
+@dataclass
+class Position:
+    """Where a run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress
+    step: int = 0  # batches of that epoch already consumed
+    updates: int = 0  # optimizer updates so far
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (run.on_nonfinite = "skip")
+    skipped_images: int = 0  # unreadable training images met by this process, over the run
+    metrics_lines: int = 0  # lines of metrics.jsonl written up to here
+    eval: dict = field(default_factory=dict)  # the last evaluation
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl: one JSON object per line, flushed as written (main process only; `path`
+    None elsewhere).
+
+    Opening it keeps the first `keep` complete lines of the file and appends after them: 0 for a
+    fresh run, the checkpoint's count on resume, so that the file reads as if the run had never
+    stopped (a line torn by a crash is dropped with whatever followed the checkpoint).
+    """
+
+    def __init__(self, path: Path | None, keep: int = 0):
+        self.path, self.file, self.lines = path, None, 0
+        if path is None:
+            return
+        kept: list[str] = []
+        if keep and path.is_file():
+            for line in path.read_text(errors="replace").splitlines(keepends=True):
+                if len(kept) == keep or not _complete_json(line):
+                    break
+                kept.append(line)
+        atomic_write_text(path, "".join(kept))
+        self.lines = len(kept)
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115  (line-buffered: one write per record)
+
+    def write(self, **record: object) -> None:
+        if self.file:
+            try:
+                self.file.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise out_of_space(self.path, "every line before this one") if disk_full(e) else e from None
+            self.lines += 1
+
+    def sync(self) -> int:
+        """Flush to disk (before a checkpoint records the line count); returns the line count."""
+        if self.file:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        return self.lines
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _complete_json(line: str) -> bool:
+    if not line.endswith("\n"):
+        return False
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+# --- a state tree <-> (tensors, JSON) --------------------------------------------------------------
+
+def encode(obj: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
+    """A JSON-able copy of `obj` with each tensor moved into `tensors` under its path and replaced
+    by {"__tensor__": path}; tuples and dicts with non-string keys are tagged so they come back."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().clone()  # clone: safetensors refuses tensors sharing storage
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, encode(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray):
+        return {"__array__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} (at {key!r}) in a checkpoint")
+
+
+def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `encode`."""
+    if isinstance(obj, list):
+        return [decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__tuple__" in obj:
+        return tuple(decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {k: decode(v, tensors) for k, v in obj["__items__"]}
+    if "__array__" in obj:
+        return np.asarray(obj["__array__"], dtype=obj["dtype"])
+    return {k: decode(v, tensors) for k, v in obj.items()}
+
+
+# --- RNG -------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """This process's torch (CPU and CUDA), numpy and python RNG states (dropout, drop_path, ...)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels (warn where none exists) and cuBLAS's fixed workspace; on CPU runs are
+    reproducible already, so this only matters on CUDA."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+# --- checkpoint folders ----------------------------------------------------------------------------
+
+def write_checkpoint(folder: str | Path, files: dict[str, bytes]) -> Path:
+    """Write `files` (name -> content) and their manifest as one folder, atomically."""
+
+    def write(tmp: Path) -> None:
+        manifest = {"format": FORMAT, "files": {}}
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+    return atomic_folder(folder, write)
+
+
+def read_checkpoint(folder: str | Path) -> dict[str, bytes]:
+    """The files of a checkpoint folder, each checked against the manifest; ValueError if the folder
+    is incomplete or any file differs from what was written."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no readable {MANIFEST} ({type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} checkpoint")
+    files = {}
+    for name, meta in manifest["files"].items():
+        try:
+            data = (folder / name).read_bytes()
+        except OSError:
+            raise ValueError(f"{name} is missing") from None
+        if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{name} does not match its checksum")
+        files[name] = data
+    return files
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """RUN/checkpoints/step-* folders, newest (most updates) first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name))] \
+        if folder.is_dir() else []
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, bytes]] | None:
+    """The newest checkpoint that verifies, with its files; broken ones are skipped with a warning."""
+    for folder in list_checkpoints(run_dir):
+        try:
+            return folder, read_checkpoint(folder)
+        except ValueError as e:
+            console.print(f"[bold yellow]warning: checkpoint {folder} is incomplete or corrupt ({e}): "
+                          f"skipped in favour of the previous one")
+    return None
+
+
+def nonfinite_terms(out: StepOut, accelerator: Accelerator | None = None) -> dict[str, float]:
+    """The loss and named terms of a step that are NaN or infinite ({} when all are finite). With
+    several processes every one gets the same answer, so that they all skip or stop together."""
+    values = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()}}
+    bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+    if accelerator is not None and accelerator.num_processes > 1:
+        anywhere = accelerator.reduce(torch.tensor(float(bool(bad)), device=accelerator.device), "max")
+        if anywhere.item() and not bad:
+            bad = {"loss (on another process)": float("nan")}
+    return bad
+
+
+def seek(loader: DataLoader, epoch: int, step: int = 0) -> None:
+    """Point a training loader at batch `step` of `epoch` without reading the batches before it
+    (kdkit's EpochSampler skips them; views depend on (seed, epoch, view id) only)."""
+    sampler = loader.sampler
+    if step:
+        if "start" not in inspect.signature(getattr(sampler, "set_epoch", seek)).parameters:
+            raise KdkitError("resuming in the middle of an epoch needs a sampler whose set_epoch(epoch, start) "
+                             "skips samples, such as kdkit's EpochSampler (kdkit.data.create_loader)")
+        sampler.set_epoch(epoch, step * loader.batch_size)
+    elif hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
+class Checkpointer:
+    """Saves a run's whole training state to RUN/checkpoints/ and restores it (module docstring).
+
+    every: save after every `every` optimizer updates (0: only at the end of each epoch, which the
+    loop always asks for); keep: how many checkpoints to keep (0: none are written).
+    """
+
+    def __init__(self, run_dir: str | Path | None, accelerator: Accelerator, student: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any = None, ema: nn.Module | None = None,
+                 every: int = 0, keep: int = 2):
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.folder = self.run_dir / "checkpoints" if self.run_dir and keep > 0 else None
+        self.acc, self.student, self.optimizer, self.scheduler, self.ema = accelerator, student, optimizer, scheduler, ema
+        self.every, self.keep = every, keep
+        self.last: Path | None = None
+
+    def due(self, pos: Position) -> bool:
+        return bool(self.every) and pos.updates % self.every == 0
+
+    def start(self) -> Position:
+        """A fresh run: an earlier run's checkpoints in this run directory would be resumed by
+        mistake later, so they go (with a warning)."""
+        if self.folder is not None and self.acc.is_main_process and self.folder.is_dir():
+            if list_checkpoints(self.run_dir):
+                console.print(f"[bold yellow]warning: {self.run_dir} holds checkpoints of an earlier run: "
+                              f"removed (use --resume {self.run_dir} to continue a run instead)")
+            shutil.rmtree(self.folder)
+        self.acc.wait_for_everyone()
+        return Position()
+
+    def save(self, pos: Position, log: MetricsLog | None = None) -> Path | None:
+        """Write the state at `pos` (call it at an optimizer-update boundary; `log` is flushed and its
+        line count recorded). Every process takes part (each one's RNG state is gathered); the main
+        process writes."""
+        if self.folder is None:
+            return None
+        if log is not None:
+            pos.metrics_lines = log.sync()
+        local = {"rng": rng_state(), "skipped_images": pos.skipped_images}
+        processes = [local]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            processes = gather_object([local])
+        path = self.folder / f"step-{pos.updates:07d}"
+        if self.acc.is_main_process:
+            tree = {"position": dataclasses.asdict(pos), "processes": processes,
+                    "optimizer": self.optimizer.state_dict(), "accelerator_step": self.acc.step,
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                    "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+                    "ema_generator": getattr(self.ema, "_sr_generator", None) and self.ema._sr_generator.get_state()}
+            tensors: dict[str, torch.Tensor] = {}
+            state = json.dumps(encode(tree, tensors, "state"))
+            files = {"model.safetensors": save_tensors(_weights(self.acc.unwrap_model(self.student))),
+                     "state.safetensors": save_tensors(tensors), "state.json": state.encode()}
+            if self.ema is not None:
+                files["ema.safetensors"] = save_tensors(_weights(self.ema.module))
+            write_checkpoint(path, files)
+            for old in list_checkpoints(self.run_dir)[self.keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.last = path
+        return path
+
+    def keep_good(self, pos: Position, log: MetricsLog | None = None) -> Path | None:
+        """Before stopping on a non-finite loss: make sure a checkpoint of the last good weights
+        exists. The weights at `pos` are those of the last finite update; they are saved unless a
+        checkpoint at this update exists already or they are themselves not finite."""
+        if self.folder is None:
+            return None
+        if self.last is not None and self.last.name == f"step-{pos.updates:07d}":
+            return self.last
+        finite = torch.tensor([bool(p.isfinite().all()) for p in self.student.parameters()]).all()
+        return self.save(pos, log) if bool(finite) else self.last
+
+    def restore(self) -> Position:
+        """Load the newest valid checkpoint into the student, optimizer, scheduler, EMA, scaler and
+        RNGs; returns its position. KdkitError when there is none."""
+        if self.run_dir is None:
+            raise KdkitError("resuming needs a run directory")
+        if self.acc.is_main_process:
+            remove_stale_temporaries(self.folder or self.run_dir / "checkpoints")
+        found = latest_checkpoint(self.run_dir)
+        if found is None:
+            raise KdkitError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}: nothing to resume "
+                             f"(start the run again without --resume)")
+        path, files = found
+        tensors = load_tensors(files["state.safetensors"])
+        tree = decode(json.loads(files["state.json"]), tensors)
+        try:
+            self.acc.unwrap_model(self.student).load_state_dict(load_tensors(files["model.safetensors"]))
+            if self.ema is not None:
+                if "ema.safetensors" not in files:
+                    raise KdkitError(f"{path} has no EMA weights but optim.ema_decay > 0")
+                self.ema.module.load_state_dict(load_tensors(files["ema.safetensors"]))
+                if tree["ema_generator"] is not None:
+                    self.ema._sr_generator.set_state(tree["ema_generator"])
+            self.optimizer.load_state_dict(tree["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise KdkitError(f"checkpoint {path} does not fit this run's student or optimizer ({type(e).__name__}: "
+                             f"{str(e)[:300]}): resume with the verb and recipe that wrote it") from None
+        if self.scheduler is not None and tree["scheduler"] is not None:
+            self.scheduler.load_state_dict(tree["scheduler"])
+        if self.acc.scaler is not None and tree["scaler"] is not None:
+            self.acc.scaler.load_state_dict(tree["scaler"])
+        self.acc.step = tree["accelerator_step"]
+        processes = tree["processes"]
+        mine = processes[self.acc.process_index] if len(processes) == self.acc.num_processes else processes[0]
+        set_rng_state(mine["rng"])
+        pos = Position(**tree["position"])
+        pos.skipped_images = mine["skipped_images"]
+        self.last = path
+        if self.acc.is_main_process:
+            console.print(f"resuming from {path}: epoch {pos.epoch + 1}, step {pos.step}, {pos.updates} updates")
+        return pos
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
