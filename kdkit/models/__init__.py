@@ -9,7 +9,7 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from kdkit.models import cifar  # noqa: F401  (registers the CIFAR models with timm)
+from kdkit.models import cifar, t2t_vit  # noqa: F401  (registers the CIFAR models and T2T-ViT with timm)
 from kdkit.models.names import ALIASES, resolve_model_name
 from kdkit.models.student import HEADS, DualHead, SharedHead, TokenHead, default_head, wrap_student
 from kdkit.models.teacher import Teacher
