@@ -192,16 +192,20 @@ def set_deterministic() -> None:
 
 # --- checkpoint folders ----------------------------------------------------------------------------
 
+def write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def write_checkpoint(folder: str | Path, files: dict[str, bytes]) -> Path:
     """Write `files` (name -> content) and their manifest as one folder, atomically."""
 
     def write(tmp: Path) -> None:
         manifest = {"format": FORMAT, "files": {}}
         for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
+            write_file(tmp / name, data)
             manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
 
     return atomic_folder(folder, write)
 
@@ -236,14 +240,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, bytes]] | None:
+def latest_checkpoint(run_dir: str | Path, warn: bool = True) -> tuple[Path, dict[str, bytes]] | None:
     """The newest checkpoint that verifies, with its files; broken ones are skipped with a warning."""
     for folder in list_checkpoints(run_dir):
         try:
             return folder, read_checkpoint(folder)
         except ValueError as e:
-            console.print(f"[bold yellow]warning: checkpoint {folder} is incomplete or corrupt ({e}): "
-                          f"skipped in favour of the previous one")
+            if warn:
+                console.print(f"[bold yellow]warning: checkpoint {folder} is incomplete or corrupt ({e}): "
+                              f"skipped in favour of the previous one")
     return None
 
 
@@ -296,11 +301,12 @@ class Checkpointer:
     def start(self) -> Position:
         """A fresh run: an earlier run's checkpoints in this run directory would be resumed by
         mistake later, so they go (with a warning)."""
-        if self.folder is not None and self.acc.is_main_process and self.folder.is_dir():
+        folder = self.run_dir / "checkpoints" if self.run_dir else None
+        if folder is not None and self.acc.is_main_process and folder.is_dir():
             if list_checkpoints(self.run_dir):
                 console.print(f"[bold yellow]warning: {self.run_dir} holds checkpoints of an earlier run: "
                               f"removed (use --resume {self.run_dir} to continue a run instead)")
-            shutil.rmtree(self.folder)
+            shutil.rmtree(folder)
         self.acc.wait_for_everyone()
         return Position()
 
@@ -319,24 +325,38 @@ class Checkpointer:
 
             processes = gather_object([local])
         path = self.folder / f"step-{pos.updates:07d}"
+        error = None
         if self.acc.is_main_process:
-            tree = {"position": dataclasses.asdict(pos), "processes": processes,
-                    "optimizer": self.optimizer.state_dict(), "accelerator_step": self.acc.step,
-                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                    "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-                    "ema_generator": getattr(self.ema, "_sr_generator", None) and self.ema._sr_generator.get_state()}
-            tensors: dict[str, torch.Tensor] = {}
-            state = json.dumps(encode(tree, tensors, "state"))
-            files = {"model.safetensors": save_tensors(_weights(self.acc.unwrap_model(self.student))),
-                     "state.safetensors": save_tensors(tensors), "state.json": state.encode()}
-            if self.ema is not None:
-                files["ema.safetensors"] = save_tensors(_weights(self.ema.module))
-            write_checkpoint(path, files)
-            for old in list_checkpoints(self.run_dir)[self.keep:]:
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                self._write(path, pos, processes)
+            except KdkitError as e:  # out of disk space: every process must stop, not wait for the main one
+                error = str(e)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error:
+            raise KdkitError(error)
         self.acc.wait_for_everyone()
         self.last = path
         return path
+
+    def _write(self, path: Path, pos: Position, processes: list[dict]) -> None:
+        """Write one checkpoint folder (main process) and drop the ones past `keep`."""
+        tree = {"position": dataclasses.asdict(pos), "processes": processes,
+                "optimizer": self.optimizer.state_dict(), "accelerator_step": self.acc.step,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+                "ema_generator": getattr(self.ema, "_sr_generator", None) and self.ema._sr_generator.get_state()}
+        tensors: dict[str, torch.Tensor] = {}
+        state = json.dumps(encode(tree, tensors, "state"))
+        files = {"model.safetensors": save_tensors(_weights(self.acc.unwrap_model(self.student))),
+                 "state.safetensors": save_tensors(tensors), "state.json": state.encode()}
+        if self.ema is not None:
+            files["ema.safetensors"] = save_tensors(_weights(self.ema.module))
+        write_checkpoint(path, files)
+        for old in list_checkpoints(self.run_dir)[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def keep_good(self, pos: Position, log: MetricsLog | None = None) -> Path | None:
         """Before stopping on a non-finite loss: make sure a checkpoint of the last good weights
@@ -356,7 +376,7 @@ class Checkpointer:
             raise KdkitError("resuming needs a run directory")
         if self.acc.is_main_process:
             remove_stale_temporaries(self.folder or self.run_dir / "checkpoints")
-        found = latest_checkpoint(self.run_dir)
+        found = latest_checkpoint(self.run_dir, warn=self.acc.is_main_process)
         if found is None:
             raise KdkitError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}: nothing to resume "
                              f"(start the run again without --resume)")
