@@ -51,22 +51,25 @@ def encode(logits: Tensor, topk: int, dtype: torch.dtype) -> dict[str, Tensor]:
 
 def decode(record: dict[str, Tensor], num_classes: int) -> Tensor:
     """Record tensors of n records -> (n, C) float32 log-probabilities."""
-    values = record["values"].float().clone()
-    if "top1" in record:
-        full, top1 = values, record["top1"].long()
-    else:
-        topk = values.shape[1]
-        indices = record["indices"].long()
-        rest = (1.0 - values.exp().sum(1, keepdim=True)).clamp_min(1e-12) / max(num_classes - topk, 1)
-        full = rest.log().expand(-1, num_classes).clone()
-        full.scatter_(1, indices, values)
-        top1 = indices[:, 0]
-    rows = torch.arange(full.shape[0])
-    tied = full.argmax(1) != top1  # rounding made another class equal to the top-1
-    if tied.any():
-        best = full[tied].max(1).values
-        full[rows[tied], top1[tied]] = torch.nextafter(best, torch.full_like(best, float("inf")))
-    return full
+    values = record["values"].float()
+    if "top1" in record:  # all classes, in class order
+        full, top1 = values.clone(), record["top1"].long()
+        rows = torch.arange(full.shape[0])
+        best = full.max(1).values
+        tied = full[rows, top1] < best  # rounding made another class reach the top-1's value
+        full[rows[tied], top1[tied]] = torch.nextafter(best[tied], torch.full_like(best[tied], float("inf")))
+        return full
+    topk = values.shape[1]
+    values = values.clone()
+    if topk > 1:  # sorted, so only the stored runner-up can tie the top-1 after rounding
+        second = values[:, 1]
+        tied = values[:, 0] <= second
+        values[tied, 0] = torch.nextafter(second[tied], torch.full_like(second[tied], float("inf")))
+    # the other classes share the remaining mass evenly; each is below the K-th value, so the
+    # arg-max stays the stored top-1
+    rest = (1.0 - values.exp().sum(1, keepdim=True)).clamp_min(1e-12) / max(num_classes - topk, 1)
+    full = rest.log().expand(-1, num_classes).contiguous()
+    return full.scatter_(1, record["indices"].long(), values)
 
 
 def record_bytes(topk: int, num_classes: int, dtype: str) -> int:
@@ -152,17 +155,19 @@ class LogitStore:
     def rows(self, epoch: int, positions: Tensor) -> Tensor:
         """(n, C) log-probabilities of the records at `positions` of `epoch`."""
         shard_of, row_of = positions // self.shard_size, positions % self.shard_size
-        out = torch.empty(positions.shape[0], self.num_classes)
+        gathered: dict[str, Tensor] = {}
         for shard in shard_of.unique().tolist():
             key = (epoch, shard)
             if key not in self._loaded:
                 self._loaded[key] = self.read(epoch, shard)
                 if len(self._loaded) > self.keep:
                     self._loaded.popitem(last=False)
-            record = self._loaded[key]
             mask = shard_of == shard
-            out[mask] = decode({k: v[row_of[mask]] for k, v in record.items()}, self.num_classes)
-        return out
+            for name, t in self._loaded[key].items():
+                if name not in gathered:
+                    gathered[name] = torch.empty((positions.shape[0], *t.shape[1:]), dtype=t.dtype)
+                gathered[name][mask] = t[row_of[mask]]
+        return decode(gathered, self.num_classes)
 
     def verify(self) -> dict[str, list[str]]:
         """Check every shard the manifest promises: returns {"missing": [...], "corrupt": [...]}."""
