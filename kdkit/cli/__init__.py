@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kdkit.registry import KdkitError
@@ -27,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("RANK", "0") != "0":
+        # under a launcher (accelerate launch, torchrun) every process runs the verb; results are
+        # printed once, by process 0 (errors still reach stderr from any process)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         return int(args.func(args) or 0)
     except KdkitError as e:

@@ -59,6 +59,15 @@ def train_step(acc: Accelerator, student: nn.Module, optimizer: torch.optim.Opti
     return out, bad
 
 
+def global_terms(acc: Accelerator, out: StepOut) -> tuple[float, dict[str, float]]:
+    """The loss and its terms averaged over processes: the values of the global batch (every
+    process holds an equal share of it), as one process would log them."""
+    names = list(out.terms)
+    values = torch.stack([out.loss.detach().float(), *(out.terms[k].detach().float() for k in names)])
+    values = acc.reduce(values, "mean") if acc.num_processes > 1 else values
+    return values[0].item(), dict(zip(names, values[1:].tolist(), strict=True))
+
+
 def nonfinite_step(policy: str, ckpt: Checkpointer, pos: Position, log: MetricsLog, bad: dict[str, float]) -> None:
     """A step with a NaN or infinite loss: "skip" counts it and goes on; "stop" makes sure a checkpoint
     of the last good weights exists, then raises KdkitError naming the step and the bad terms."""
@@ -132,7 +141,8 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
                 terms = {k: v.item() for k, v in out.terms.items()}
                 bar(loss=out.loss.item(), **terms)
                 if step % log_every == 0:
-                    log.write(epoch=epoch, step=step, update=pos.updates, loss=out.loss.item(), **terms,
+                    loss, terms = global_terms(acc, out)
+                    log.write(epoch=epoch, step=step, update=pos.updates, loss=loss, **terms,
                               lr=optimizer.param_groups[0]["lr"], images_per_s=seen / (time.perf_counter() - tick),
                               skipped=raw["skipped"], skipped_steps=pos.skipped_steps)
                 if updated and ckpt.due(pos) and pos.step < end:  # the epoch's end saves anyway
@@ -147,8 +157,9 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
                 result.update({f"ema_{k}": v for k, v in ema_result.items() if "_top" in k})
             log.write(epoch=epoch, eval=result)
             if acc.is_main_process and progress:
+                ema_fused = f"  EMA fused {result['ema_fused_top1']:.2f}%" if ema is not None else ""
                 console.print(f"epoch {epoch + 1}: class {result['class_top1']:.2f}%  "
-                              f"dist {result['dist_top1']:.2f}%  fused {result['fused_top1']:.2f}%")
+                              f"dist {result['dist_top1']:.2f}%  fused {result['fused_top1']:.2f}%{ema_fused}")
         if acc.is_main_process and (last or eval_loader is not None):
             if save is not None:
                 save(acc.unwrap_model(student))

@@ -19,13 +19,22 @@ from torch import nn
 from kdkit import __version__
 from kdkit.cache import LogitCache
 from kdkit.config import Recipe
-from kdkit.data import apply_views, create_loader, eval_transform, is_augmented, open_dataset, view_settings
+from kdkit.data import (
+    SemiSupervisedDataset,
+    apply_views,
+    create_loader,
+    eval_transform,
+    is_augmented,
+    open_dataset,
+    open_unlabeled,
+    view_settings,
+)
 from kdkit.engine.checkpoint import atomic_write_text, save_student
 from kdkit.engine.evaluate import evaluate
 from kdkit.engine.loop import DistillationStep, fit
 from kdkit.engine.progress import console
 from kdkit.engine.state import set_deterministic
-from kdkit.losses import create_loss
+from kdkit.losses import create_loss, semi_supervised
 from kdkit.models import create_student, create_teacher, model_data_config, resolve_model_name
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError
@@ -143,11 +152,48 @@ def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int):
     return optimizer, scheduler, lr
 
 
-def open_data(r: Recipe):
-    """The training split and the evaluation split (in the training split's label space)."""
+def open_train(r: Recipe):
+    """The training split; with `data.unlabeled`, a SemiSupervisedDataset of it and the unlabeled images."""
     train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict)
+    if r.data.unlabeled:
+        unlabeled = open_unlabeled(r.data.unlabeled, train_ds.classes, seed=r.run.seed, strict=r.data.strict)
+        train_ds = SemiSupervisedDataset(train_ds, unlabeled, r.data.unlabeled_ratio)
+    return train_ds
+
+
+def open_data(r: Recipe):
+    """The training split (with its unlabeled images, if any) and the evaluation split (in the
+    training split's label space)."""
+    train_ds = open_train(r)
     eval_ds = open_dataset(r.data.path, r.data.eval_split, classes=train_ds.classes, strict=r.data.strict)
     return train_ds, eval_ds
+
+
+def build_loss(r: Recipe, mode: str, mixup: bool):
+    """The recipe's loss; with unlabeled images, wrapped with per-sample masks (losses/semi.py)."""
+    settings = dict(task_weight=r.loss.task_weight, kd_weight=r.loss.kd_weight, tau=r.loss.tau,
+                    kl_reduction=r.loss.kl_reduction, hard_smoothing=r.loss.hard_smoothing,
+                    label_smoothing=0.0 if mixup else r.aug.label_smoothing)
+    loss = create_loss("none" if mode == "train" else r.loss.kind, **settings)
+    if not r.data.unlabeled:
+        if r.loss.confidence_threshold > 0 and mode == "distill":
+            console.print("[bold yellow]warning: loss.confidence_threshold applies to unlabeled images only, "
+                          "and this run has none (data.unlabeled)")
+        return loss
+    return semi_supervised(loss, r.loss.pseudo_label, r.loss.confidence_threshold, **settings)
+
+
+def unlabeled_summary(r: Recipe, train_ds, train_loader, run_dir: Path | None = None) -> dict:
+    """What a run learnt from unlabeled images; with `run_dir`, the mean fraction kept by the
+    confidence threshold over the steps logged in metrics.jsonl."""
+    info = {"source": r.data.unlabeled, "images": len(train_ds.unlabeled), "ratio": r.data.unlabeled_ratio,
+            "per_step": train_loader.sampler.unlabeled_batch, "pseudo_label": r.loss.pseudo_label,
+            "confidence_threshold": r.loss.confidence_threshold}
+    path = run_dir / "metrics.jsonl" if run_dir else None
+    if path and path.is_file():
+        kept = [x["unlabeled_kept"] for x in map(json.loads, path.read_text().splitlines()) if "unlabeled_kept" in x]
+        info["kept_mean_logged_steps"] = sum(kept) / len(kept) if kept else None
+    return info
 
 
 def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_classes: int) -> nn.Module:
@@ -214,6 +260,9 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     replace the recipe's model names. `resume`: a run directory whose newest valid checkpoint the
     run continues from (same recipe). Returns the summary (also written to RUN/summary.json)."""
     r = recipe
+    if r.data.unlabeled and (mode == "train" or r.loss.kind == "none"):
+        raise KdkitError("unlabeled images (data.unlabeled) learn from the teacher only: use kdkit distill with "
+                         "loss soft or hard")
     set_seed(r.run.seed)
     if r.run.deterministic:
         set_deterministic()
@@ -224,11 +273,14 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     data_cfg = student_data_config(student, r.model.img_size)
     train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
     loss_kind = "none" if mode == "train" else r.loss.kind
-    loss = create_loss(loss_kind, task_weight=r.loss.task_weight, kd_weight=r.loss.kd_weight, tau=r.loss.tau,
-                       kl_reduction=r.loss.kl_reduction, hard_smoothing=r.loss.hard_smoothing,
-                       label_smoothing=0.0 if train_ds.mixup else r.aug.label_smoothing)
-    summary: dict = {"mode": mode, "classes": len(classes), "train_images": len(train_ds),
-                     "eval_images": len(eval_ds), "conventions": loss.conventions()}
+    loss = build_loss(r, mode, train_ds.mixup is not None)
+    semi = isinstance(train_ds, SemiSupervisedDataset)
+    summary: dict = {"mode": mode, "classes": len(classes),
+                     "train_images": train_ds.num_labeled if semi else len(train_ds),
+                     "eval_images": len(eval_ds), "conventions": loss.conventions(),
+                     "processes": acc.num_processes, "global_batch_size": r.data.batch_size}
+    if semi:
+        summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader)
     logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
         if loss.needs_teacher else None
     optimizer, scheduler, lr = build_optimizer(r, student, len(train_loader))
@@ -238,7 +290,8 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "recipe.toml", r.to_toml())
         console.print(f"{mode}: {config['architecture']} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
-                      f"params, head {type(student).__name__}) on {len(train_ds)} images, {len(classes)} classes, "
+                      f"params, head {type(student).__name__}) on {summary['train_images']} images"
+                      f"{f' + {len(train_ds.unlabeled)} unlabeled' if semi else ''}, {len(classes)} classes, "
                       f"loss {loss_kind}, lr {lr:.3g}, {r.optim.epochs} epochs -> {out_dir}")
     start = time.perf_counter()
     result = fit(student, DistillationStep(loss, logits), train_loader, epochs=r.optim.epochs, optimizer=optimizer,
@@ -253,6 +306,8 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                    student=str(out_dir / "student"), updates=stats["updates"], skipped_steps=stats["skipped_steps"],
                    data={"train": {**train_ds.issues(), "skipped_images": stats["skipped_images"]},
                          "eval": {**eval_ds.issues(), "skipped_images": result.get("skipped", 0)}})
+    if semi:
+        summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader, out_dir)
     if acc.is_main_process:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     summary["model"] = acc.unwrap_model(student)
