@@ -47,6 +47,12 @@ class DataConfig:
     eval_batch_size: int = 256
     workers: int = 2
     strict: bool = False  # fail on an unreadable image instead of skipping it
+    unlabeled: str = ""  # unlabeled images (distillation only): a folder (flat or nested), save_to_disk folder, hf:NAME
+    unlabeled_ratio: float = 1.0  # MU: unlabeled images per labeled one in every step
+
+    def __post_init__(self) -> None:
+        if not self.unlabeled_ratio > 0:
+            raise KdkitError(f"data.unlabeled_ratio must be > 0, got {self.unlabeled_ratio}")
 
 
 @dataclass
@@ -73,11 +79,17 @@ class LossConfig:
     tau: float = 1.0
     kl_reduction: str = "batchmean"  # batchmean | deit (sum / numel, as the DeiT reference code)
     hard_smoothing: float = 0.0
+    pseudo_label: str = "auto"  # unlabeled samples' term: auto (= kind) | soft | hard
+    confidence_threshold: float = 0.0  # unlabeled samples count where the teacher's max prob (tau 1) >= this
 
     def __post_init__(self) -> None:
         from kdkit.losses.distillation import check_loss_settings
+        from kdkit.losses.semi import PSEUDO_LABELS, check_threshold
 
         check_loss_settings(self.task_weight, self.kd_weight, self.tau, self.kl_reduction, self.hard_smoothing)
+        check_threshold(self.confidence_threshold)
+        if self.pseudo_label not in PSEUDO_LABELS:
+            raise KdkitError(f"loss.pseudo_label must be one of {PSEUDO_LABELS}, got {self.pseudo_label!r}")
 
 
 @dataclass
@@ -153,6 +165,16 @@ PRESETS: dict[str, dict] = {
     "deit_soft": {"model": {"head": "token"}, "loss": {"kind": "soft", "task_weight": 0.9, "kd_weight": 0.1,
                                                        "tau": 3.0, "kl_reduction": "deit"},
                   "aug": {"label_smoothing": 0.1}},
+    # Function matching (Beyer et al., 2022, "Knowledge distillation: A good teacher is patient and
+    # consistent"): no label term, KL at tau = 1 on the very view the teacher sees, Mixup (Beta(1, 1))
+    # on every batch after an inception crop and a flip, gradient clipping at 1; long schedules
+    # (set optim.epochs). Labeled, unlabeled (data.unlabeled) or mixed data.
+    "function_matching": {"model": {"head": "shared"},
+                          "loss": {"kind": "soft", "task_weight": 0.0, "kd_weight": 1.0, "tau": 1.0,
+                                   "kl_reduction": "batchmean", "pseudo_label": "soft"},
+                          "aug": {"mixup": 1.0, "cutmix": 0.0, "mixup_prob": 1.0, "label_smoothing": 0.0,
+                                  "scale": [0.08, 1.0], "hflip": 0.5},
+                          "optim": {"clip_grad": 1.0}},
 }
 
 
@@ -264,6 +286,7 @@ def load_recipe(path: str | Path | None = None, overrides: dict | list[str] | No
     preset = merged.get("preset", "")
     if not isinstance(preset, str):
         raise KdkitError(f"preset: expected a preset name, got {type(preset).__name__} {preset!r}")
+    preset = preset.replace("-", "_")  # "function-matching" names "function_matching"
     if preset:
         if preset not in PRESETS:
             raise KdkitError(f"unknown preset {preset!r}.{suggest(preset, list(PRESETS))} Presets: {list(PRESETS)}")

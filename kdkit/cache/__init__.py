@@ -10,11 +10,12 @@ from torch import Tensor
 
 from kdkit.cache.manifest import MODES, build_manifest, data_identity, differences, weights_sha256
 from kdkit.cache.store import LogitStore, decode, encode, read_manifest, record_bytes
-from kdkit.data.sampler import epoch_views
+from kdkit.data.sampler import epoch_views, mixed_epoch_views
 from kdkit.registry import KdkitError
 
 # keys a run must share with the cache it reads
-RUN_KEYS = ("format", "data.classes", "data.num_samples", "data.fingerprint", "views", "seed", "repeats")
+RUN_KEYS = ("format", "data.classes", "data.num_samples", "data.fingerprint", "views", "seed", "repeats",
+            "unlabeled.num_samples", "unlabeled.fingerprint", "unlabeled_ratio")
 
 
 class LogitCache:
@@ -22,6 +23,8 @@ class LogitCache:
 
     lookup(epoch, views) -> (B, C) float32 teacher log-probabilities of those view ids in that
     epoch; a fixed cache ignores the epoch and the repeat (one record per image).
+    A cache written with unlabeled images covers the combined dataset (data/unlabeled.py): labeled
+    view ids, then unlabeled ones.
     """
 
     def __init__(self, root: str | Path):
@@ -45,11 +48,20 @@ class LogitCache:
     def views_of_epoch(self, epoch: int) -> Tensor:
         """The view ids stored for `epoch`, in storage order (sorted), (records_per_epoch,)."""
         m = self.manifest
-        if m["mode"] == "fixed" or m["repeats"] <= 1:
+        if m["mode"] == "fixed" or not self._drawn():
             return torch.arange(m["records_per_epoch"])
         if epoch not in self._sorted:
-            self._sorted[epoch] = epoch_views(m["records_per_epoch"], m["seed"], epoch, m["repeats"]).sort().values
+            if m.get("unlabeled"):
+                views = torch.cat(mixed_epoch_views(m["data"]["num_samples"], m["unlabeled"]["num_samples"],
+                                                    m["unlabeled_ratio"], m["seed"], epoch, m["repeats"]))
+            else:
+                views = epoch_views(m["records_per_epoch"], m["seed"], epoch, m["repeats"])
+            self._sorted[epoch] = views.sort().values
         return self._sorted[epoch]
+
+    def _drawn(self) -> bool:
+        """Whether an epoch's stored view ids are drawn by the sampler (not simply 0..records - 1)."""
+        return self.manifest["repeats"] > 1 or bool(self.manifest.get("unlabeled"))
 
     def positions(self, epoch: int, views: Tensor) -> Tensor:
         views = views.cpu().long()
@@ -57,7 +69,7 @@ class LogitCache:
             return views % self.manifest["records_per_epoch"]
         if epoch >= self.epochs:
             raise KdkitError(f"the cache holds epochs 0-{self.epochs - 1}, not epoch {epoch}")
-        if self.manifest["repeats"] <= 1:
+        if not self._drawn():
             return views
         stored = self.views_of_epoch(epoch)
         pos = torch.searchsorted(stored, views).clamp_max(len(stored) - 1)

@@ -12,6 +12,8 @@ from torch import nn
 
 from kdkit import __version__
 from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset
+from kdkit.data.sampler import unlabeled_per_epoch
+from kdkit.data.unlabeled import UnlabeledFolderDataset
 from kdkit.data.views import NOT_PIXELS
 
 FORMAT = "kdkit-logits/1"
@@ -35,6 +37,9 @@ def data_identity(dataset: SeededDataset, source: str, split: str) -> dict:
     if isinstance(dataset, ImageFolderDataset):
         for path, target in dataset.samples:
             h.update(f"{os.path.relpath(path, dataset.root)}|{os.path.getsize(path)}|{target}\n".encode())
+    elif isinstance(dataset, UnlabeledFolderDataset):
+        for path in dataset.samples:
+            h.update(f"{os.path.relpath(path, dataset.root)}|{os.path.getsize(path)}\n".encode())
     elif isinstance(dataset, HFImageDataset):
         h.update(str(getattr(dataset.ds, "_fingerprint", "")).encode())
     else:
@@ -44,16 +49,25 @@ def data_identity(dataset: SeededDataset, source: str, split: str) -> dict:
 
 
 def build_manifest(*, mode: str, teacher: dict, data: dict, views: dict, seed: int, epochs: int, topk: int,
-                   dtype: str, shard_size: int) -> dict:
+                   dtype: str, shard_size: int, unlabeled: dict | None = None,
+                   unlabeled_ratio: float | None = None) -> dict:
     """The manifest of a cache (or the one a run expects). teacher: {"name", "weights_sha256"};
-    data: data_identity(...); views: kdkit.data.views.view_settings(...)."""
+    data: data_identity(...) of the labeled data; views: kdkit.data.views.view_settings(...);
+    unlabeled: data_identity(...) of the unlabeled images (None: none) and unlabeled_ratio their MU.
+
+    Records per epoch: the labeled samples, plus with unlabeled images every one of them (fixed)
+    or the floor(MU * N_l) unlabeled views an epoch draws (replay; see data/sampler.py)."""
     num_classes = len(data["classes"])
     fixed = mode == "fixed"
+    records = data["num_samples"]
+    if unlabeled is not None:
+        records += unlabeled["num_samples"] if fixed else unlabeled_per_epoch(data["num_samples"], unlabeled_ratio)
     return {"format": FORMAT, "mode": mode, "teacher": teacher, "data": data, "views": views,
             "seed": None if fixed else seed, "epochs": 1 if fixed else epochs,
             "repeats": 1 if fixed else max(int(views.get("repeated_aug", 1)), 1),
+            "unlabeled": unlabeled, "unlabeled_ratio": None if fixed or unlabeled is None else float(unlabeled_ratio),
             "topk": min(topk, num_classes) if topk > 0 else num_classes, "dtype": dtype, "values": "log_softmax",
-            "num_classes": num_classes, "records_per_epoch": data["num_samples"], "shard_size": shard_size,
+            "num_classes": num_classes, "records_per_epoch": records, "shard_size": shard_size,
             "versions": {"kdkit": __version__, "timm": timm.__version__, "torch": torch.__version__}}
 
 

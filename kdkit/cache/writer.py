@@ -25,7 +25,8 @@ from kdkit.registry import KdkitError
 
 # keys that must match to resume (or extend) an existing cache folder
 RESUME_KEYS = ("format", "mode", "teacher", "data.classes", "data.num_samples", "data.fingerprint", "views", "seed",
-               "repeats", "topk", "dtype", "num_classes", "records_per_epoch", "shard_size")
+               "repeats", "unlabeled.num_samples", "unlabeled.fingerprint", "unlabeled_ratio", "topk", "dtype",
+               "num_classes", "records_per_epoch", "shard_size")
 
 
 def open_for_writing(root: Path, manifest: dict, overwrite: bool, accelerator: Accelerator) -> LogitStore:

@@ -15,6 +15,9 @@ EPILOG = """examples:
   kdkit distill --recipe cifar10_deit_cpu --logits cache/r9 --data /data/cifar10 --epochs 5
   # fixed: one record per image (clean view), top-5 in float16
   kdkit cache --mode fixed --topk 5 --teacher regnety_160 --data /data/imagenet --out cache/rg-fixed
+  # with unlabeled images (labels dropped): the same --unlabeled and --unlabeled-ratio as the run
+  kdkit cache --mode fixed --teacher resnet9_cifar_s --teacher-weights kdkit/assets/teachers/resnet9_cifar_s \\
+      --data /data/cifar10-semi --unlabeled /data/cifar10-semi/unlabeled --out cache/r9-semi
   # check every shard, and re-run the teacher on 64 random records
   kdkit cache --verify cache/r9 --teacher resnet9_cifar_s --teacher-weights kdkit/assets/teachers/resnet9_cifar_s
 Pass the same recipe, seed, image size and augmentation as the distillation run: a cache that
@@ -24,7 +27,7 @@ same command is run again; a larger --epochs extends it.
 
 FLAGS = {k: v for k, v in {**DISTILL_FLAGS, **RUN_FLAGS}.items()
          if k not in ("--head", "--loss", "--task-weight", "--kd-weight", "--tau", "--lr", "--name", "--output",
-                      "--logits")}
+                      "--logits", "--pseudo-label", "--confidence-threshold")}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -34,6 +34,14 @@ DISTILL_FLAGS: dict[str, tuple[str, type, str]] = {
     "--task-weight": ("loss.task_weight", float, "weight of the label term, in [0, 1]"),
     "--kd-weight": ("loss.kd_weight", float, "weight of the teacher term, in [0, 1]"),
     "--tau": ("loss.tau", float, "soft-distillation temperature (> 0)"),
+    "--preset": ("preset", str, "named settings: deit | deit_soft | function_matching (see docs/concepts.md)"),
+    "--unlabeled": ("data.unlabeled", str, "unlabeled images the student learns from through the teacher: a "
+                    "folder (flat or nested, no class folders), a save_to_disk folder or hf:NAME"),
+    "--unlabeled-ratio": ("data.unlabeled_ratio", float, "MU: unlabeled images per labeled one in every step"),
+    "--pseudo-label": ("loss.pseudo_label", str, "what unlabeled images learn: soft (KL tau^2) | hard (teacher's "
+                       "argmax) | auto (the --loss kind)"),
+    "--confidence-threshold": ("loss.confidence_threshold", float, "keep an unlabeled image only where the "
+                               "teacher's top probability (tau 1) is >= this; 0 keeps all"),
 }
 
 

@@ -13,6 +13,14 @@ EPILOG = """examples:
   kdkit distill --teacher resnet9_cifar_s --teacher-weights runs/teacher/student \\
       --student deit_tiny --img-size 32 --patch-size 4 --data cifar10-sample --epochs 5
   kdkit distill --logits cache/r9 --student deit_tiny --img-size 32 --patch-size 4 --epochs 5
+  # semi-supervised: 3 unlabeled images per labeled one, hard pseudo-labels where the teacher is >= 80% sure
+  kdkit distill --recipe quickstart --data /data/cifar10-semi --unlabeled /data/unlabeled-images \\
+      --unlabeled-ratio 3 --pseudo-label hard --confidence-threshold 0.8
+  # function matching (Beyer et al., 2022): no label term, Mixup on every batch, a long schedule
+  # (a preset sits under the recipe file: a --recipe's own loss/aug keys would win over it)
+  kdkit distill --preset function_matching --teacher resnet9_cifar_s \\
+      --teacher-weights kdkit/assets/teachers/resnet9_cifar_s --student deit_tiny --img-size 32 \\
+      --patch-size 4 --data DIR --unlabeled UDIR --epochs 300
 """
 
 

@@ -14,14 +14,16 @@ from torch.utils.data import DataLoader
 
 from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset, load_rgb, sample_seed
 from kdkit.data.mixup import SampleMixup
-from kdkit.data.sampler import EpochSampler, epoch_views
+from kdkit.data.sampler import EpochSampler, MixedSampler, epoch_views, mixed_epoch_views
+from kdkit.data.unlabeled import SemiSupervisedDataset, UnlabeledFolderDataset, check_readable
 from kdkit.data.views import apply_views, is_augmented, view_settings, view_transform
 from kdkit.registry import KdkitError
 
 __all__ = [
-    "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "SampleMixup", "SeededDataset",
-    "collate", "create_loader", "create_transforms", "epoch_views", "eval_transform", "load_rgb", "open_dataset",
-    "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
+    "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "MixedSampler", "SampleMixup",
+    "SeededDataset", "SemiSupervisedDataset", "UnlabeledFolderDataset", "collate", "create_loader",
+    "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
+    "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
 ]
 
 EMBEDDED_SAMPLE = "cifar10-sample"
@@ -78,7 +80,8 @@ def open_dataset(data: str | Path, split: str, transform: Callable | None = None
     return ImageFolderDataset(_resolve_split(root, split), transform, classes=classes, seed=seed, strict=strict)
 
 
-def _open_hf(name: str, split: str, transform, seed: int, strict: bool, local: bool = False) -> HFImageDataset:
+def _open_hf(name: str, split: str, transform, seed: int, strict: bool, local: bool = False,
+             labeled: bool = True, classes: list[str] | None = None) -> HFImageDataset:
     import datasets
 
     try:
@@ -90,10 +93,31 @@ def _open_hf(name: str, split: str, transform, seed: int, strict: bool, local: b
         names = list(ds)
         if split == "auto-eval":
             split = next((s for s in EVAL_SPLITS if s in ds), None) or ""
+        if not labeled and split not in ds and len(names) == 1:
+            split = names[0]  # unlabeled images: the only split, whatever its name
         if split not in ds:
             raise KdkitError(f"dataset {name!r} has no split {split!r}; it has {names}")
         ds = ds[split]
-    return HFImageDataset(ds, transform, seed=seed, strict=strict)
+    return HFImageDataset(ds, transform, seed=seed, strict=strict, labeled=labeled, classes=classes)
+
+
+def open_unlabeled(data: str | Path, classes: list[str], seed: int = 0, strict: bool = False) -> SeededDataset:
+    """Open unlabeled images (every target -1; `classes`: the labeled data's label space).
+
+    data: a folder of images, flat or nested at any depth (no class folders needed); a folder
+      written by `datasets.save_to_disk`; or "hf:NAME". A `datasets` source gives its "train" split
+      (or its only split) and needs an Image column; a label column, if any, is ignored.
+    A missing or empty source, or one whose sampled images cannot be read, is a KdkitError.
+    """
+    data = str(data)
+    if data.startswith("hf:"):
+        ds = _open_hf(data[3:], "train", None, seed, strict, labeled=False, classes=classes)
+    elif (Path(data) / "dataset_dict.json").is_file() or (Path(data) / "state.json").is_file():
+        ds = _open_hf(data, "train", None, seed, strict, local=True, labeled=False, classes=classes)
+    else:
+        ds = UnlabeledFolderDataset(data, classes, seed=seed, strict=strict)
+    check_readable(ds, data)
+    return ds
 
 
 def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, ...], is_training: bool,
@@ -141,12 +165,19 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     Training: an EpochSampler whose global order depends on (seed, epoch) only (with
     `repeated_aug` > 1, each drawn image comes `repeated_aug` times in distinct views), split over
     `num_replicas` processes; `batch_size` is per process and incomplete batches are dropped.
+    A SemiSupervisedDataset trains through a MixedSampler instead: every batch holds `batch_size`
+    labeled views and MU * `batch_size` unlabeled ones (MU: the dataset's unlabeled_ratio).
     Evaluation: in order, every sample once (Accelerate shards it and drops the padding).
     The loader draws its workers' base seed from a private generator, not the global torch RNG:
     starting an epoch (or resuming in the middle of one) leaves the training's random stream
     (dropout, drop_path) as it was, and the views are seeded by the dataset anyway.
     """
-    sampler = EpochSampler(len(dataset), seed, num_replicas, rank, max(repeated_aug, 1)) if training else None
+    if training and isinstance(dataset, SemiSupervisedDataset):
+        # each step: batch_size labeled + MU * batch_size unlabeled views per process
+        sampler = MixedSampler(dataset, batch_size * num_replicas, seed, num_replicas, rank, max(repeated_aug, 1))
+        batch_size = sampler.per_process_batch
+    else:
+        sampler = EpochSampler(len(dataset), seed, num_replicas, rank, max(repeated_aug, 1)) if training else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, drop_last=training, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, generator=torch.Generator().manual_seed(seed))

@@ -41,7 +41,7 @@ def load_rgb(path_or_image: str | Path | Image.Image) -> Image.Image:
 
 
 # independent random streams drawn from one (seed, epoch, index)
-AUGMENT, MIX, ORDER, PARTNER = 0, 1, 2, 3
+AUGMENT, MIX, ORDER, PARTNER, UNLABELED_ORDER = 0, 1, 2, 3, 4
 
 
 def sample_seed(seed: int, epoch: int, index: int, stream: int = AUGMENT) -> int:
@@ -100,11 +100,14 @@ class SeededDataset(Dataset):
             img = self._seeded(self.transform, img, sample_seed(self.seed, self.epoch, view))
         return img, target
 
+    def partner(self, view: int) -> int:
+        """The sample that view `view` is mixed with under Mixup/CutMix (seen in its own first view)."""
+        return self.mixup.partner(self.seed, self.epoch, view % len(self), len(self))
+
     def __getitem__(self, view: int) -> dict:
         img, target = self.view(view)
         if self.mixup is not None and img is not None:
-            partner = self.mixup.partner(self.seed, self.epoch, view % len(self), len(self))
-            other, other_target = self.view(partner)
+            other, other_target = self.view(self.partner(view))
             img, target = self.mixup(img, target, other, other_target, sample_seed(self.seed, self.epoch, view, MIX))
         return {"image": img, "target": target, "index": view, "epoch": self.epoch}
 
@@ -184,30 +187,40 @@ class ImageFolderDataset(SeededDataset):
 
 
 class HFImageDataset(SeededDataset):
-    """A Hugging Face `datasets` split with an Image column and a ClassLabel (or int) column."""
+    """A Hugging Face `datasets` split with an Image column and a ClassLabel (or int) column.
+
+    labeled=False reads the Image column only (any label column is ignored): every target is -1 and
+    `classes` is the given label space (that of the labeled data the images join).
+    """
 
     def __init__(self, ds, transform: Callable | None = None, image_key: str | None = None,
-                 label_key: str | None = None, seed: int = 0, strict: bool = False):
+                 label_key: str | None = None, seed: int = 0, strict: bool = False, labeled: bool = True,
+                 classes: list[str] | None = None):
         super().__init__(transform, seed, strict)
         from datasets import ClassLabel
         from datasets import Image as HFImage
 
         feats = ds.features
         self.image_key = image_key or next((k for k, f in feats.items() if isinstance(f, HFImage)), None)
-        self.label_key = label_key or next((k for k, f in feats.items() if isinstance(f, ClassLabel)), None)
-        if self.image_key is None or self.label_key is None:
-            raise KdkitError(f"dataset needs an Image and a ClassLabel column; it has {dict(feats)}")
+        self.label_key = (label_key or next((k for k, f in feats.items() if isinstance(f, ClassLabel)), None)
+                          if labeled else None)
+        if self.image_key is None or (labeled and self.label_key is None):
+            needs = "an Image and a ClassLabel column" if labeled else "an Image column"
+            raise KdkitError(f"dataset needs {needs}; it has {dict(feats)}")
+        self.ds = ds
+        if len(ds) == 0:
+            raise KdkitError("the dataset split is empty")
+        if not labeled:
+            self.classes, self.targets = list(classes or []), [-1] * len(ds)
+            return
         label = feats[self.label_key]
         self.classes = list(label.names) if isinstance(label, ClassLabel) else [
             str(i) for i in range(max(ds[self.label_key]) + 1)]
-        self.ds = ds
         self.targets = list(ds[self.label_key])
-        if len(ds) == 0:
-            raise KdkitError("the dataset split is empty")
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def read(self, index: int) -> tuple[Image.Image, int]:
         row = self.ds[index]
-        return row[self.image_key], int(row[self.label_key])
+        return row[self.image_key], int(row[self.label_key]) if self.label_key else -1

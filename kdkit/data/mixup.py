@@ -26,22 +26,25 @@ class SampleMixup:
         if mixup.mode != "batch":
             raise ValueError("SampleMixup draws one λ per sample pair: use Mixup(mode='batch')")
         self.mixup = mixup
-        self._order: tuple[tuple[int, int, int], torch.Tensor, torch.Tensor] | None = None
+        # the epoch's orders, newest last: two pools (labeled, unlabeled) pair within themselves
+        self._orders: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_classes(self) -> int:
         return self.mixup.num_classes
 
     def partner(self, seed: int, epoch: int, index: int, num_samples: int) -> int:
-        """The sample index that `index` is mixed with in this epoch."""
+        """The sample index that `index` is mixed with in this epoch, among `num_samples` samples."""
         key = (seed, epoch, num_samples)
-        if self._order is None or self._order[0] != key:
+        if key not in self._orders:
             g = torch.Generator().manual_seed(sample_seed(seed, epoch, 0, PARTNER))
             order = torch.randperm(num_samples, generator=g)
             position = torch.empty_like(order)
             position[order] = torch.arange(num_samples)
-            self._order = (key, order, position)
-        _, order, position = self._order
+            self._orders[key] = (order, position)
+            while len(self._orders) > 2:
+                del self._orders[next(iter(self._orders))]
+        order, position = self._orders[key]
         return int(order[(position[index] + 1) % num_samples])
 
     def target(self, target: int) -> torch.Tensor:

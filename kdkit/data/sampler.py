@@ -1,14 +1,17 @@
 """The order in which an epoch's views are drawn: a function of (seed, epoch) only, split over
-processes so that one global batch holds the same views whatever the number of processes."""
+processes so that one global batch holds the same views whatever the number of processes. With
+unlabeled data (data/unlabeled.py), every step holds B labeled and MU * B unlabeled views."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
 
-from kdkit.data.dataset import ORDER, sample_seed
+from kdkit.data.dataset import ORDER, UNLABELED_ORDER, sample_seed
+from kdkit.registry import KdkitError
 
 
 def epoch_views(num_samples: int, seed: int, epoch: int, repeats: int = 1, shuffle: bool = True) -> torch.Tensor:
@@ -50,4 +53,87 @@ class EpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = epoch_views(self.num_samples, self.seed, self.epoch, self.repeats, self.shuffle)
         mine = order[: len(order) // self.num_replicas * self.num_replicas][self.rank :: self.num_replicas]
+        return iter(mine[self.start :].tolist())
+
+
+def unlabeled_per_epoch(num_labeled: int, ratio: float) -> int:
+    """Unlabeled views an epoch (one pass over the labeled data) draws at most: floor(MU * N_l)."""
+    return math.floor(ratio * num_labeled + 1e-9)
+
+
+def unlabeled_views(num_labeled: int, num_unlabeled: int, count: int, seed: int, epoch: int) -> torch.Tensor:
+    """The `count` unlabeled view ids epoch `epoch` draws, in order, (count,) int64.
+
+    The unlabeled images form one stream that continues across epochs: its pass q visits them in a
+    permutation seeded by (seed, q), and epoch e takes stream positions [e * count, (e + 1) * count).
+    Unlabeled sample j has view id N_l + j; an image the epoch draws again (the stream wrapped
+    within it) gets the next repeat's id, N_l + j + r * (N_l + N_u), so an epoch's view ids are distinct.
+    """
+    total = num_labeled + num_unlabeled
+    position = torch.arange(epoch * count, (epoch + 1) * count)
+    passes = position // num_unlabeled
+    sample = torch.empty(count, dtype=torch.long)
+    for q in passes.unique().tolist():
+        g = torch.Generator().manual_seed(sample_seed(seed, q, 0, UNLABELED_ORDER))
+        here = passes == q
+        sample[here] = torch.randperm(num_unlabeled, generator=g)[position[here] % num_unlabeled]
+    return num_labeled + sample + (passes - passes[:1]) * total
+
+
+def mixed_epoch_views(num_labeled: int, num_unlabeled: int, ratio: float, seed: int, epoch: int,
+                      repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """An epoch's global orders over labeled + unlabeled data: ((N_l,) labeled view ids, as
+    `epoch_views` with repeat r of sample i at i + r * (N_l + N_u); (floor(MU * N_l),) unlabeled
+    view ids, as `unlabeled_views`; repeated augmentation applies to the labeled part only)."""
+    total = num_labeled + num_unlabeled
+    labeled = epoch_views(num_labeled, seed, epoch, repeats)
+    labeled = labeled % num_labeled + labeled // num_labeled * total
+    return labeled, unlabeled_views(num_labeled, num_unlabeled, unlabeled_per_epoch(num_labeled, ratio), seed, epoch)
+
+
+class MixedSampler(Sampler[int]):
+    """Steps of `batch_size` labeled views then MU * `batch_size` unlabeled views (global counts),
+    over a SemiSupervisedDataset; an epoch is N_l // batch_size steps (`mixed_epoch_views`).
+
+    Process `rank` of `num_replicas` takes, in every step, the labeled views at positions rank,
+    rank + num_replicas, ... of the step's labeled slice (as EpochSampler does) and likewise of
+    its unlabeled slice: with a per-process batch of (B + MU * B) / num_replicas, the processes
+    together draw the very views one process would. set_epoch(epoch, start) skips the first
+    `start` views of this process (resuming mid-epoch; a multiple of the per-process batch).
+    When the dataset replays cached epochs (`view_cycle` E), epoch e draws epoch e % E's views.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 repeats: int = 1):
+        unlabeled = dataset.unlabeled_ratio * batch_size
+        if abs(unlabeled - round(unlabeled)) > 1e-9 or round(unlabeled) < 1:
+            raise KdkitError(f"unlabeled_ratio {dataset.unlabeled_ratio} x batch_size {batch_size} must be a whole "
+                             f"number of unlabeled images per step (>= 1)")
+        self.unlabeled_batch = round(unlabeled)
+        for name, n in (("batch_size", batch_size), ("unlabeled images per step", self.unlabeled_batch)):
+            if n % num_replicas:
+                raise KdkitError(f"{name} {n} is not divisible by {num_replicas} processes")
+        self.dataset, self.batch_size, self.seed, self.repeats = dataset, batch_size, seed, repeats
+        self.num_replicas, self.rank = num_replicas, rank
+        self.steps = dataset.num_labeled // batch_size
+        self.epoch, self.start = 0, 0
+
+    @property
+    def per_process_batch(self) -> int:
+        return (self.batch_size + self.unlabeled_batch) // self.num_replicas
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.steps * self.per_process_batch - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        ds, cycle = self.dataset, self.dataset.view_cycle
+        labeled, unlabeled = mixed_epoch_views(ds.num_labeled, len(ds.unlabeled), ds.unlabeled_ratio, self.seed,
+                                               self.epoch % cycle if cycle else self.epoch, self.repeats)
+        b, u, p, r = self.batch_size, self.unlabeled_batch, self.num_replicas, self.rank
+        labeled = labeled[: self.steps * b].view(self.steps, b)[:, r::p]
+        unlabeled = unlabeled[: self.steps * u].view(self.steps, u)[:, r::p]
+        mine = torch.cat([labeled, unlabeled], dim=1).reshape(-1)
         return iter(mine[self.start :].tolist())

@@ -13,7 +13,7 @@ from kdkit.cache import LogitCache, build_manifest, data_identity, weights_sha25
 from kdkit.cache.store import DTYPES
 from kdkit.cache.writer import write_cache
 from kdkit.config import Recipe
-from kdkit.data import apply_views, open_dataset, view_settings
+from kdkit.data import SemiSupervisedDataset, apply_views, open_dataset, open_unlabeled, view_settings
 from kdkit.engine.progress import console
 from kdkit.models import resolve_model_name
 from kdkit.registry import KdkitError
@@ -26,18 +26,29 @@ def views_for(r: Recipe, data_cfg: dict, mode: str) -> dict:
 
 def expected_manifest(r: Recipe, train_ds, data_cfg: dict, mode: str, teacher: dict | None = None, topk: int = 0,
                       dtype: str = "float16", shard_size: int = 4096) -> dict:
-    """The manifest of a cache of this run's teacher outputs (teacher {} when no teacher is loaded)."""
+    """The manifest of a cache of this run's teacher outputs (teacher {} when no teacher is loaded).
+    train_ds: the training split, or a SemiSupervisedDataset (its unlabeled images are recorded too)."""
     if teacher is None:
         teacher = {"name": resolve_model_name(r.model.teacher) if r.model.teacher else None}
-    return build_manifest(mode=mode, teacher=teacher, data=data_identity(train_ds, r.data.path, r.data.train_split),
+    semi = isinstance(train_ds, SemiSupervisedDataset)
+    labeled = train_ds.labeled if semi else train_ds
+    return build_manifest(mode=mode, teacher=teacher, data=data_identity(labeled, r.data.path, r.data.train_split),
                           views=views_for(r, data_cfg, mode), seed=r.run.seed, epochs=r.optim.epochs, topk=topk,
-                          dtype=dtype, shard_size=shard_size)
+                          dtype=dtype, shard_size=shard_size,
+                          unlabeled=data_identity(train_ds.unlabeled, r.data.unlabeled, "") if semi else None,
+                          unlabeled_ratio=train_ds.unlabeled_ratio if semi else None)
 
 
 def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 0, dtype: str = "float16",
                   shard_size: int = 4096, overwrite: bool = False) -> dict:
     """Write (or resume, or extend) the cache of the recipe's teacher on its training data."""
-    from kdkit.engine.run import build_student, build_teacher, make_accelerator, student_data_config
+    from kdkit.engine.run import (
+        build_student,
+        build_teacher,
+        make_accelerator,
+        open_train,
+        student_data_config,
+    )
 
     if mode not in ("replay", "fixed"):
         raise KdkitError(f"unknown cache mode {mode!r}: replay or fixed")
@@ -46,7 +57,7 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
     if shard_size < 1 or topk < 0:
         raise KdkitError("--shard-size must be >= 1 and --topk >= 0 (0 = every class)")
     acc = make_accelerator(r)
-    train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict)
+    train_ds = open_train(r)
     num_classes = len(train_ds.classes)
     data_cfg = student_data_config(build_student(r, "distill", None, num_classes), r.model.img_size)
     teacher = build_teacher(r, None, num_classes, data_cfg)
@@ -76,6 +87,8 @@ def verify_cache(path: str | Path, r: Recipe | None = None, samples: int = 64, s
 
     m = cache.manifest
     ds = open_dataset(m["data"]["source"], m["data"]["split"], seed=m["seed"] or 0)
+    if m.get("unlabeled"):
+        ds = SemiSupervisedDataset(ds, open_unlabeled(m["unlabeled"]["source"], ds.classes), m["unlabeled_ratio"] or 1.0)
     apply_views(ds, m["views"], m["num_classes"])
     data_cfg = {"mean": m["views"]["mean"], "std": m["views"]["std"]}
     teacher = build_teacher(r, None, m["num_classes"], data_cfg)

@@ -8,18 +8,27 @@ from kdkit.losses.distillation import (
     TaskLoss,
     create_loss,
     hard_kd,
+    hard_kd_per_sample,
     soft_kd,
+    soft_kd_per_sample,
     task_ce,
 )
+from kdkit.losses.semi import PSEUDO_LABELS, SemiSupervisedLoss, has_label, semi_supervised
 
 __all__ = [
     "LOSSES",
+    "PSEUDO_LABELS",
     "DistillationLoss",
     "HardDistillationLoss",
+    "SemiSupervisedLoss",
     "SoftDistillationLoss",
     "TaskLoss",
     "create_loss",
     "hard_kd",
+    "hard_kd_per_sample",
+    "has_label",
+    "semi_supervised",
     "soft_kd",
+    "soft_kd_per_sample",
     "task_ce",
 ]

@@ -85,6 +85,27 @@ def hard_kd(student: Tensor, teacher: Tensor, smoothing: float = 0.0) -> Tensor:
     return -(q * F.log_softmax(student, dim=1)).sum(dim=1).mean()
 
 
+def soft_kd_per_sample(student: Tensor, teacher: Tensor, tau: float, reduction: str = "batchmean") -> Tensor:
+    """Per-sample soft_kd, (B,): tau^2 * KL(softmax(teacher_i/tau) || softmax(student_i/tau)), divided by K
+    under the "deit" reduction; its mean over the batch is soft_kd. Computed in float32 at least."""
+    student, teacher = _wide(student, teacher)
+    kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1), reduction="none",
+                  log_target=True).sum(dim=1)
+    return kl * (tau * tau) / (1 if reduction == "batchmean" else student.shape[1])
+
+
+def hard_kd_per_sample(student: Tensor, teacher: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Per-sample hard_kd, (B,): CE(student_i, argmax teacher_i), the teacher's label smoothed by
+    `smoothing` as in hard_kd; its mean over the batch is hard_kd. Computed in float32 at least."""
+    (student,) = _wide(student)
+    y_t = teacher.argmax(dim=1)
+    if smoothing == 0.0:
+        return F.cross_entropy(student, y_t, reduction="none")
+    q = torch.full_like(student, smoothing / (student.shape[1] - 1))
+    q.scatter_(1, y_t[:, None], 1.0 - smoothing)
+    return -(q * F.log_softmax(student, dim=1)).sum(dim=1)
+
+
 def _check_weight(name: str, value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise KdkitError(f"{name} must be in [0, 1], got {value}")
@@ -124,6 +145,10 @@ class DistillationLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def kd_per_sample(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """The distillation term of every sample, (B,); its batch mean is kd_term."""
         raise NotImplementedError
 
     def forward(self, out: StudentOut, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
@@ -181,6 +206,9 @@ class SoftDistillationLoss(DistillationLoss):
     def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
         return soft_kd(student, teacher, self.tau, self.kl_reduction)
 
+    def kd_per_sample(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return soft_kd_per_sample(student, teacher, self.tau, self.kl_reduction)
+
     def conventions(self) -> dict[str, float | str]:
         return {**super().conventions(), "tau": self.tau, "kl_reduction": self.kl_reduction}
 
@@ -201,6 +229,9 @@ class HardDistillationLoss(DistillationLoss):
 
     def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
         return hard_kd(student, teacher, self.hard_smoothing)
+
+    def kd_per_sample(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return hard_kd_per_sample(student, teacher, self.hard_smoothing)
 
     def conventions(self) -> dict[str, float | str]:
         return {**super().conventions(), "hard_smoothing": self.hard_smoothing}
