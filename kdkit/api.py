@@ -2,7 +2,9 @@
 
 Student and teacher are timm names or any nn.Module; every other setting is a recipe key given by
 its bare name (`epochs=3`, `tau=4.0`, `batch_size=64`, `head="dual"`, `loss="soft"`), or a whole
-Recipe. Returns the run summary; the trained student is under "model".
+Recipe. Unlabeled images are a second data source: `kdkit.distill(s, t, "DIR", unlabeled="UDIR",
+unlabeled_ratio=3, pseudo_label="hard", confidence_threshold=0.8)` (docs/semi-supervised.md).
+Returns the run summary; the trained student is under "model".
 """
 
 from __future__ import annotations

@@ -130,6 +130,18 @@ def test_labeled_plus_unlabeled_run_learns_from_the_unlabeled_images(tmp_path, t
     assert summary["conventions"]["pseudo_label"] == "hard"
 
 
+def test_python_api_takes_unlabeled_images_as_a_second_source(tmp_path, tiny_data, unlabeled_dir, teacher_dir):
+    import kdkit
+
+    result = kdkit.distill("deit_tiny", "resnet10t", str(tiny_data), unlabeled=str(unlabeled_dir), unlabeled_ratio=0.5,
+                           confidence_threshold=0.5, teacher_weights=str(teacher_dir), img_size=32, patch_size=8,
+                           kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}, loss="soft", epochs=1,
+                           batch_size=16, workers=0, progress=False, output=str(tmp_path), name="api",
+                           log_every=1, warmup_epochs=0)
+    assert result["unlabeled"]["per_step"] == 8 and result["conventions"]["confidence_threshold"] == 0.5
+    assert {"kd_labeled", "kd_unlabeled", "unlabeled_kept"} <= set(step_terms(tmp_path / "api")[0])
+
+
 def test_mixed_sampler_same_global_batches_for_any_process_count(tiny_data, unlabeled_dir):
     ds = semi_dataset(tiny_data, unlabeled_dir, ratio=1.5)  # 120 labeled + 40 unlabeled; 24 per step
     one = MixedSampler(ds, 16)
