@@ -119,10 +119,10 @@ def test_confidence_threshold_counts_what_the_teacher_is_sure_of(tiny_data, unla
 
 
 def test_labeled_plus_unlabeled_run_learns_from_the_unlabeled_images(tmp_path, tiny_data, unlabeled_dir, teacher_dir):
-    assert run_cli("distill", *semi_args(tiny_data, unlabeled_dir), "--loss", "soft", *teacher_args(teacher_dir),
+    assert run_cli("distill", *semi_args(tiny_data, unlabeled_dir, 1), "--loss", "soft", *teacher_args(teacher_dir),
                    "--unlabeled-ratio", "1.5", "--pseudo-label", "hard", "--output", tmp_path, "--name", "semi") == 0
     steps = step_terms(tmp_path / "semi")
-    assert len(steps) == 2 * (120 // 16)
+    assert len(steps) == 120 // 16
     assert all(s["kd_unlabeled"] > 0 and s["kd_labeled"] > 0 and s["unlabeled_kept"] == 1.0 for s in steps)
     summary = json.loads((tmp_path / "semi" / "summary.json").read_text())
     assert summary["train_images"] == 120 and summary["unlabeled"]["images"] == 40
@@ -248,9 +248,17 @@ def test_unlabeled_datasets_folder_without_label_column(tmp_path, unlabeled_dir)
     assert len(ds) == 6 and ds.classes == ["a", "b"] and ds.read(0)[1] == -1
 
 
-def test_function_matching_preset():
+def test_function_matching_preset_and_recipe(tmp_path, tiny_data, unlabeled_dir, teacher_dir):
     from kdkit.config import load_recipe
 
-    r = load_recipe(None, {"preset": "function-matching"})
-    assert (r.loss.kind, r.loss.task_weight, r.loss.kd_weight, r.loss.tau) == ("soft", 0.0, 1.0, 1.0)
-    assert (r.aug.mixup, r.aug.mixup_prob, r.aug.label_smoothing, r.model.head) == (1.0, 1.0, 0.0, "shared")
+    for r in (load_recipe(None, {"preset": "function-matching"}), load_recipe("cifar10_function_matching")):
+        assert (r.loss.kind, r.loss.task_weight, r.loss.kd_weight, r.loss.tau) == ("soft", 0.0, 1.0, 1.0)
+        assert (r.aug.mixup, r.aug.cutmix, r.aug.mixup_prob, r.aug.label_smoothing) == (1.0, 0.0, 1.0, 0.0)
+        assert (r.model.head, r.optim.clip_grad, r.loss.pseudo_label) == ("shared", 1.0, "soft")
+    assert r.data.unlabeled and r.optim.epochs == 300
+    args = [a if a != "deit_tiny" else "deit_tiny_patch16_224" for a in semi_args(tiny_data, unlabeled_dir, 1)]
+    assert run_cli("distill", "--preset", "function-matching", *args, *teacher_args(teacher_dir), "--output", tmp_path,
+                   "--name", "fm") == 0
+    steps = step_terms(tmp_path / "fm")
+    assert all(s["task"] > 0 and s["kd_unlabeled"] > 0 for s in steps)  # labels mixed: logged, weighted 0
+    assert all(s["loss"] == pytest.approx(s["kd"], rel=1e-6) for s in steps)

@@ -19,8 +19,8 @@ EPILOG = """examples:
   # function matching (Beyer et al., 2022): no label term, Mixup on every batch, a long schedule
   # (a preset sits under the recipe file: a --recipe's own loss/aug keys would win over it)
   kdkit distill --preset function_matching --teacher resnet9_cifar_s \\
-      --teacher-weights kdkit/assets/teachers/resnet9_cifar_s --student deit_tiny --img-size 32 \\
-      --patch-size 4 --data DIR --unlabeled UDIR --epochs 300
+      --teacher-weights kdkit/assets/teachers/resnet9_cifar_s --student deit_tiny_patch16_224 \\
+      --img-size 32 --patch-size 4 --data DIR --unlabeled UDIR --epochs 300
 """
 
 
