@@ -3,11 +3,12 @@ the resumed runs whose per-step losses and final weights equal the uninterrupted
 
     python bench/fault_injection.py [--kills 20] [--seed 0] [--workers 0]
 
-The run (a 2-block DeiT distilled from a tiny resnet10t on 120 bundled CIFAR-10 images, 3 epochs of
-7 steps, drop_path, Mixup, EMA, a checkpoint after every update, the newest 2 kept) is run once
-uninterrupted, then 20 times killed after a random step: the even-numbered kills a random fraction
-of a step later (in the forward, backward, metrics write or evaluation), the odd-numbered ones as
-soon as the next checkpoint's temporary folder appears (in the middle of writing the checkpoint).
+The run (a 2-block DeiT distilled from a tiny resnet10t on 120 bundled CIFAR-10 images, 3 epochs
+of 7 steps, drop_path, Mixup, EMA, a checkpoint after every update, the newest 2 kept,
+run.deterministic) is run once uninterrupted, then 20 times killed after a random step: the
+even-numbered kills a random fraction of a step later (in the forward, backward, metrics write or
+evaluation), the odd-numbered ones as soon as the next checkpoint's temporary folder appears (in
+the middle of writing the checkpoint).
 Prints a table and JSON; writes --json-out (default bench/results/fault_injection.json).
 """
 
@@ -59,7 +60,8 @@ def distill_cmd(data: Path, teacher: Path, run_dir: Path, workers: int) -> list[
             "--lr", "1e-3", "--workers", str(workers), "--no-progress", "--set", "optim.lr_base_batch=0",
             "--set", "optim.warmup_epochs=1", "--set", "model.drop_path=0.1", "--set", "aug.mixup=0.8",
             "--set", "optim.ema_decay=0.9", "--set", "run.checkpoint_every=1", "--set", "run.keep_checkpoints=2",
-            "--set", "run.log_every=1", "--set", "run.teacher_check_batches=1"]
+            "--set", "run.log_every=1", "--set", "run.teacher_check_batches=1",
+            "--set", "run.deterministic=true"]
 
 
 def records(run_dir: Path) -> list[dict]:
