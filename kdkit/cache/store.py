@@ -55,7 +55,7 @@ def decode(record: dict[str, Tensor], num_classes: int) -> Tensor:
     if "top1" in record:  # all classes, in class order
         full, top1 = values.clone(), record["top1"].long()
         rows = torch.arange(full.shape[0])
-        best = full.max(1).values
+        best = full.amax(1)
         tied = full[rows, top1] < best  # rounding made another class reach the top-1's value
         full[rows[tied], top1[tied]] = torch.nextafter(best[tied], torch.full_like(best[tied], float("inf")))
         return full
