@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
 
 from kdkit.cache import LogitCache, decode, encode, record_bytes
 from kdkit.config import load_recipe
@@ -19,24 +17,6 @@ AUG = ["aug.auto_augment=rand-m9-mstd0.5-inc1", "aug.reprob=0.25", "aug.mixup=0.
        "aug.label_smoothing=0.1"]
 STUDENT = ["--student", "deit_tiny", "--img-size", "32", "--patch-size", "8", "--set", "model.kwargs.depth=2",
            "--set", "model.kwargs.embed_dim=32", "--set", "model.kwargs.num_heads=2"]
-
-
-@pytest.fixture(scope="session")
-def teacher_dir(tmp_path_factory) -> Path:
-    """A random resnet10t for 10 classes at 32x32, saved as a timm folder (config.json + safetensors).
-    Its classifier is scaled up so that its logits are apart like a trained teacher's: an untrained
-    one has near-ties (top-2 gaps of 1e-7) that the float noise of batched inference can flip."""
-    root = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(1)
-    model = timm.create_model("resnet10t", num_classes=10)
-    with torch.no_grad():
-        model.fc.weight.mul_(50)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
-    cfg = {"architecture": "resnet10t", "num_classes": 10,
-           "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
-                              "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": 10}}
-    (root / "config.json").write_text(json.dumps(cfg))
-    return root
 
 
 def common(data: Path, epochs: int = 8, seed: int = 3) -> list[str]:

@@ -13,10 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdkit.cache.store import mmap_safetensors
-from tests import test_cache
 from tests.test_cache import STUDENT, step_terms
-
-teacher_dir = test_cache.teacher_dir  # the test teacher: a resnet10t saved as a timm folder
 
 # --multi_gpu is Accelerate's multi-process launcher (torchrun); without a GPU each process runs
 # on CPU and the processes talk over gloo

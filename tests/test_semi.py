@@ -27,11 +27,8 @@ from kdkit.data import (
 from kdkit.losses import create_loss, semi_supervised, task_ce
 from kdkit.models import create_student
 from kdkit.types import StudentOut
-from tests import test_cache
 from tests.conftest import TINY_DEIT, run_cli
 from tests.test_cache import STUDENT, step_terms, teacher_args
-
-teacher_dir = test_cache.teacher_dir  # the test teacher: a resnet10t saved as a timm folder
 
 NORM = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3}  # the test teacher's own
 
