@@ -40,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kdkit {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Under a launcher, shut the process group down before exit: left to interpreter teardown,
+    gloo's threads can abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def one_line(e: KdkitError) -> str:
