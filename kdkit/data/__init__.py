@@ -136,8 +136,6 @@ def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, 
 
 def eval_transform(data_cfg: dict) -> Callable:
     """The evaluation transform of a timm data config (input_size, mean, std, interpolation, crop_pct)."""
-    from kdkit.data.views import view_settings, view_transform
-
     return view_transform(view_settings(data_cfg))
 
 

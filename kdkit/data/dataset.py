@@ -124,6 +124,15 @@ class SeededDataset(Dataset):
             random.setstate(py_state)
             np.random.set_state(np_state)
 
+
+def read_image_file(path: str | Path) -> Image.Image:
+    """A PIL image decoded from `path` now (so the file is closed and a broken one fails here)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return img
+
+
 class ImageFolderDataset(SeededDataset):
     """An ImageFolder directory (root/<class>/<image>), scanned with torchvision's helpers.
 
@@ -177,10 +186,7 @@ class ImageFolderDataset(SeededDataset):
 
     def read(self, index: int) -> tuple[Image.Image, int]:
         path, target = self.samples[index]
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-        return img, target
+        return read_image_file(path), target
 
     def describe(self, index: int) -> str:
         return str(self.samples[index][0])

@@ -47,10 +47,6 @@ class SampleMixup:
         order, position = self._orders[key]
         return int(order[(position[index] + 1) % num_samples])
 
-    def target(self, target: int) -> torch.Tensor:
-        """The unmixed soft target of one sample, (K,)."""
-        return self.__call__(None, target, None, -1, 0)[1]
-
     def __call__(self, image: torch.Tensor | None, target: int, other: torch.Tensor | None, other_target: int,
                  seed: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Mix (image, target) with (other, other_target) under numpy seeded by `seed`; `other` None

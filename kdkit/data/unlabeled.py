@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kdkit.data.dataset import IMG_EXTENSIONS, SeededDataset, load_rgb
+from kdkit.data.dataset import IMG_EXTENSIONS, SeededDataset, load_rgb, read_image_file
 from kdkit.registry import KdkitError
 
 
@@ -55,10 +55,7 @@ class UnlabeledFolderDataset(SeededDataset):
         return len(self.samples)
 
     def read(self, index: int) -> tuple[Image.Image, int]:
-        with open(self.samples[index], "rb") as f:
-            img = Image.open(f)
-            img.load()
-        return img, -1
+        return read_image_file(self.samples[index]), -1
 
     def describe(self, index: int) -> str:
         return self.samples[index]
