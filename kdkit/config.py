@@ -120,7 +120,7 @@ class RunConfig:
     name: str = ""
     precision: str = "no"  # no | bf16 | fp16 (Accelerate mixed precision)
     log_every: int = 10
-    eval_every: int = 1
+    eval_every: int = 1  # epochs between evaluations; 0 = the last epoch only
     teacher_check_batches: int = 4  # evaluation batches the teacher is checked on before distilling
     progress: bool = True
     checkpoint_every: int = 500  # optimizer updates between checkpoints (plus one per epoch); 0 = per epoch only
@@ -131,9 +131,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.on_nonfinite not in ("stop", "skip"):
             raise KdkitError(f"run.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        for key in ("checkpoint_every", "keep_checkpoints"):
+        for key in ("checkpoint_every", "keep_checkpoints", "eval_every"):
             if getattr(self, key) < 0:
                 raise KdkitError(f"run.{key} must be >= 0, got {getattr(self, key)}")
+        if self.log_every < 1:
+            raise KdkitError(f"run.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass

@@ -154,3 +154,12 @@ def test_recipes_are_data_a_yaml_python_tag_is_refused(tmp_path):
     with pytest.raises(KdkitError, match="cannot parse recipe"):
         load_recipe(recipe)
     assert not marker.exists()
+
+
+def test_eval_every_zero_evaluates_only_the_last_epoch_and_log_every_zero_is_refused(tiny_data, tmp_path):
+    base = {k: v for k, v in RUN.items() if k not in ("loss", "tau", "epochs")}
+    kdkit.train(TinyConvNet(), str(tiny_data), output=str(tmp_path), name="e0", epochs=2, eval_every=0, **base)
+    rows = [json.loads(line) for line in (tmp_path / "e0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "eval" in r] == [1]
+    with pytest.raises(KdkitError, match="run.log_every must be >= 1, got 0"):
+        kdkit.train(TinyConvNet(), str(tiny_data), output=str(tmp_path), name="l0", log_every=0, **base)

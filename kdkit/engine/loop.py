@@ -150,7 +150,7 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
         if scheduler is not None:
             scheduler.step(epoch + 1)
         last = epoch + 1 == epochs
-        if eval_loader is not None and ((epoch + 1) % eval_every == 0 or last):
+        if eval_loader is not None and (last or (eval_every > 0 and (epoch + 1) % eval_every == 0)):
             result = evaluate(student, eval_loader, acc, f"eval {epoch + 1}", progress)
             if ema is not None:
                 ema_result = evaluate(ema.module, eval_loader, acc, f"eval EMA {epoch + 1}", progress)
