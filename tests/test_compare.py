@@ -76,7 +76,9 @@ def test_compare_matrix_matches_fractions_computed_by_hand(tiny_data, students, 
     out = tmp_path / "cmp"
     assert run_cli("compare", "--models", root / "vit" / "student", root / "t2t", root / "cnn",
                    "--data", tiny_data, "--out", out, "--workers", 0, "--no-progress") == 0
-    assert "disagreement on 60 images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "disagreement on 60 images" in printed
+    assert "…" not in printed  # no number cut short in an 80-column log
 
     images, labels, _ = read_images(tiny_data / "test")
     rows = expected_rows(models, images, labels)
@@ -92,6 +94,7 @@ def test_compare_matrix_matches_fractions_computed_by_hand(tiny_data, students, 
             assert got[i, j] == pytest.approx(differ / 60, abs=1e-6), (a, b)
     assert np.all(np.diag(got) == 0) and np.array_equal(got, got.T)
     assert ((got > 0) & (got < 1)).any()  # the models do not all agree: the check above means something
+    assert all(f"{100 * v:.1f}" in printed for v in got[0])  # the table prints percentages
     png = Image.open(out / "disagreement.png")
     assert png.format == "PNG" and min(png.size) > 8 * 56
 

@@ -40,14 +40,15 @@ def run(args: argparse.Namespace) -> int:
 
     labels, matrix, n = compare(args.models, args.data, args.split, args.batch_size, args.workers,
                                 progress=not args.no_progress)
-    table = Table(title=f"disagreement on {n} images (fraction of images with different top-1)")
-    # Columns by number, so that a wide matrix still fits a terminal; rows carry the names.
+    table = Table(title=f"disagreement on {n} images (% of images with different top-1)")
+    # Columns by number, so that a wide matrix still fits a terminal; rows carry the names, which fold
+    # before a number is cut (rich narrows the widest column first, and logs are 80 columns wide).
     table.add_column("#", justify="right")
-    table.add_column("model (head)", no_wrap=True)
+    table.add_column("model (head)", overflow="fold")
     for i in range(len(labels)):
-        table.add_column(str(i + 1), justify="right")
+        table.add_column(str(i + 1), justify="right", no_wrap=True, min_width=4)
     for i, (label, row) in enumerate(zip(labels, matrix.tolist(), strict=True)):
-        table.add_row(str(i + 1), label, *(f"{v:.3f}" for v in row))
+        table.add_row(str(i + 1), label, *(f"{100 * v:.1f}" for v in row))
     out.print(table)
     folder = Path(args.out)
     csv = write_csv(folder / "disagreement.csv", labels, matrix)
