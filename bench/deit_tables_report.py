@@ -52,10 +52,39 @@ def fmt(s: dict) -> str:
     return f"{s['mean']:.2f}" + (f" ({s['min']:.2f}..{s['max']:.2f})" if len(s["per_seed"]) > 1 else "")
 
 
+def markdown(result: dict) -> str:
+    """The three tables of `result` in Markdown, as docs/results.md shows them."""
+    seeds = result["seeds"]
+    lines = ["| method | labels | teacher | " + " | ".join(f"seed {s}" for s in seeds) + " | mean (min..max) |",
+             "|---" * (len(seeds) + 4) + "|"]
+    for label, suffix, _ in METHODS:
+        row = result["methods"][label]
+        if row["mean"] is None:
+            continue
+        labels = "yes" if suffix in ("none", "token", "soft-token") else "no"
+        teacher = {"none": "-", "soft": "soft", "hard": "hard", "token": "hard", "soft-token": "soft"}[suffix]
+        lines.append(f"| {label} | {labels} | {teacher} | "
+                     + " | ".join(f"{row['per_seed'][s]:.2f}" if s in row["per_seed"] else "-" for s in seeds)
+                     + f" | {fmt(row)} |")
+    lines += ["", "| student | teacher | teacher top-1 | " + " | ".join(f"seed {s}" for s in seeds)
+              + " | mean (min..max) |", "|---" * (len(seeds) + 4) + "|"]
+    for key, row in result["teacher_choice"].items():
+        acc = "-" if row["teacher_top1"] is None else f"{row['teacher_top1']:.2f}"
+        per = row["fused"]["per_seed"]
+        lines.append(f"| {row['student']} | {key.split('/', 1)[1]} | {acc} | "
+                     + " | ".join(f"{per[s]:.2f}" if s in per else "-" for s in seeds) + f" | {fmt(row['fused'])} |")
+    for name, m in result["disagreement"].items():
+        lines += ["", f"{name}:", "", "| | " + " | ".join(m["labels"]) + " |", "|---" * (len(m["labels"]) + 1) + "|"]
+        lines += [f"| {lab} | " + " | ".join(f"{v:.2f}" for v in row) + " |"
+                  for lab, row in zip(m["labels"], m["percent"], strict=True)]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="/tmp/deit-tables")
     p.add_argument("--json-out", default="bench/results/cifar10_deit_tables.json")
+    p.add_argument("--markdown", help="also write the tables as Markdown to this file (for docs/results.md)")
     args = p.parse_args()
     runs = Path(args.runs)
     seeds = sorted({int(m.group(1)) for d in runs.glob("s*-*") if (m := re.match(r"s(\d+)-", d.name))})
@@ -118,6 +147,8 @@ def main() -> None:
             table.add_row(lab, *(f"{100 * x:.2f}" for x in r))
         console.print(table)
 
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(result))
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
