@@ -18,6 +18,7 @@ R=recipes/cifar10_distillation_methods.toml
 OUT=${OUT:-/tmp/deit-tables}
 FLAGS=(--output "$OUT" --no-progress)
 PLAIN=(--set model.student=deit_tiny_patch16_224 --head shared)  # the same DeiT without the distillation token
+SOFT=("${PLAIN[@]}" --loss soft --task-weight 0 --kd-weight 1 --tau 3)  # usual distillation, no labels
 t() { local s=$SECONDS; "$@"; echo "TIME $((SECONDS - s)) s: $*"; }
 [ -d /tmp/data/cifar10/train ] || { mkdir -p /tmp/data && tar -xzf ../shared/data/cifar10-jpg.tar.gz -C /tmp/data; }
 [ -d /tmp/data/cifar10-semi/train ] || python bench/cifar10_semi_data.py
@@ -27,8 +28,7 @@ case $cmd in
   methods)
     for s in "$@"; do
       t kdkit train --recipe $R --model deit_tiny_patch16_224 --head shared --seed "$s" --name "s$s-none" "${FLAGS[@]}"
-      t kdkit distill --recipe $R "${PLAIN[@]}" --loss soft --task-weight 0 --kd-weight 1 --tau 3 --seed "$s" \
-          --name "s$s-soft" "${FLAGS[@]}"
+      t kdkit distill --recipe $R "${SOFT[@]}" --seed "$s" --name "s$s-soft" "${FLAGS[@]}"
       t kdkit distill --recipe $R "${PLAIN[@]}" --loss hard --task-weight 0 --kd-weight 1 --seed "$s" \
           --name "s$s-hard" "${FLAGS[@]}"
       t kdkit distill --recipe $R --seed "$s" --name "s$s-token" "${FLAGS[@]}"
@@ -49,7 +49,7 @@ case $cmd in
   teachers)
     e=$1; shift
     row=${ROW:-soft}
-    if [ "$row" = soft ]; then LOSS=("${PLAIN[@]}" --loss soft --task-weight 0 --kd-weight 1 --tau 3); else LOSS=(); fi
+    if [ "$row" = soft ]; then LOSS=("${SOFT[@]}"); else LOSS=(); fi
     for s in "$@"; do
       t kdkit distill --recipe $R "${LOSS[@]}" --teacher deit_tiny_patch16_224 \
           --teacher-weights "$OUT/vit-teacher/student" --seed "$s" --name "s$s-$row-vit" "${FLAGS[@]}"
