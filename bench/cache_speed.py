@@ -84,7 +84,7 @@ def training_speed(args, tmp: Path) -> dict:
              "cached": DistillationStep(kd, CachedLogits(LogitCache(tmp / "train-cache"))),
              "online": DistillationStep(kd, LiveTeacher(teacher))}
     rates: dict[str, list[float]] = {m: [] for m in modes}
-    for m, step in modes.items():  # warm-up
+    for step in modes.values():  # warm-up
         step_rate(student, step, batches[:2], optimizer)
     for _ in range(args.rounds):
         for m, step in modes.items():
