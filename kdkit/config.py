@@ -20,6 +20,15 @@ import yaml
 
 from kdkit.registry import KdkitError, suggest
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+FUSED = ("auto", "fused", "foreach", "off")
+CHANNELS_LAST = ("auto", "on", "off")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise KdkitError(f"{key} must be one of {', '.join(choices)}, got {value!r}.{suggest(str(value), list(choices))}")
+
 
 @dataclass
 class ModelConfig:
@@ -49,10 +58,14 @@ class DataConfig:
     strict: bool = False  # fail on an unreadable image instead of skipping it
     unlabeled: str = ""  # unlabeled images (distillation only): a folder (flat or nested), save_to_disk folder, hf:NAME
     unlabeled_ratio: float = 1.0  # MU: unlabeled images per labeled one in every step
+    persistent_workers: bool = True  # keep loader workers alive between epochs (no respawn per epoch)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
 
     def __post_init__(self) -> None:
         if not self.unlabeled_ratio > 0:
             raise KdkitError(f"data.unlabeled_ratio must be > 0, got {self.unlabeled_ratio}")
+        if self.prefetch_factor < 1:
+            raise KdkitError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
 
 
 @dataclass
@@ -107,10 +120,15 @@ class OptimConfig:
     clip_grad: float = 0.0  # 0 = off
     grad_accum: int = 1
     ema_decay: float = 0.0  # EMA of the student's weights (timm ModelEmaV3), e.g. 0.99996; 0 = off
+    layer_decay: float = 0.0  # layer-wise lr decay (timm param_groups_layer_decay), e.g. 0.75; 0 = off
+    fused: str = "auto"  # auto | fused | foreach | off: AdamW/SGD kernel (auto: fused on CUDA, foreach on CPU)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
             raise KdkitError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.layer_decay < 1.0:
+            raise KdkitError(f"optim.layer_decay must be in [0, 1) (0 = off), got {self.layer_decay}")
+        _choice("optim.fused", self.fused, FUSED)
 
 
 @dataclass
@@ -118,7 +136,9 @@ class RunConfig:
     seed: int = 0
     output: str = "runs"
     name: str = ""
-    precision: str = "no"  # no | bf16 | fp16 (Accelerate mixed precision)
+    precision: str = "auto"  # auto (Accelerate decides: launcher flag, env, accelerate config) | no | bf16 | fp16
+    compile: bool = False  # torch.compile the student and the teacher
+    channels_last: str = "auto"  # auto | on | off: channels_last memory format for ConvNet teachers
     log_every: int = 10
     eval_every: int = 1  # epochs between evaluations; 0 = the last epoch only
     teacher_check_batches: int = 4  # evaluation batches the teacher is checked on before distilling
@@ -129,6 +149,8 @@ class RunConfig:
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
 
     def __post_init__(self) -> None:
+        _choice("run.precision", self.precision, PRECISIONS)
+        _choice("run.channels_last", self.channels_last, CHANNELS_LAST)
         if self.on_nonfinite not in ("stop", "skip"):
             raise KdkitError(f"run.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for key in ("checkpoint_every", "keep_checkpoints", "eval_every"):
@@ -158,11 +180,15 @@ class Recipe:
 
 # Named settings that reproduce a paper; a recipe names one with `preset = "deit"`.
 PRESETS: dict[str, dict] = {
-    # DeiT's hard distillation through the token: 1/2 CE(y) + 1/2 CE(argmax teacher), the
-    # reference code's KL convention, label smoothing 0.1.
-    "deit": {"model": {"head": "token"}, "loss": {"kind": "hard", "task_weight": 0.5, "kd_weight": 0.5,
-                                                  "tau": 1.0, "kl_reduction": "deit"},
-             "aug": {"label_smoothing": 0.1}},
+    # DeiT's recipe (Touvron et al., 2021, Table 9 and the reference code): hard distillation
+    # through the token, 1/2 CE(y) + 1/2 CE(argmax teacher) with the reference code's KL convention,
+    # label smoothing 0.1, RandAugment, random erasing, Mixup/CutMix, repeated augmentation,
+    # stochastic depth 0.1. `kdkit distill` without --recipe uses it.
+    "deit": {"model": {"head": "auto", "drop_path": 0.1},
+             "loss": {"kind": "hard", "task_weight": 0.5, "kd_weight": 0.5, "tau": 1.0, "kl_reduction": "deit"},
+             "aug": {"label_smoothing": 0.1, "scale": [0.08, 1.0], "hflip": 0.5, "color_jitter": 0.3,
+                     "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0,
+                     "mixup_prob": 1.0, "mixup_switch_prob": 0.5, "repeated_aug": 3}},
     # DeiT's soft distillation (paper, section 5.2): tau = 3, lambda = 0.1.
     "deit_soft": {"model": {"head": "token"}, "loss": {"kind": "soft", "task_weight": 0.9, "kd_weight": 0.1,
                                                        "tau": 3.0, "kl_reduction": "deit"},
@@ -177,6 +203,14 @@ PRESETS: dict[str, dict] = {
                           "aug": {"mixup": 1.0, "cutmix": 0.0, "mixup_prob": 1.0, "label_smoothing": 0.0,
                                   "scale": [0.08, 1.0], "hflip": 0.5},
                           "optim": {"clip_grad": 1.0}},
+}
+
+
+# what the run's header says of each preset
+PRESET_NOTES = {
+    "deit": " (DeiT's recipe: hard distillation through the token, RandAugment, random erasing 0.25, Mixup 0.8 / "
+            "CutMix 1.0, 3 repeats, label smoothing 0.1, drop_path 0.1; --preset none for kdkit's plain defaults)",
+    "": " (kdkit's plain defaults, no RandAugment/Mixup/CutMix unless set; --preset deit for DeiT's recipe)",
 }
 
 
@@ -289,6 +323,8 @@ def load_recipe(path: str | Path | None = None, overrides: dict | list[str] | No
     if not isinstance(preset, str):
         raise KdkitError(f"preset: expected a preset name, got {type(preset).__name__} {preset!r}")
     preset = preset.replace("-", "_")  # "function-matching" names "function_matching"
+    if preset == "none":
+        merged["preset"] = preset = ""
     if preset:
         if preset not in PRESETS:
             raise KdkitError(f"unknown preset {preset!r}.{suggest(preset, list(PRESETS))} Presets: {list(PRESETS)}")

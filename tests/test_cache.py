@@ -22,7 +22,7 @@ STUDENT = ["--student", "deit_tiny", "--img-size", "32", "--patch-size", "8", "-
 def common(data: Path, epochs: int = 8, seed: int = 3) -> list[str]:
     args = [*STUDENT, "--data", data, "--batch-size", "16", "--epochs", str(epochs), "--workers", "0",
             "--seed", str(seed), "--no-progress", "--set", "run.log_every=1", "--set", "run.eval_every=100",
-            "--set", "optim.warmup_epochs=1", "--set", "optim.lr=1e-3"]
+            "--set", "optim.warmup_epochs=1", "--set", "optim.lr=1e-3", "--preset", "none"]
     for item in AUG:
         args += ["--set", item]
     return args

@@ -39,7 +39,7 @@ def test_train_writes_a_complete_run_directory(teacher_run):
 def test_distill_then_eval_then_reload_with_plain_timm(tiny_data, teacher_run, tmp_path, capsys):
     code = run_cli("distill", "--teacher", "resnet10t", "--teacher-weights", teacher_run / "student",
                    "--student", "deit_tiny", *TINY, "--data", tiny_data, "--output", tmp_path, "--name", "kd",
-                   "--loss", "soft", "--tau", "2", *FAST)
+                   "--loss", "soft", "--tau", "2", "--preset", "none", *FAST)
     assert code == 0
     folder = tmp_path / "kd" / "student"
     cfg = json.loads((folder / "config.json").read_text())

@@ -44,7 +44,7 @@ def run_args(data: Path, teacher: Path) -> list:
     return [*STUDENT, "--data", data, "--batch-size", "16", "--epochs", "2", "--workers", "0", "--seed", "5",
             "--no-progress", "--set", "run.log_every=1", "--set", "optim.warmup_epochs=1", "--set", "optim.lr=1e-3",
             "--set", "aug.mixup=0.8", "--set", "aug.cutmix=1.0", "--set", "aug.reprob=0.25",
-            "--set", "aug.repeated_aug=3", "--teacher", "resnet10t", "--teacher-weights", teacher]
+            "--set", "aug.repeated_aug=3", "--teacher", "resnet10t", "--teacher-weights", teacher, "--preset", "none"]
 
 
 def test_two_processes_train_the_one_process_model_and_evaluate_exactly(tmp_path, odd_data, teacher_dir):

@@ -139,12 +139,17 @@ def test_python_api_takes_unlabeled_images_as_a_second_source(tmp_path, tiny_dat
     assert {"kd_labeled", "kd_unlabeled", "unlabeled_kept"} <= set(step_terms(tmp_path / "api")[0])
 
 
+def views(sampler) -> list[int]:
+    """The view ids a training sampler yields (it yields (epoch, view id))."""
+    return [v for _, v in sampler]
+
+
 def test_mixed_sampler_same_global_batches_for_any_process_count(tiny_data, unlabeled_dir):
     ds = semi_dataset(tiny_data, unlabeled_dir, ratio=1.5)  # 120 labeled + 40 unlabeled; 24 per step
     one = MixedSampler(ds, 16)
     for epoch in range(3):
         one.set_epoch(epoch)
-        steps = torch.tensor(list(one)).view(-1, 40)
+        steps = torch.tensor(views(one)).view(-1, 40)
         assert steps.shape[0] == 7 and (steps[:, :16] < 120).all() and (steps[:, 16:] % 160 >= 120).all()
         assert len(set(steps.flatten().tolist())) == steps.numel()  # distinct views, though 168 > 40 unlabeled
         for p in (2, 4):
@@ -152,15 +157,15 @@ def test_mixed_sampler_same_global_batches_for_any_process_count(tiny_data, unla
             for rank in range(p):
                 s = MixedSampler(ds, 16, num_replicas=p, rank=rank)
                 s.set_epoch(epoch)
-                parts.append(torch.tensor(list(s)).view(7, 40 // p))
+                parts.append(torch.tensor(views(s)).view(7, 40 // p))
             assert torch.equal(torch.cat(parts, 1).sort(1).values, steps.sort(1).values)
         one.set_epoch(epoch, 2 * 40)  # resuming after 2 steps skips them
-        assert torch.equal(torch.tensor(list(one)), steps[2:].flatten())
+        assert torch.equal(torch.tensor(views(one)), steps[2:].flatten())
     # the unlabeled stream continues across epochs: every pass shows each unlabeled image once
     stream = []
     for epoch in range(2):
         one.set_epoch(epoch)
-        drawn = torch.tensor(list(one)).view(-1, 40)[:, 16:].flatten() % 160 - 120
+        drawn = torch.tensor(views(one)).view(-1, 40)[:, 16:].flatten() % 160 - 120
         stream += drawn.tolist() + [None] * (180 - len(drawn))  # epoch e starts at stream position 180 e
     assert sorted(stream[:40]) == list(range(40)) and sorted(stream[40:80]) == list(range(40))
     assert stream[180:220] != stream[:40] and sorted(stream[200:240]) == list(range(40))

@@ -16,7 +16,7 @@ from kdkit.data.sampler import unlabeled_per_epoch
 from kdkit.data.unlabeled import UnlabeledFolderDataset
 from kdkit.data.views import NOT_PIXELS
 
-FORMAT = "kdkit-logits/1"
+FORMAT = "kdkit-logits/2"  # 2: cheap view seeds, Mixup pairs of the epoch order
 MODES = ("replay", "fixed")
 
 

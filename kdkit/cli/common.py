@@ -21,7 +21,10 @@ RUN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("run.seed", int, "run seed (augmentation, order, initialisation)"),
     "--output": ("run.output", str, "folder for run directories"),
     "--name": ("run.name", str, "run directory name (default: verb and time)"),
-    "--precision": ("run.precision", str, "no | bf16 | fp16 mixed precision (Accelerate)"),
+    "--precision": ("run.precision", str, "auto | no | bf16 | fp16 mixed precision; auto (default) lets "
+                    "Accelerate decide (accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION, "
+                    "accelerate config)"),
+    "--compile": ("run.compile", bool, "torch.compile the student and the teacher"),
 }
 DISTILL_FLAGS: dict[str, tuple[str, type, str]] = {
     "--teacher": ("model.teacher", str, "teacher: timm name (regnety_160 = DeiT's RegNetY-16GF)"),
@@ -34,7 +37,10 @@ DISTILL_FLAGS: dict[str, tuple[str, type, str]] = {
     "--task-weight": ("loss.task_weight", float, "weight of the label term, in [0, 1]"),
     "--kd-weight": ("loss.kd_weight", float, "weight of the teacher term, in [0, 1]"),
     "--tau": ("loss.tau", float, "soft-distillation temperature (> 0)"),
-    "--preset": ("preset", str, "named settings: deit | deit_soft | function_matching (see docs/concepts.md)"),
+    "--preset": ("preset", str, "named settings: deit | deit_soft | function_matching | none (see "
+                 "docs/concepts.md). Without --recipe, distill uses deit: DeiT's recipe (hard distillation "
+                 "through the token, RandAugment, random erasing, Mixup/CutMix, repeated augmentation, label "
+                 "smoothing, drop_path 0.1); none = kdkit's plain defaults"),
     "--unlabeled": ("data.unlabeled", str, "unlabeled images the student learns from through the teacher: a "
                     "folder (flat or nested, no class folders), a save_to_disk folder or hf:NAME"),
     "--unlabeled-ratio": ("data.unlabeled_ratio", float, "MU: unlabeled images per labeled one in every step"),
@@ -57,7 +63,10 @@ def add_recipe_args(p: argparse.ArgumentParser, flags: dict[str, tuple[str, type
                    help="continue a stopped run from its newest valid checkpoint, with its recorded recipe "
                         "(only flags that cannot change results, such as --workers, may be added)")
     for flag, (key, tp, text) in flags.items():
-        p.add_argument(flag, type=tp, default=None, help=f"{text} [{key}]")
+        if tp is bool:
+            p.add_argument(flag, action="store_const", const=True, default=None, help=f"{text} [{key}]")
+        else:
+            p.add_argument(flag, type=tp, default=None, help=f"{text} [{key}]")
 
 
 def recipe_from_args(args: argparse.Namespace, flags: dict[str, tuple[str, type, str]],
@@ -68,6 +77,8 @@ def recipe_from_args(args: argparse.Namespace, flags: dict[str, tuple[str, type,
         if value is not None:
             items.append((key, value))
     items += list((extra or {}).items())
+    if "--preset" in flags and args.preset is None and not args.recipe and not args.resume:
+        items.append(("preset", "deit"))  # the headline command runs the paper's whole recipe
     if args.no_progress:
         items.append(("run.progress", False))
     if args.strict:

@@ -12,9 +12,10 @@ from timm.data import auto_augment as _auto_augment
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
-from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset, load_rgb, sample_seed
+from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset, load_rgb
 from kdkit.data.mixup import SampleMixup
 from kdkit.data.sampler import EpochSampler, MixedSampler, epoch_views, mixed_epoch_views
+from kdkit.data.seeding import sample_seed
 from kdkit.data.unlabeled import SemiSupervisedDataset, UnlabeledFolderDataset, check_readable
 from kdkit.data.views import apply_views, is_augmented, view_settings, view_transform
 from kdkit.registry import KdkitError
@@ -157,7 +158,8 @@ def collate(samples: list[dict]) -> dict:
 
 
 def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, workers: int = 2, seed: int = 0,
-                  num_replicas: int = 1, rank: int = 0, repeated_aug: int = 0) -> DataLoader:
+                  num_replicas: int = 1, rank: int = 0, repeated_aug: int = 0, persistent_workers: bool = True,
+                  prefetch_factor: int = 2) -> DataLoader:
     """A DataLoader over one process's part of the data.
 
     Training: an EpochSampler whose global order depends on (seed, epoch) only (with
@@ -168,14 +170,18 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     Evaluation: in order, every sample once (Accelerate shards it and drops the padding).
     The loader draws its workers' base seed from a private generator, not the global torch RNG:
     starting an epoch (or resuming in the middle of one) leaves the training's random stream
-    (dropout, drop_path) as it was, and the views are seeded by the dataset anyway.
+    (dropout, drop_path) as it was, and the views are seeded by the dataset anyway. Training
+    samplers yield (epoch, view id), so `persistent_workers` (kept between epochs) need no epoch
+    of their own; `prefetch_factor` batches per worker are prepared ahead.
     """
     if training and isinstance(dataset, SemiSupervisedDataset):
         # each step: batch_size labeled + MU * batch_size unlabeled views per process
         sampler = MixedSampler(dataset, batch_size * num_replicas, seed, num_replicas, rank, max(repeated_aug, 1))
         batch_size = sampler.per_process_batch
     else:
-        sampler = EpochSampler(len(dataset), seed, num_replicas, rank, max(repeated_aug, 1)) if training else None
+        sampler = EpochSampler(len(dataset), batch_size * num_replicas, seed, num_replicas, rank,
+                               max(repeated_aug, 1)) if training else None
+    workers_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, drop_last=training, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), **workers_kwargs)

@@ -4,7 +4,6 @@ number of processes. Unreadable images are skipped and counted, or fail under `s
 
 from __future__ import annotations
 
-import random
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch import Tensor
 from torch.utils.data import Dataset
 
+from kdkit.data.sampler import epoch_views, pair_partners
+from kdkit.data.seeding import AUGMENT, MIX, run_seeded, sample_seed
 from kdkit.registry import KdkitError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -40,24 +42,22 @@ def load_rgb(path_or_image: str | Path | Image.Image) -> Image.Image:
         return img.convert("RGB")
 
 
-# independent random streams drawn from one (seed, epoch, index)
-AUGMENT, MIX, ORDER, PARTNER, UNLABELED_ORDER = 0, 1, 2, 3, 4
-
-
-def sample_seed(seed: int, epoch: int, index: int, stream: int = AUGMENT) -> int:
-    """A 32-bit seed that depends only on (run seed, epoch, view index, stream); all non-negative."""
-    return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1)[0])
+ViewKey = int | tuple[int, int]  # a view id (in the dataset's current epoch), or (epoch, view id)
 
 
 class SeededDataset(Dataset):
     """Base class: subclasses list their samples and read one raw (PIL image, label) pair.
 
-    __getitem__(v) takes a view id v (sample v % len, repeat v // len; see data/sampler.py) and
-    returns dict(image=(3, H, W) tensor or None if unreadable, target=int (-1 when unlabeled) or a
-    (K,) soft target under Mixup/CutMix, index=v, epoch=the view epoch). The transform runs under
-    python/numpy/torch RNGs seeded from (seed, view epoch, v), and Mixup/CutMix (`mixup`, a
-    SampleMixup) pairs samples by a seeded order: a view never depends on worker count, batch size
-    or process count. With `view_cycle` E > 0, epoch e draws the views of epoch e % E.
+    A key is a view id v (sample v % len, repeat v // len; see data/sampler.py) in the current
+    epoch (`set_epoch`), or an (epoch, v) pair, as the training samplers yield them so that
+    persistent loader workers need no epoch of their own. Each key gives dict(image=(3, H, W)
+    tensor or None if unreadable, target=int (-1 when unlabeled) or a (K,) soft target under
+    Mixup/CutMix, index=v, epoch=the view epoch). The transform runs under random streams seeded
+    from (seed, view epoch, v), and Mixup/CutMix (`mixup`, a SampleMixup) mixes the two views of a
+    pair of positions of the epoch's global order (`epoch_orders`, `pair_partners`) in both
+    directions: a view never depends on worker count, batch size or process count. A batch that
+    holds both views of a pair (the samplers keep pairs together) decodes and augments each once.
+    With `view_cycle` E > 0, epoch e draws the views of epoch e % E.
     """
 
     classes: list[str]
@@ -68,10 +68,15 @@ class SeededDataset(Dataset):
         self.epoch = 0
         self.strict = strict
         self.mixup = None
+        self.repeats = 1  # repeated augmentation of the training order (pairs of views follow it)
         self.view_cycle = 0
+        self._partners: dict[int, tuple[Tensor, Tensor]] = {}
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch % self.view_cycle if self.view_cycle else epoch
+        self.epoch = self.view_epoch(epoch)
+
+    def view_epoch(self, epoch: int) -> int:
+        return epoch % self.view_cycle if self.view_cycle else epoch
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -86,8 +91,15 @@ class SeededDataset(Dataset):
         """What the scan of the data found besides readable samples (for the run summary)."""
         return {}
 
-    def view(self, view: int) -> tuple[torch.Tensor | None, int]:
-        """The augmented image of view `view` in the current epoch (None if unreadable) and its label."""
+    def epoch_orders(self, epoch: int) -> list[Tensor]:
+        """The global orders of view ids the training sampler draws in view epoch `epoch`, one per
+        pool whose views pair among themselves under Mixup/CutMix."""
+        return [epoch_views(len(self), self.seed, epoch, self.repeats)]
+
+    def view(self, view: int, epoch: int | None = None) -> tuple[torch.Tensor | None, int]:
+        """The augmented image of view `view` in view epoch `epoch` (default: the current one;
+        None if unreadable) and its label."""
+        epoch = self.epoch if epoch is None else epoch
         index = view % len(self)
         try:
             img, target = self.read(index)
@@ -97,32 +109,55 @@ class SeededDataset(Dataset):
                 raise KdkitError(f"unreadable image {self.describe(index)}: {type(e).__name__}: {e}") from None
             return None, -1
         if self.transform is not None:
-            img = self._seeded(self.transform, img, sample_seed(self.seed, self.epoch, view))
+            img = run_seeded(self.transform, sample_seed(self.seed, epoch, view, AUGMENT), img)
         return img, target
 
+    def partners(self, views: list[int], epoch: int | None = None) -> list[int]:
+        """The view each of `views` is mixed with under Mixup/CutMix in view epoch `epoch`: the other
+        view of its pair of positions; itself (unmixed) for a view the epoch does not draw."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._partners:
+            self._partners[epoch] = pair_partners(self.epoch_orders(epoch))
+            while len(self._partners) > 2:
+                del self._partners[next(iter(self._partners))]
+        stored, partner = self._partners[epoch]
+        v = torch.tensor(views, dtype=torch.long)
+        i = torch.searchsorted(stored, v).clamp_max(len(stored) - 1)
+        return torch.where(stored[i] == v, partner[i], v).tolist()
+
     def partner(self, view: int) -> int:
-        """The sample that view `view` is mixed with under Mixup/CutMix (seen in its own first view)."""
-        return self.mixup.partner(self.seed, self.epoch, view % len(self), len(self))
+        return self.partners([view])[0]
 
-    def __getitem__(self, view: int) -> dict:
-        img, target = self.view(view)
-        if self.mixup is not None and img is not None:
-            other, other_target = self.view(self.partner(view))
-            img, target = self.mixup(img, target, other, other_target, sample_seed(self.seed, self.epoch, view, MIX))
-        return {"image": img, "target": target, "index": view, "epoch": self.epoch}
+    def __getitem__(self, key: ViewKey) -> dict:
+        return self.__getitems__([key])[0]
 
-    @staticmethod
-    def _seeded(transform: Callable, img: Image.Image, seed: int) -> torch.Tensor:
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return transform(img)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    def __getitems__(self, keys: list[ViewKey]) -> list[dict]:
+        """The samples of `keys` (DataLoader's batched fetch); each view is decoded and augmented
+        once per call, however many pairs it takes part in."""
+        keyed = [(self.view_epoch(k[0]), k[1]) if isinstance(k, tuple) else (self.epoch, int(k)) for k in keys]
+        views: dict[tuple[int, int], tuple[Tensor | None, int]] = {}
+
+        def view(e: int, v: int) -> tuple[Tensor | None, int]:
+            if (e, v) not in views:
+                views[e, v] = self.view(v, e)
+            return views[e, v]
+
+        if self.mixup is None:
+            return [_sample(*view(e, v), v, e) for e, v in keyed]
+        mixed: dict[tuple[int, int], tuple[Tensor | None, Tensor]] = {}
+        for e in {e for e, _ in keyed}:
+            mine = [v for ee, v in keyed if ee == e]
+            for v, w in zip(mine, self.partners(mine, e), strict=True):
+                if (e, v) in mixed:
+                    continue
+                a, b = min(v, w), max(v, w)
+                (xa, ya), (xb, yb) = self.mixup(*view(e, a), *view(e, b), sample_seed(self.seed, e, a, MIX))
+                mixed[e, a], mixed[e, b] = (xa, ya), (xb, yb)
+        return [_sample(*mixed[e, v], v, e) for e, v in keyed]
+
+
+def _sample(image: Tensor | None, target: int | Tensor, view: int, epoch: int) -> dict:
+    return {"image": image, "target": target, "index": view, "epoch": epoch}
 
 
 def read_image_file(path: str | Path) -> Image.Image:

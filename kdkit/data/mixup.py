@@ -1,64 +1,48 @@
-"""Mixup/CutMix per sample: timm's own `Mixup` applied to a sample and a partner drawn from the
-epoch's seeded order, so a mixed view depends on (seed, epoch, view id) only, never on which
-batch the sample lands in. A teacher's answer for a mixed view can then be cached and replayed."""
+"""Mixup/CutMix per pair of views: timm's own `Mixup` applied to the two views of a pair of
+positions of the epoch's order, in both directions (as timm's `mode="pair"` mixes x_i with x_j
+and x_j with x_i), so a mixed view depends on (seed, epoch, view id) only, never on which batch
+the pair lands in. A teacher's answer for a mixed view can then be cached and replayed."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from kdkit.data.dataset import PARTNER, sample_seed
+from kdkit.data.seeding import run_seeded
+
+Sample = tuple[torch.Tensor | None, int]
 
 
 class SampleMixup:
-    """Mix view `v` of an epoch with a partner: the next sample in a seeded cyclic order of the
-    dataset (never itself when there are two or more samples), seen in the partner's own view.
+    """Mix views a and b of a pair with one λ (and one CutMix box, one mixup/cutmix switch) drawn
+    under random streams seeded by the pair's seed: a' = λ a + (1 - λ) b, b' = λ b + (1 - λ) a.
 
-    mixup: a timm `Mixup` (mode "batch"); its λ, CutMix box and mixup/cutmix switch are drawn under
-    numpy seeded by (seed, epoch, v). Targets come back as (K,) float soft labels (label smoothing
-    included); an unlabeled sample (target -1) or partner gives an all-zero row, which the label
-    loss skips.
+    mixup: a timm `Mixup` (mode "batch"), applied to the 2-image batch [a, b]; its flip partners
+    are exactly the pair. Targets come back as (K,) float soft labels (label smoothing included);
+    an unlabeled view (target -1) in a pair gives all-zero rows, which the label loss skips. An
+    unreadable view (None) stays None, and its partner comes back unmixed.
     """
 
     def __init__(self, mixup: Mixup):
         if mixup.mode != "batch":
-            raise ValueError("SampleMixup draws one λ per sample pair: use Mixup(mode='batch')")
+            raise ValueError("SampleMixup draws one λ per pair of views: use Mixup(mode='batch')")
         self.mixup = mixup
-        # the epoch's orders, newest last: two pools (labeled, unlabeled) pair within themselves
-        self._orders: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_classes(self) -> int:
         return self.mixup.num_classes
 
-    def partner(self, seed: int, epoch: int, index: int, num_samples: int) -> int:
-        """The sample index that `index` is mixed with in this epoch, among `num_samples` samples."""
-        key = (seed, epoch, num_samples)
-        if key not in self._orders:
-            g = torch.Generator().manual_seed(sample_seed(seed, epoch, 0, PARTNER))
-            order = torch.randperm(num_samples, generator=g)
-            position = torch.empty_like(order)
-            position[order] = torch.arange(num_samples)
-            self._orders[key] = (order, position)
-            while len(self._orders) > 2:
-                del self._orders[next(iter(self._orders))]
-        order, position = self._orders[key]
-        return int(order[(position[index] + 1) % num_samples])
+    def _unmixed(self, image: torch.Tensor | None, target: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        y = mixup_target(torch.tensor([max(target, 0)]), self.num_classes, 1.0, self.mixup.label_smoothing)[0]
+        return image, y * (target >= 0)
 
-    def __call__(self, image: torch.Tensor | None, target: int, other: torch.Tensor | None, other_target: int,
-                 seed: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Mix (image, target) with (other, other_target) under numpy seeded by `seed`; `other` None
-        leaves the sample unmixed. Returns ((3, H, W) image, (K,) soft target)."""
-        labels = torch.tensor([max(target, 0), max(other_target, 0)])
-        if other is None:
-            y = mixup_target(labels[:1], self.num_classes, 1.0, self.mixup.label_smoothing)[0]
-            return image, y * (target >= 0)
-        state = np.random.get_state()
-        np.random.seed(seed)
-        try:
-            x, y = self.mixup(torch.stack([image, other]), labels)
-        finally:
-            np.random.set_state(state)
-        return x[0], y[0] * (target >= 0 and other_target >= 0)
+    def __call__(self, a: torch.Tensor | None, a_target: int, b: torch.Tensor | None, b_target: int,
+                 seed: int) -> tuple[tuple[torch.Tensor | None, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]:
+        """((3, H, W) a', (K,) target of a'), ((3, H, W) b', (K,) target of b')."""
+        if a is None or b is None:
+            return self._unmixed(a, a_target), self._unmixed(b, b_target)
+        labels = torch.tensor([max(a_target, 0), max(b_target, 0)])
+        x, y = run_seeded(self.mixup, seed, torch.stack([a, b]), labels)
+        labeled = float(a_target >= 0 and b_target >= 0)
+        return (x[0], y[0] * labeled), (x[1], y[1] * labeled)

@@ -1,6 +1,10 @@
 """The order in which an epoch's views are drawn: a function of (seed, epoch) only, split over
 processes so that one global batch holds the same views whatever the number of processes. With
-unlabeled data (data/unlabeled.py), every step holds B labeled and MU * B unlabeled views."""
+unlabeled data (data/unlabeled.py), every step holds B labeled and MU * B unlabeled views.
+
+Positions 2i and 2i + 1 of an epoch's order form a pair that Mixup/CutMix mixes in both
+directions (`pair_partners`); every process takes a contiguous block of each global batch, so a
+pair stays in one process's batch whenever that batch is even, and its two views are decoded once."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from kdkit.data.dataset import ORDER, UNLABELED_ORDER, sample_seed
+from kdkit.data.seeding import ORDER, UNLABELED_ORDER, sample_seed
 from kdkit.registry import KdkitError
 
 
@@ -19,41 +23,68 @@ def epoch_views(num_samples: int, seed: int, epoch: int, repeats: int = 1, shuff
 
     A view id is `index + r * num_samples` for the r-th repeat of sample `index`, so repeated
     augmentation (DeiT's RASampler: each drawn image `repeats` times, in a differently augmented
-    view) draws distinct views; an epoch still draws `num_samples` views, as in DeiT.
+    view) draws distinct views; an epoch still draws `num_samples` views, as in DeiT. Repeats come
+    a pair at a time (A B A B A B ...), so the two views of a Mixup pair are never one image.
     """
     g = torch.Generator().manual_seed(sample_seed(seed, epoch, 0, ORDER))
     order = torch.randperm(num_samples, generator=g) if shuffle else torch.arange(num_samples)
     if repeats > 1:
-        order = (order.repeat_interleave(repeats) + num_samples * torch.arange(repeats).repeat(num_samples))
-        order = order[:num_samples]
+        even = num_samples // 2 * 2
+        offsets = num_samples * torch.arange(repeats)
+        pairs = order[:even].view(-1, 1, 2) + offsets.view(1, -1, 1)
+        rest = order[even:].view(-1, 1) + offsets.view(1, -1)
+        order = torch.cat([pairs.reshape(-1), rest.reshape(-1)])[:num_samples]
     return order
 
 
-class EpochSampler(Sampler[int]):
-    """Process `rank` of `num_replicas` draws views rank, rank + num_replicas, ... of the epoch's
-    global order (`epoch_views`): with a per-process batch of B / num_replicas, step s of every
-    process together covers global positions [s * B, (s + 1) * B), as a single process would.
+def pair_partners(orders: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup pairs of the given orders: position 2i with 2i + 1 (an odd last position with itself).
+    Returns (sorted view ids, the partner of each), for lookup by searchsorted."""
+    views, partners = [], []
+    for order in orders:
+        position = torch.arange(len(order)) ^ 1
+        position[position >= len(order)] = len(order) - 1
+        views.append(order)
+        partners.append(order[position])
+    views, partners = torch.cat(views), torch.cat(partners)
+    stored, perm = views.sort()
+    return stored, partners[perm]
+
+
+def split_steps(order: torch.Tensor, batch_size: int, num_replicas: int, rank: int) -> torch.Tensor:
+    """Process `rank`'s views of `order`: its contiguous block of batch_size / num_replicas views in
+    every full global batch of `batch_size` (a partial last batch is dropped), flattened."""
+    steps = len(order) // batch_size
+    return order[: steps * batch_size].view(steps, num_replicas, batch_size // num_replicas)[:, rank].reshape(-1)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Process `rank` of `num_replicas` draws its block of every global batch of `batch_size`
+    (global) views of the epoch's order (`epoch_views`): step s of every process together covers
+    global positions [s * B, (s + 1) * B), as a single process would. Yields (epoch, view id).
 
     set_epoch(epoch, start) re-seeds the order and skips the first `start` views of this process
     (resuming mid-epoch without reading the skipped images).
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, repeats: int = 1,
-                 shuffle: bool = True):
-        self.num_samples, self.seed, self.repeats, self.shuffle = num_samples, seed, repeats, shuffle
-        self.num_replicas, self.rank = num_replicas, rank
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 repeats: int = 1, shuffle: bool = True):
+        if batch_size % num_replicas:
+            raise KdkitError(f"batch_size {batch_size} is not divisible by {num_replicas} processes")
+        self.num_samples, self.batch_size, self.seed, self.repeats = num_samples, batch_size, seed, repeats
+        self.num_replicas, self.rank, self.shuffle = num_replicas, rank, shuffle
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.num_samples // self.num_replicas - self.start
+        return self.num_samples // self.batch_size * (self.batch_size // self.num_replicas) - self.start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         order = epoch_views(self.num_samples, self.seed, self.epoch, self.repeats, self.shuffle)
-        mine = order[: len(order) // self.num_replicas * self.num_replicas][self.rank :: self.num_replicas]
-        return iter(mine[self.start :].tolist())
+        mine = split_steps(order, self.batch_size, self.num_replicas, self.rank)
+        return ((self.epoch, v) for v in mine[self.start :].tolist())
 
 
 def unlabeled_per_epoch(num_labeled: int, ratio: float) -> int:
@@ -91,13 +122,13 @@ def mixed_epoch_views(num_labeled: int, num_unlabeled: int, ratio: float, seed: 
     return labeled, unlabeled_views(num_labeled, num_unlabeled, unlabeled_per_epoch(num_labeled, ratio), seed, epoch)
 
 
-class MixedSampler(Sampler[int]):
+class MixedSampler(Sampler[tuple[int, int]]):
     """Steps of `batch_size` labeled views then MU * `batch_size` unlabeled views (global counts),
     over a SemiSupervisedDataset; an epoch is N_l // batch_size steps (`mixed_epoch_views`).
 
-    Process `rank` of `num_replicas` takes, in every step, the labeled views at positions rank,
-    rank + num_replicas, ... of the step's labeled slice (as EpochSampler does) and likewise of
-    its unlabeled slice: with a per-process batch of (B + MU * B) / num_replicas, the processes
+    Process `rank` of `num_replicas` takes, in every step, its contiguous block of the step's
+    labeled slice (as EpochSampler does) and likewise of its unlabeled slice; it yields
+    (epoch, view id): with a per-process batch of (B + MU * B) / num_replicas, the processes
     together draw the very views one process would. set_epoch(epoch, start) skips the first
     `start` views of this process (resuming mid-epoch; a multiple of the per-process batch).
     When the dataset replays cached epochs (`view_cycle` E), epoch e draws epoch e % E's views.
@@ -128,12 +159,12 @@ class MixedSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.steps * self.per_process_batch - self.start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         ds, cycle = self.dataset, self.dataset.view_cycle
         labeled, unlabeled = mixed_epoch_views(ds.num_labeled, len(ds.unlabeled), ds.unlabeled_ratio, self.seed,
                                                self.epoch % cycle if cycle else self.epoch, self.repeats)
         b, u, p, r = self.batch_size, self.unlabeled_batch, self.num_replicas, self.rank
-        labeled = labeled[: self.steps * b].view(self.steps, b)[:, r::p]
-        unlabeled = unlabeled[: self.steps * u].view(self.steps, u)[:, r::p]
+        labeled = labeled[: self.steps * b].view(self.steps, p, b // p)[:, r]
+        unlabeled = unlabeled[: self.steps * u].view(self.steps, p, u // p)[:, r]
         mine = torch.cat([labeled, unlabeled], dim=1).reshape(-1)
-        return iter(mine[self.start :].tolist())
+        return ((self.epoch, v) for v in mine[self.start :].tolist())

@@ -8,9 +8,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from kdkit.data.dataset import IMG_EXTENSIONS, SeededDataset, load_rgb, read_image_file
+from kdkit.data.sampler import mixed_epoch_views
 from kdkit.registry import KdkitError
 
 
@@ -87,7 +89,7 @@ class SemiSupervisedDataset(SeededDataset):
 
     ratio (MU, > 0): unlabeled images per labeled one in every step; an epoch (one pass over the
     labeled data) draws floor(MU * N_l) unlabeled views at most (see data/sampler.py).
-    Under Mixup/CutMix a sample's partner comes from its own pool, so an unlabeled image is never
+    Under Mixup/CutMix a view's partner comes from its own pool (`epoch_orders`), so an unlabeled image is never
     mixed into a labeled target (unlabeled targets become all-zero rows, which the label loss skips).
     The views (transform, Mixup/CutMix) are those set on this dataset; the parts only read images.
     """
@@ -116,8 +118,7 @@ class SemiSupervisedDataset(SeededDataset):
     def issues(self) -> dict:
         return {**self.labeled.issues(), "unlabeled": self.unlabeled.issues()}
 
-    def partner(self, view: int) -> int:
-        index, n = view % len(self), self.num_labeled
-        if index < n:
-            return self.mixup.partner(self.seed, self.epoch, index, n)
-        return n + self.mixup.partner(self.seed, self.epoch, index - n, len(self.unlabeled))
+    def epoch_orders(self, epoch: int) -> list[torch.Tensor]:
+        # two pools: labeled views pair with labeled ones, unlabeled with unlabeled
+        return list(mixed_epoch_views(self.num_labeled, len(self.unlabeled), self.unlabeled_ratio, self.seed, epoch,
+                                      self.repeats))

@@ -54,6 +54,7 @@ def apply_views(dataset: SeededDataset, views: dict, num_classes: int) -> Seeded
     """Set the dataset's transform and per-sample Mixup/CutMix (training views) from `views`."""
     v = views
     dataset.transform = view_transform(v)
+    dataset.repeats = max(int(v.get("repeated_aug", 1)), 1)  # Mixup pairs follow the sampler's order
     dataset.mixup = SampleMixup(Mixup(mixup_alpha=v["mixup"], cutmix_alpha=v["cutmix"], prob=v["mixup_prob"],
                                       switch_prob=v["mixup_switch_prob"], label_smoothing=v["label_smoothing"],
                                       num_classes=num_classes)) if v["train"] and (v["mixup"] > 0 or v["cutmix"] > 0) \

@@ -60,7 +60,7 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
     train_ds = open_train(r)
     num_classes = len(train_ds.classes)
     data_cfg = student_data_config(build_student(r, "distill", None, num_classes), r.model.img_size)
-    teacher = build_teacher(r, None, num_classes, data_cfg)
+    teacher = build_teacher(r, None, num_classes, data_cfg, acc)
     identity = {"name": resolve_model_name(r.model.teacher), "weights": r.model.teacher_weights or "hub",
                 "weights_sha256": weights_sha256(teacher.model)}
     manifest = expected_manifest(r, train_ds, data_cfg, mode, identity, topk, dtype, shard_size)

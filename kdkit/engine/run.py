@@ -18,7 +18,7 @@ from torch import nn
 
 from kdkit import __version__
 from kdkit.cache import LogitCache
-from kdkit.config import Recipe
+from kdkit.config import PRESET_NOTES, Recipe
 from kdkit.data import (
     SemiSupervisedDataset,
     apply_views,
@@ -42,8 +42,26 @@ from kdkit.teachers import CachedLogits, LiveTeacher
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
-    return Accelerator(mixed_precision=recipe.run.precision, gradient_accumulation_steps=recipe.optim.grad_accum,
-                       cpu=not torch.cuda.is_available())
+    """The run's Accelerator. Precision "auto" leaves it to Accelerate's own resolution (the
+    `accelerate launch --mixed_precision` flag, ACCELERATE_MIXED_PRECISION, an `accelerate config`
+    file through the launcher); any other value (command line or recipe) wins over those."""
+    precision = None if recipe.run.precision == "auto" else recipe.run.precision
+    try:
+        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=recipe.optim.grad_accum,
+                           cpu=not torch.cuda.is_available())
+    except ValueError as e:
+        raise KdkitError(f"cannot set up precision {precision or 'from the environment'!r}: {e}") from None
+
+
+def amp_dtype(acc: Accelerator) -> torch.dtype | None:
+    """The autocast dtype of the run's mixed precision (None: full precision), which the teacher
+    follows too."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
+
+
+def is_convnet(model: nn.Module) -> bool:
+    """Whether convolutions do most of the work (more than a patch-embedding convolution)."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 
 def run_dir_for(recipe: Recipe, mode: str) -> Path:
@@ -132,20 +150,37 @@ def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
     per_proc = r.data.batch_size // acc.num_processes
     if per_proc * acc.num_processes != r.data.batch_size:
         raise KdkitError(f"batch_size {r.data.batch_size} is not divisible by {acc.num_processes} processes")
-    train_loader = create_loader(train_ds, per_proc, training=True, workers=r.data.workers, seed=r.run.seed,
-                                 num_replicas=acc.num_processes, rank=acc.process_index, repeated_aug=r.aug.repeated_aug)
+    loader_kw = {"workers": r.data.workers, "persistent_workers": r.data.persistent_workers,
+                 "prefetch_factor": r.data.prefetch_factor}
+    train_loader = create_loader(train_ds, per_proc, training=True, seed=r.run.seed, num_replicas=acc.num_processes,
+                                 rank=acc.process_index, repeated_aug=r.aug.repeated_aug, **loader_kw)
     if len(train_loader) == 0:
         raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
     eval_loader = create_loader(eval_ds, max(r.data.eval_batch_size // acc.num_processes, 1), training=False,
-                                workers=r.data.workers)
+                                **loader_kw)
     return train_loader, eval_loader
 
 
-def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int):
-    """timm optimizer and per-update scheduler; lr scaled by global batch / lr_base_batch (DeiT)."""
+def kernel_kwargs(opt: str, fused: str, device: torch.device) -> dict:
+    """`fused` / `foreach` for the optimizer: "auto" is fused for Adam(W) on CUDA and foreach
+    elsewhere (measured in docs/results.md); torch's fused kernels exist for Adam(W) only here."""
+    if fused == "auto":
+        fused = "fused" if device.type == "cuda" and opt in ("adam", "adamw") else "foreach"
+    if fused == "fused":
+        if opt not in ("adam", "adamw"):
+            raise KdkitError(f"optim.fused = 'fused' needs optim.opt adam or adamw, not {opt!r}: use 'foreach'")
+        return {"fused": True, "foreach": False}
+    return {"foreach": fused == "foreach"}
+
+
+def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int, device: torch.device):
+    """timm optimizer (parameter groups as timm builds them for the bare model: no weight decay on
+    what its no_weight_decay() names and on 1-D parameters; optional layer-wise lr decay) and
+    per-update scheduler; lr scaled by global batch / lr_base_batch (DeiT)."""
     o = r.optim
     lr = o.lr * (r.data.batch_size * o.grad_accum / o.lr_base_batch if o.lr_base_batch else 1)
-    optimizer = create_optimizer_v2(student, o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    optimizer = create_optimizer_v2(student, o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                    layer_decay=o.layer_decay or None, **kernel_kwargs(o.opt, o.fused, device))
     scheduler, _ = create_scheduler_v2(optimizer, o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs,
                                        warmup_lr=o.warmup_lr, min_lr=o.min_lr, step_on_epochs=False,
                                        updates_per_epoch=max(batches_per_epoch // o.grad_accum, 1))
@@ -209,10 +244,13 @@ def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_cla
                           drop_path_rate=r.model.drop_path, model_kwargs=r.model.kwargs)
 
 
-def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, data_cfg: dict) -> Teacher:
-    """The recipe's teacher (or the given module), frozen, bridged to the student's normalisation.
-    Built under a forked RNG so that a teacher (or none, with a cache) never changes the student's
-    random stream: a run reading cached logits draws the same dropout as one running the teacher."""
+def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, data_cfg: dict,
+                  acc: Accelerator | None = None) -> Teacher:
+    """The recipe's teacher (or the given module), frozen, bridged to the student's normalisation,
+    in the run's precision (`acc`) and memory format (run.channels_last), compiled with
+    run.compile. Built under a forked RNG so that a teacher (or none, with a cache) never changes
+    the student's random stream: a run reading cached logits draws the same dropout as one running
+    the teacher."""
     if teacher is None and not r.model.teacher:
         raise KdkitError("distillation needs a teacher: pass --teacher NAME (and --teacher-weights FILE), "
                          "or --logits CACHE")
@@ -220,6 +258,13 @@ def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, 
         t = create_teacher(teacher if teacher is not None else r.model.teacher, num_classes,
                            weights=r.model.teacher_weights or None, model_kwargs=r.model.teacher_kwargs)
     t.set_student_normalization(data_cfg["mean"], data_cfg["std"])
+    if acc is not None:
+        t.amp_dtype = amp_dtype(acc)
+        cl = r.run.channels_last
+        if cl == "on" or (cl == "auto" and acc.device.type == "cuda" and is_convnet(t.model)):
+            t.use_channels_last()
+    if r.run.compile:
+        t.model.compile()
     return t
 
 
@@ -229,7 +274,7 @@ def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dic
     live teacher serves the epochs past the cache, unless the cached epochs are cycled)."""
     num_classes = len(train_ds.classes)
     if not r.model.teacher_logits:
-        t = build_teacher(r, teacher, num_classes, data_cfg)
+        t = build_teacher(r, teacher, num_classes, data_cfg, acc)
         summary["teacher_check"] = check_teacher(t, eval_loader, num_classes, r.run.teacher_check_batches, acc)
         return LiveTeacher(t)
     from kdkit.engine.caching import expected_manifest
@@ -244,7 +289,7 @@ def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dic
         if r.model.teacher_logits_cycle:
             train_ds.view_cycle = cache.epochs
         elif teacher is not None or r.model.teacher:
-            fallback = LiveTeacher(build_teacher(r, teacher, num_classes, data_cfg))
+            fallback = LiveTeacher(build_teacher(r, teacher, num_classes, data_cfg, acc))
         else:
             raise KdkitError(f"the cache holds {cache.epochs} epochs and the run has {r.optim.epochs}: pass "
                              f"--teacher to compute the rest live, or --logits-cycle to replay the cached ones")
@@ -275,7 +320,7 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     loss_kind = "none" if mode == "train" else r.loss.kind
     loss = build_loss(r, mode, train_ds.mixup is not None)
     semi = isinstance(train_ds, SemiSupervisedDataset)
-    summary: dict = {"mode": mode, "classes": len(classes),
+    summary: dict = {"mode": mode, "classes": len(classes), "precision": str(acc.mixed_precision),
                      "train_images": train_ds.num_labeled if semi else len(train_ds),
                      "eval_images": len(eval_ds), "conventions": loss.conventions(),
                      "processes": acc.num_processes, "global_batch_size": r.data.batch_size}
@@ -283,7 +328,9 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader)
     logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
         if loss.needs_teacher else None
-    optimizer, scheduler, lr = build_optimizer(r, student, len(train_loader))
+    optimizer, scheduler, lr = build_optimizer(r, student, len(train_loader), acc.device)
+    if r.run.compile:
+        student.compile()  # in place: state-dict names stay the student's own
     out_dir = Path(resume) if resume else run_dir_for(r, mode)
     config = student_config(student, r, classes, data_cfg, loss.conventions())
     if acc.is_main_process:
@@ -292,7 +339,10 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         console.print(f"{mode}: {config['architecture']} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
                       f"params, head {type(student).__name__}) on {summary['train_images']} images"
                       f"{f' + {len(train_ds.unlabeled)} unlabeled' if semi else ''}, {len(classes)} classes, "
-                      f"loss {loss_kind}, lr {lr:.3g}, {r.optim.epochs} epochs -> {out_dir}")
+                      f"loss {loss_kind}, lr {lr:.3g}, {r.optim.epochs} epochs, precision {acc.mixed_precision}"
+                      f"{', compiled' if r.run.compile else ''} -> {out_dir}")
+        console.print(f"recipe: {r.description or 'command line'}; preset {r.preset or 'none'}"
+                      f"{PRESET_NOTES.get(r.preset, '')}")
     start = time.perf_counter()
     result = fit(student, DistillationStep(loss, logits), train_loader, epochs=r.optim.epochs, optimizer=optimizer,
                  scheduler=scheduler, eval_loader=eval_loader, accelerator=acc,

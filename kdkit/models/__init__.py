@@ -103,7 +103,7 @@ def create_teacher(model: str | nn.Module, num_classes: int | None = None, *, we
                    pretrained: bool | None = None, model_kwargs: dict | None = None,
                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                    input_size: tuple[int, int, int] | None = None,
-                   amp_dtype: torch.dtype | None = torch.bfloat16) -> Teacher:
+                   amp_dtype: torch.dtype | None = None) -> Teacher:
     """A frozen Teacher from a timm name or any nn.Module.
 
     With a name and no `weights`, timm's pretrained weights are downloaded (for `regnety_160`, the

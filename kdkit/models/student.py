@@ -12,7 +12,11 @@ Every head is an nn.Module whose forward returns StudentOut(logits, dist_logits)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from timm.models import group_parameters
+from timm.optim import auto_group_layers
 from torch import Tensor, nn
 
 from kdkit.registry import KdkitError, Registry
@@ -29,8 +33,40 @@ def _num_pooled_features(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
+class _Wrapped(nn.Module):
+    """Re-exposes the timm model's optimizer hooks, which the wrapper would otherwise hide from
+    timm's `create_optimizer_v2` (no-decay list, layer-wise lr decay) and gradient checkpointing."""
+
+    model: nn.Module
+
+    def no_weight_decay(self) -> set[str]:
+        own = {"dist_token"} if "dist_token" in self._parameters else set()
+        return own | {f"model.{n}" for n in getattr(self.model, "no_weight_decay", set)()}
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """The wrapped model's layer ids (resolved exactly as timm would on it bare, dict or callable
+        matcher); the inserted `dist_token` joins the class token, other own params (`head_dist`) the last layer."""
+        m = self.model
+        layers = (group_parameters(m, m.group_matcher(coarse=coarse), reverse=True)
+                  if hasattr(m, "group_matcher") else auto_group_layers(m))
+        last, stem = max(layers.values(), default=0), layers.get("cls_token", 0)
+
+        def matcher(name: str) -> int:
+            if name.startswith("model."):
+                return layers.get(name[len("model."):], last)
+            return stem if name == "dist_token" else last
+
+        return matcher
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(enable)
+        elif enable:
+            raise KdkitError(f"{type(self.model).__name__} does not support gradient checkpointing")
+
+
 @HEADS.register("token")
-class TokenHead(nn.Module):
+class TokenHead(_Wrapped):
     """DeiT distillation token on a timm ViT. `model` keeps its timm structure and state-dict names."""
 
     def __init__(self, model: nn.Module):
@@ -70,7 +106,7 @@ class TokenHead(nn.Module):
 
 
 @HEADS.register("dual")
-class DualHead(nn.Module):
+class DualHead(_Wrapped):
     """A second linear classifier on the model's pooled features (timm `forward_head(pre_logits=True)`)."""
 
     def __init__(self, model: nn.Module):
@@ -91,7 +127,7 @@ class DualHead(nn.Module):
 
 
 @HEADS.register("shared")
-class SharedHead(nn.Module):
+class SharedHead(_Wrapped):
     """The model's own classifier carries both the label and the teacher term."""
 
     def __init__(self, model: nn.Module):

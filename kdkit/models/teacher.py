@@ -20,7 +20,7 @@ class Teacher(nn.Module):
         mean, std: the teacher's input normalisation (3 floats each); None: whatever the student's is.
         input_size: (C, H, W) the teacher expects; None keeps the student's size.
         student_mean, student_std: how the student's batch is normalised.
-        amp_dtype: autocast dtype on GPU (bf16 by default there), None for full precision.
+        amp_dtype: autocast dtype (the run's mixed precision: bf16 or fp16), None for full precision.
     """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
@@ -32,6 +32,7 @@ class Teacher(nn.Module):
         self.input_size = tuple(input_size) if input_size else None
         self.interpolation = interpolation
         self.amp_dtype = amp_dtype
+        self.channels_last = False
         # No mean/std of its own (a custom module without a timm config): it takes the student's input.
         self.follows_student = mean is None or std is None
         self.mean, self.std = (None, None) if self.follows_student else (tuple(mean), tuple(std))
@@ -46,6 +47,12 @@ class Teacher(nn.Module):
         self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
         self.student_mean, self.student_std = tuple(mean), tuple(std)
+
+    def use_channels_last(self) -> Teacher:
+        """Run the model in channels_last memory format (faster convolutions on GPUs)."""
+        self.channels_last = True
+        self.model.to(memory_format=torch.channels_last)
+        return self
 
     def train(self, mode: bool = True) -> Teacher:
         # The teacher never leaves eval mode, whatever the caller does to the modules around it.
@@ -62,10 +69,10 @@ class Teacher(nn.Module):
         """Returns teacher logits (B, K) in float32, detached from any graph."""
         with torch.inference_mode():
             x = self.prepare_input(images)
-            if self.amp_dtype is not None and x.device.type == "cuda":
-                with torch.autocast("cuda", dtype=self.amp_dtype):
-                    logits = self.model(x)
-            else:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
                 logits = self.model(x)
         # A plain tensor: inference-mode tensors cannot be saved for the student's backward.
         return logits.float().clone()

@@ -1,0 +1,389 @@
+"""Data-pipeline throughput per core: kdkit's training loader against timm's stock pipeline.
+
+    python bench/data_pipeline.py [--settings 32 224] [--rounds 3] [--images N] [--json PATH]
+
+Both pipelines run in this one process, one after the other, with no loader workers
+(num_workers=0) and one torch thread (--threads), so samples/s is the rate of one core. After a
+short warm-up (--warmup batches of each), every round times one pass of each pipeline (a whole
+epoch, or --batches batches), the order alternating from round to round (kdkit first in even
+rounds, timm first in odd ones) so that drift of a shared machine falls on both. Reported per
+pipeline: median, min and max samples/s over rounds (samples = batches x batch size, incomplete
+batches dropped by both), and kdkit / timm as the ratio of medians and the median of the
+per-round ratios.
+
+Settings:
+  32   CIFAR-10 JPEGs (32x32) from /work/shared/data/cifar10-jpg.tar.gz, the first --images training
+       images (class-balanced); RandomResizedCrop(32, scale 0.35-1) + hflip 0.5, bicubic.
+  224  --images-224 CIFAR-10 training images upscaled (bicubic) to 500x375 and saved as JPEG quality
+       90 (ImageNet-sized files); DeiT's augmentation: RandomResizedCrop(224, scale 0.08-1),
+       hflip 0.5, RandAugment rand-m9-mstd0.5-inc1, color jitter 0.3 (timm turns it off under
+       RandAugment, in both pipelines), random erasing 0.25 (pixel), bicubic; Mixup 0.8 / CutMix
+       1.0, prob 1, switch 0.5, label smoothing 0.1.
+
+timm: torchvision ImageFolder + timm.data.create_transform(...), DataLoader(batch 64, shuffle,
+drop_last), and for 224 timm's Mixup on each collated batch as timm's train.py applies it (its
+time counts). kdkit: open_dataset + apply_views(view_settings(data_cfg, AugConfig)) + create_loader;
+each epoch is entered the trainer's way (kdkit.engine.state.seek: sampler and dataset epoch).
+Note: importing kdkit.data replaces timm's Posterize ops with one that accepts 0 bits (recent
+Pillow refuses posterize(0)); both pipelines run with it.
+
+Data is prepared once under --cache-dir (default $KDKIT_BENCH_CACHE or ~/.cache/kdkit-bench) and
+reused. Prints a table and JSON (stdout); writes --json (default bench/results/data_pipeline.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+TARBALL = Path("/work/shared/data/cifar10-jpg.tar.gz")
+BATCH = 64
+UPSCALED = (500, 375)  # width x height, an ImageNet-typical 4:3 image
+JPEG_QUALITY = 90
+DEIT_AUG = dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25,
+                mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1)
+SETTINGS = {
+    "32": {"size": 32, "aug": dict(scale=(0.35, 1.0), hflip=0.5)},
+    "224": {"size": 224, "aug": DEIT_AUG},
+}
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def unpacked_cifar(cache: Path, tarball: Path) -> Path:
+    """cifar10/ (train/ and test/ of class folders), unpacked once under `cache` (into a temporary
+    folder first, renamed when complete, so an interrupted unpack is never taken for a finished one)."""
+    root = cache / "cifar10"
+    if (root / "train").is_dir():
+        return root
+    if not tarball.is_file():
+        sys.exit(f"error: {tarball} not found (the CIFAR-10 JPEG tarball; pass --tarball)")
+    cache.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".unpack-") as tmp:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        if not (Path(tmp) / "cifar10" / "train").is_dir():
+            sys.exit(f"error: {tarball} has no cifar10/train/ folder")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(Path(tmp) / "cifar10", root)
+    print(f"unpacked {tarball} into {cache} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return root
+
+
+def balanced_files(train: Path, n: int) -> list[tuple[str, Path]]:
+    """n files, class-balanced: the first n // C (sorted) of each of the C class folders, one more
+    in the first n % C classes; as (class, path) pairs."""
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    picked = []
+    for i, c in enumerate(classes):
+        want = n // len(classes) + (i < n % len(classes))
+        files = sorted((train / c).iterdir())[:want]
+        if len(files) < want:
+            sys.exit(f"error: {train / c} has {len(files)} images, fewer than the {want} asked for")
+        picked += [(c, f) for f in files]
+    return picked
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _upscale(job: tuple[Path, Path]) -> None:
+    src, dst = job
+    with Image.open(src) as img:
+        img.convert("RGB").resize(UPSCALED, Image.BICUBIC).save(dst, "JPEG", quality=JPEG_QUALITY)
+
+
+def prepared(cache: Path, cifar: Path, size: int, n: int) -> Path:
+    """An ImageFolder root (ROOT/train/<class>/*.jpg) of n class-balanced CIFAR-10 training images:
+    the 32x32 files themselves (size <= 64, hard links) or 500x375 upscaled JPEGs (size 224);
+    built in a temporary folder and renamed when complete, then reused."""
+    tag = f"cifar10-{n}" if size <= 64 else f"cifar10-{n}-{UPSCALED[0]}x{UPSCALED[1]}-q{JPEG_QUALITY}"
+    root = cache / tag
+    if (root / "train").is_dir():
+        return root
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f".{tag}-") as tmp:
+        jobs = []
+        for c, src in balanced_files(cifar / "train", n):
+            (Path(tmp) / "train" / c).mkdir(parents=True, exist_ok=True)
+            jobs.append((src, Path(tmp) / "train" / c / src.name))
+        if size <= 64:
+            for src, dst in jobs:
+                _link(src, dst)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max(min(os.cpu_count() or 1, 16), 1)) as pool:
+                list(pool.map(_upscale, jobs, chunksize=16))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+        os.chmod(root, 0o755)  # mkdtemp made it private
+        Path(tmp).mkdir()  # for TemporaryDirectory's own clean-up
+    print(f"prepared {len(jobs)} images in {root} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return root
+
+
+# --- the two pipelines ------------------------------------------------------------------------------
+
+def aug_config(aug: dict) -> dict:
+    """kdkit's AugConfig for these settings, as the dict view_settings takes."""
+    from kdkit.config import AugConfig
+
+    return dataclasses.asdict(AugConfig(**aug, repeated_aug=0, interpolation="bicubic"))
+
+
+class KdkitPipeline:
+    name = "kdkit"
+
+    def __init__(self, root: Path, size: int, aug: dict):
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        from kdkit.data import apply_views, create_loader, open_dataset, view_settings
+
+        self.ds = open_dataset(root, "train", seed=0)
+        data_cfg = {"input_size": (3, size, size), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
+                    "std": IMAGENET_DEFAULT_STD, "crop_pct": 1.0}
+        self.views = view_settings(data_cfg, aug_config(aug))
+        apply_views(self.ds, self.views, len(self.ds.classes))
+        self.loader = create_loader(self.ds, BATCH, training=True, workers=0, seed=0)
+        self.epoch = 0
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch (the next one) of (images, target) batches, entered as the trainer enters it."""
+        try:
+            from kdkit.engine.state import seek
+        except ImportError:  # the trainer's helper moved: do what it did
+            def seek(loader, epoch, step=0):
+                loader.sampler.set_epoch(epoch)
+                loader.dataset.set_epoch(epoch)
+        seek(self.loader, self.epoch)
+        self.epoch += 1
+        for raw in self.loader:
+            if raw["images"] is not None:
+                yield raw["images"], raw["target"]
+
+    def describe(self) -> dict:
+        return {"views": self.views, "samples": len(self.ds), "batches_per_epoch": len(self.loader)}
+
+
+class TimmPipeline:
+    name = "timm"
+
+    def __init__(self, root: Path, size: int, aug: dict):
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+        from torch.utils.data import DataLoader
+        from torchvision.datasets import ImageFolder
+
+        self.settings = dict(input_size=size, is_training=True, scale=tuple(aug["scale"]), hflip=aug["hflip"],
+                             color_jitter=aug.get("color_jitter") or None, auto_augment=aug.get("auto_augment") or None,
+                             re_prob=aug.get("reprob", 0.0), re_mode="pixel", interpolation="bicubic",
+                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        self.ds = ImageFolder(str(root / "train"), transform=create_transform(**self.settings))
+        self.loader = DataLoader(self.ds, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=0,
+                                 pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
+        self.mixup = None
+        if aug.get("mixup", 0) > 0 or aug.get("cutmix", 0) > 0:
+            self.mixup = Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], prob=aug["mixup_prob"],
+                               switch_prob=aug["mixup_switch_prob"], mode="batch",
+                               label_smoothing=aug["label_smoothing"], num_classes=len(self.ds.classes))
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, target in self.loader:
+            if self.mixup is not None:
+                images, target = self.mixup(images, target)
+            yield images, target
+
+    def describe(self) -> dict:
+        s = {k: list(v) if isinstance(v, tuple) else v for k, v in self.settings.items()}
+        return {"create_transform": s, "mixup": self.mixup is not None, "samples": len(self.ds),
+                "batches_per_epoch": len(self.loader)}
+
+
+def timed_pass(pipe, max_batches: int) -> tuple[float, int, tuple]:
+    """(seconds, samples) of one epoch of `pipe` (or its first max_batches batches) and the first
+    batch's (image shape, target shape)."""
+    samples, shapes = 0, ()
+    start = time.perf_counter()
+    for i, (images, target) in enumerate(pipe.batches()):
+        samples += images.shape[0]
+        if not shapes:
+            shapes = (tuple(images.shape), tuple(target.shape))
+        if max_batches and i + 1 >= max_batches:
+            break
+    return time.perf_counter() - start, samples, shapes
+
+
+def warm_up(pipe, batches: int) -> None:
+    for i, _ in enumerate(pipe.batches()):
+        if i + 1 >= batches:
+            break
+
+
+def measure(name: str, root: Path, size: int, aug: dict, rounds: int, warmup: int, batches: int,
+            log: Callable[[str], None]) -> dict:
+    torch.manual_seed(0)
+    pipes = [KdkitPipeline(root, size, aug), TimmPipeline(root, size, aug)]
+    for p in pipes:
+        warm_up(p, warmup)
+    rates: dict[str, list[float]] = {p.name: [] for p in pipes}
+    seconds: dict[str, list[float]] = {p.name: [] for p in pipes}
+    shapes: dict[str, list] = {}
+    samples_per_pass: dict[str, int] = {}
+    for r in range(rounds):
+        for p in pipes if r % 2 == 0 else pipes[::-1]:
+            s, n, shp = timed_pass(p, batches)
+            if n == 0:
+                sys.exit(f"error: the {p.name} pipeline delivered no batch of {BATCH} (too few images?)")
+            rates[p.name].append(n / s)
+            seconds[p.name].append(s)
+            shapes[p.name], samples_per_pass[p.name] = [list(x) for x in shp], n
+            log(f"  [{name} px] round {r + 1}/{rounds} {p.name:5s}: {n} samples in {s:.2f} s = {n / s:,.1f} /s")
+    stats = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
+             for k, v in rates.items()}
+    paired = [a / b for a, b in zip(rates["kdkit"], rates["timm"], strict=True)]
+    return {"img_size": size, "images": len(pipes[0].ds), "batch_size": BATCH, "samples_per_pass": samples_per_pass,
+            "warmup_batches": warmup, "rounds": rounds, "samples_per_s": stats, "seconds": seconds,
+            "ratio_kdkit_over_timm": stats["kdkit"]["median"] / stats["timm"]["median"],
+            "ratio_paired_median": statistics.median(paired), "ratio_paired": paired, "batch_shapes": shapes,
+            "kdkit": pipes[0].describe(), "timm": pipes[1].describe()}
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(threads: int) -> dict:
+    import timm
+    import torchvision
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable,
+            "loadavg_at_start": load, "torch_threads": threads, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "torchvision": torchvision.__version__, "pillow": Image.__version__}
+
+
+def kdkit_source() -> dict:
+    """Which kdkit was measured: its folder, a digest of its .py files and, inside a git checkout,
+    the commit and how many files under kdkit/ differ from it (a working tree mid-change)."""
+    import hashlib
+    import subprocess
+
+    import kdkit
+
+    where = Path(kdkit.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for f in sorted(where.rglob("*.py")):
+        digest.update(f.relative_to(where).as_posix().encode() + b"\0" + f.read_bytes())
+    info: dict = {"path": str(where), "version": getattr(kdkit, "__version__", None),
+                  "py_sha256": digest.hexdigest()[:16]}
+    try:
+        r = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if r.returncode == 0:
+            changed = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
+                                     capture_output=True, text=True, timeout=10).stdout
+            info.update(commit=r.stdout.strip(), kdkit_changed_files=len(changed.splitlines()))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def table(results: dict) -> Table:
+    t = Table(title=f"data pipeline, samples/s on one core (batch {BATCH}, num_workers=0)")
+    for col in ("setting", "pipeline", "median", "min", "max", "kdkit / timm"):
+        t.add_column(col, justify="left" if col in ("setting", "pipeline") else "right")
+    for name, res in results.items():
+        s = res["samples_per_s"]
+        for i, p in enumerate(("kdkit", "timm")):
+            ratio = f"{res['ratio_kdkit_over_timm']:.3f} (paired {res['ratio_paired_median']:.3f})" if i == 0 else ""
+            t.add_row(f"{name} px ({res['images']} img)" if i == 0 else "", p, f"{s[p]['median']:,.1f}",
+                      f"{s[p]['min']:,.1f}", f"{s[p]['max']:,.1f}", ratio)
+    return t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=["32", "224"], choices=list(SETTINGS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--images", type=int, default=5000, help="training images for the 32 px setting")
+    p.add_argument("--images-224", type=int, default=512, help="upscaled images for the 224 px setting")
+    p.add_argument("--batches", type=int, default=0, help="batches per timed pass (0: a whole epoch)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches of each pipeline first")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: per core)")
+    p.add_argument("--cache-dir", default=os.environ.get("KDKIT_BENCH_CACHE", "~/.cache/kdkit-bench"))
+    p.add_argument("--tarball", default=str(TARBALL))
+    p.add_argument("--json", default="bench/results/data_pipeline.json")
+    p.add_argument("--label", default="", help="a note stored in the JSON (e.g. which kdkit this measures)")
+    args = p.parse_args()
+    if args.rounds < 1 or args.images < BATCH or args.images_224 < BATCH:
+        sys.exit(f"error: --rounds must be >= 1 and --images/--images-224 >= {BATCH}")
+    torch.set_num_threads(args.threads)
+    err = Console(stderr=True)
+    cache = Path(args.cache_dir).expanduser()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir()) / "kdkit-bench"
+        cache.mkdir(parents=True, exist_ok=True)
+    info = machine(args.threads)
+    cifar = unpacked_cifar(cache, Path(args.tarball))
+    import kdkit.data  # noqa: F401  (its Posterize fix applies to both pipelines: see the docstring)
+
+    results = {}
+    start = time.perf_counter()
+    for name in args.settings:
+        cfg = SETTINGS[name]
+        n = args.images if cfg["size"] <= 64 else args.images_224
+        root = prepared(cache, cifar, cfg["size"], n)
+        results[name] = measure(name, root, cfg["size"], cfg["aug"], args.rounds, args.warmup, args.batches,
+                                lambda s: err.print(s, highlight=False))
+        results[name]["data"] = str(root)
+    info["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    out = {"bench": "data_pipeline", "label": args.label, "kdkit": kdkit_source(), "machine": info, "seconds": time.perf_counter() - start,
+           "command": "python bench/data_pipeline.py " + " ".join(sys.argv[1:]),
+           "args": vars(args), "settings": results}
+    Console(width=120).print(table(results))
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
