@@ -4,7 +4,7 @@
         [--out runs/bench-vs-timm] [--json-out bench/results/vs_timm.json]
         [--kdkit-extra "[LABEL:]key=value [key=value ...]"] [--timm-extra "[LABEL:]--flag [value ...]"]
 
-Both tools train the same student (DeiT-Ti layout shrunk to 4 blocks x 128 dims, 4 heads, patch 4
+Both tools train the same student (DeiT-Ti layout shrunk to 4 blocks x 128 dims, 4 heads, patch 8
 at 32x32, with a distillation token) from the same bundled ResNet-9 teacher
 (kdkit/assets/teachers/resnet9_cifar_s) on the same bundled 3,000-image CIFAR-10 sample, evaluated
 on its 2,000 test images: soft token distillation, tau 4, loss = 0.1 * CE(class head, label) +
@@ -66,7 +66,7 @@ MARK = "KDKIT_BENCH_RESULT "
 # The quickstart setting (recipes/quickstart.toml plus the recipe defaults it relies on). Checked
 # against kdkit's resolved recipe at start-up; a difference is printed and recorded.
 SETTING = {
-    "model.student": "deit_tiny", "model.img_size": 32, "model.patch_size": 4,
+    "model.student": "deit_tiny", "model.img_size": 32, "model.patch_size": 8,
     "model.kwargs": {"depth": 4, "embed_dim": 128, "num_heads": 4}, "model.head": "token",
     "model.teacher": "resnet9_cifar_s", "model.drop_path": 0.0,
     "data.batch_size": 64, "data.eval_batch_size": 500, "data.workers": 2,

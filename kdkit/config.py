@@ -138,7 +138,7 @@ class RunConfig:
     name: str = ""
     precision: str = "auto"  # auto (Accelerate decides: launcher flag, env, accelerate config) | no | bf16 | fp16
     compile: bool = False  # torch.compile the student and the teacher
-    channels_last: str = "auto"  # auto | on | off: channels_last memory format for ConvNet teachers
+    channels_last: str = "auto"  # auto (ConvNet teachers) | on | off: the teacher's memory format
     log_every: int = 10
     eval_every: int = 1  # epochs between evaluations; 0 = the last epoch only
     teacher_check_batches: int = 4  # evaluation batches the teacher is checked on before distilling

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from kdkit.accelerator import create_accelerator
 from kdkit.cache import LogitCache
 from kdkit.cache.manifest import differences
 from kdkit.cache.store import DTYPES, LogitStore, encode, read_manifest, record_bytes
@@ -59,7 +60,7 @@ def write_cache(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, roo
 
     Returns {"shards_written", "shards_present", "records", "seconds", "records_per_s", "bytes_per_record"}.
     """
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    acc = accelerator or create_accelerator()
     root = Path(root)
     store = open_for_writing(root, manifest, overwrite, acc)
     m = store.manifest

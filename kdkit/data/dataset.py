@@ -28,6 +28,8 @@ def load_rgb(path_or_image: str | Path | Image.Image) -> Image.Image:
     image bright); 32-bit integer ("I") images are read as 16-bit when a value exceeds 255.
     """
     img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    if img.mode == "RGB" and "exif" not in img.info:
+        return img  # the common case (an RGB JPEG without EXIF): nothing to rotate or convert
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = ImageOps.exif_transpose(img)

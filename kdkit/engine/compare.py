@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from torch import Tensor
 
+from kdkit.accelerator import create_accelerator
 from kdkit.registry import KdkitError
 from kdkit.types import StudentOut
 
@@ -96,7 +96,7 @@ def compare(models: list[str], data: str, split: str = "auto-eval", batch_size: 
     if not models:
         raise KdkitError("give at least one model")
     specs = [parse_model(m) for m in models]
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = create_accelerator()
     ds = open_dataset(data, split)
     classes = list(ds.classes)
     rows: dict[str, Tensor] = {}

@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from kdkit.accelerator import create_accelerator
 from kdkit.engine.progress import progress_bar
 from kdkit.types import StudentOut
 
@@ -27,7 +28,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
     "fused" rows then equal its class row). Returns class_top1/top5, dist_top1/top5, fused_top1/top5,
     n (images counted), skipped (unreadable images) and images_per_s.
     """
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    acc = accelerator or create_accelerator()
     was_training = model.training
     model.eval()
     sums = {f"{h}_top{k}": 0.0 for h in ("class", "dist", "fused") for k in (1, 5)}

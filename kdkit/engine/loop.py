@@ -13,6 +13,7 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from kdkit.accelerator import create_accelerator
 from kdkit.engine.evaluate import evaluate
 from kdkit.engine.progress import console, progress_bar
 from kdkit.engine.state import NONFINITE, Checkpointer, MetricsLog, Position, nonfinite_terms, seek
@@ -104,7 +105,7 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
     """
     if on_nonfinite not in NONFINITE:
         raise KdkitError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    acc = accelerator or create_accelerator()
     student, optimizer = acc.prepare(student, optimizer)
     if isinstance(step_fn.logits, nn.Module):
         step_fn.logits.to(acc.device)  # the teacher: moved, never wrapped for data parallelism

@@ -17,6 +17,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from kdkit import __version__
+from kdkit.accelerator import create_accelerator
 from kdkit.cache import LogitCache
 from kdkit.config import PRESET_NOTES, Recipe
 from kdkit.data import (
@@ -42,15 +43,8 @@ from kdkit.teachers import CachedLogits, LiveTeacher
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
-    """The run's Accelerator. Precision "auto" leaves it to Accelerate's own resolution (the
-    `accelerate launch --mixed_precision` flag, ACCELERATE_MIXED_PRECISION, an `accelerate config`
-    file through the launcher); any other value (command line or recipe) wins over those."""
-    precision = None if recipe.run.precision == "auto" else recipe.run.precision
-    try:
-        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=recipe.optim.grad_accum,
-                           cpu=not torch.cuda.is_available())
-    except ValueError as e:
-        raise KdkitError(f"cannot set up precision {precision or 'from the environment'!r}: {e}") from None
+    """The run's Accelerator: run.precision (auto = Accelerate decides) and gradient accumulation."""
+    return create_accelerator(recipe.run.precision, recipe.optim.grad_accum)
 
 
 def amp_dtype(acc: Accelerator) -> torch.dtype | None:
@@ -261,7 +255,7 @@ def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, 
     if acc is not None:
         t.amp_dtype = amp_dtype(acc)
         cl = r.run.channels_last
-        if cl == "on" or (cl == "auto" and acc.device.type == "cuda" and is_convnet(t.model)):
+        if cl == "on" or (cl == "auto" and is_convnet(t.model)):
             t.use_channels_last()
     if r.run.compile:
         t.model.compile()
@@ -341,8 +335,8 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                       f"{f' + {len(train_ds.unlabeled)} unlabeled' if semi else ''}, {len(classes)} classes, "
                       f"loss {loss_kind}, lr {lr:.3g}, {r.optim.epochs} epochs, precision {acc.mixed_precision}"
                       f"{', compiled' if r.run.compile else ''} -> {out_dir}")
-        console.print(f"recipe: {r.description or 'command line'}; preset {r.preset or 'none'}"
-                      f"{PRESET_NOTES.get(r.preset, '')}")
+        note = PRESET_NOTES.get(r.preset, "") if r.preset or not r.description else ""
+        console.print(f"recipe: {r.description or 'command line'}; preset {r.preset or 'none'}{note}")
     start = time.perf_counter()
     result = fit(student, DistillationStep(loss, logits), train_loader, epochs=r.optim.epochs, optimizer=optimizer,
                  scheduler=scheduler, eval_loader=eval_loader, accelerator=acc,
@@ -398,7 +392,7 @@ def load_saved(weights: str | Path, model: str | None = None,
 def evaluate_saved(weights: str | Path, data: str, model: str | None = None, batch_size: int = 256,
                    workers: int = 2, split: str = "auto-eval", progress: bool = True) -> dict:
     """Evaluate a saved student folder (or any timm model + weights file) on a data split."""
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = create_accelerator()
     student, classes, dcfg = load_saved(weights, model)
     ds = open_dataset(data, split, eval_transform(dcfg), classes=classes)
     loader = acc.prepare(create_loader(ds, batch_size, training=False, workers=workers))

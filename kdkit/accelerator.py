@@ -1,0 +1,28 @@
+"""One way to build an Accelerator, for every verb and the Python API."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from kdkit.registry import KdkitError
+
+
+def create_accelerator(precision: str = "auto", grad_accum: int = 1) -> Accelerator:
+    """An Accelerator on the GPU when there is one. Precision "auto" leaves it to Accelerate's own
+    resolution (the `accelerate launch --mixed_precision` flag, ACCELERATE_MIXED_PRECISION, an
+    `accelerate config` file through the launcher); "no", "bf16" or "fp16" win over those."""
+    chosen = None if precision == "auto" else precision
+    wanted = chosen or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
+        # Accelerate keeps one precision per process; another run in the same process (the Python
+        # API, tests) may ask for another. The process group (PartialState) is kept.
+        AcceleratorState._reset_state()
+    try:
+        return Accelerator(mixed_precision=chosen, gradient_accumulation_steps=grad_accum,
+                           cpu=not torch.cuda.is_available())
+    except ValueError as e:
+        raise KdkitError(f"cannot set up precision {wanted!r}: {e}") from None
