@@ -121,7 +121,7 @@ class OptimConfig:
     grad_accum: int = 1
     ema_decay: float = 0.0  # EMA of the student's weights (timm ModelEmaV3), e.g. 0.99996; 0 = off
     layer_decay: float = 0.0  # layer-wise lr decay (timm param_groups_layer_decay), e.g. 0.75; 0 = off
-    fused: str = "auto"  # auto | fused | foreach | off: AdamW/SGD kernel (auto: fused on CUDA, foreach on CPU)
+    fused: str = "auto"  # auto | fused | foreach | off: optimizer kernel (auto: fused Adam(W), else foreach)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
@@ -137,6 +137,7 @@ class RunConfig:
     output: str = "runs"
     name: str = ""
     precision: str = "auto"  # auto (Accelerate decides: launcher flag, env, accelerate config) | no | bf16 | fp16
+    teacher_precision: str = "auto"  # auto (= the run's precision) | no | bf16 | fp16: the teacher's autocast
     compile: bool = False  # torch.compile the student and the teacher
     channels_last: str = "auto"  # auto (ConvNet teachers) | on | off: the teacher's memory format
     log_every: int = 10
@@ -150,6 +151,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _choice("run.precision", self.precision, PRECISIONS)
+        _choice("run.teacher_precision", self.teacher_precision, PRECISIONS)
         _choice("run.channels_last", self.channels_last, CHANNELS_LAST)
         if self.on_nonfinite not in ("stop", "skip"):
             raise KdkitError(f"run.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")

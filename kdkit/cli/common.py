@@ -24,6 +24,8 @@ RUN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--precision": ("run.precision", str, "auto | no | bf16 | fp16 mixed precision; auto (default) lets "
                     "Accelerate decide (accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION, "
                     "accelerate config)"),
+    "--teacher-precision": ("run.teacher_precision", str, "auto | no | bf16 | fp16: the teacher's autocast; auto = "
+                            "the run's precision (bf16 speeds a teacher up on CPUs with AMX)"),
     "--compile": ("run.compile", bool, "torch.compile the student and the teacher"),
 }
 DISTILL_FLAGS: dict[str, tuple[str, type, str]] = {

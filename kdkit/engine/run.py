@@ -47,10 +47,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     return create_accelerator(recipe.run.precision, recipe.optim.grad_accum)
 
 
-def amp_dtype(acc: Accelerator) -> torch.dtype | None:
-    """The autocast dtype of the run's mixed precision (None: full precision), which the teacher
-    follows too."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
+def amp_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a mixed precision ("no": None, full precision)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def is_convnet(model: nn.Module) -> bool:
@@ -156,10 +155,11 @@ def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
 
 
 def kernel_kwargs(opt: str, fused: str, device: torch.device) -> dict:
-    """`fused` / `foreach` for the optimizer: "auto" is fused for Adam(W) on CUDA and foreach
-    elsewhere (measured in docs/results.md); torch's fused kernels exist for Adam(W) only here."""
+    """`fused` / `foreach` for the optimizer: "auto" is torch's fused Adam(W) kernel (on CUDA, and
+    on CPU too: 10% faster a step than foreach for the quickstart student, docs/results.md) and
+    foreach for other optimizers."""
     if fused == "auto":
-        fused = "fused" if device.type == "cuda" and opt in ("adam", "adamw") else "foreach"
+        fused = "fused" if opt in ("adam", "adamw") and device.type in ("cuda", "cpu") else "foreach"
     if fused == "fused":
         if opt not in ("adam", "adamw"):
             raise KdkitError(f"optim.fused = 'fused' needs optim.opt adam or adamw, not {opt!r}: use 'foreach'")
@@ -253,7 +253,8 @@ def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, 
                            weights=r.model.teacher_weights or None, model_kwargs=r.model.teacher_kwargs)
     t.set_student_normalization(data_cfg["mean"], data_cfg["std"])
     if acc is not None:
-        t.amp_dtype = amp_dtype(acc)
+        tp = r.run.teacher_precision
+        t.amp_dtype = amp_dtype(str(acc.mixed_precision) if tp == "auto" else tp)
         cl = r.run.channels_last
         if cl == "on" or (cl == "auto" and is_convnet(t.model)):
             t.use_channels_last()
@@ -315,6 +316,8 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     loss = build_loss(r, mode, train_ds.mixup is not None)
     semi = isinstance(train_ds, SemiSupervisedDataset)
     summary: dict = {"mode": mode, "classes": len(classes), "precision": str(acc.mixed_precision),
+                     "teacher_precision": r.run.teacher_precision if r.run.teacher_precision != "auto"
+                     else str(acc.mixed_precision),
                      "train_images": train_ds.num_labeled if semi else len(train_ds),
                      "eval_images": len(eval_ds), "conventions": loss.conventions(),
                      "processes": acc.num_processes, "global_batch_size": r.data.batch_size}
