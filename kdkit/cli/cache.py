@@ -69,13 +69,12 @@ def _print(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
         return
+    from rich.console import Console
     from rich.table import Table
-
-    from kdkit.engine.progress import console
 
     table = Table(title="kdkit cache")
     table.add_column("")
     table.add_column("")
     for k, v in result.items():
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-    console.print(table)
+    Console().print(table)  # the result goes to stdout, progress and messages to stderr

@@ -59,8 +59,9 @@ def add_recipe_args(p: argparse.ArgumentParser, flags: dict[str, tuple[str, type
                    help="override any recipe key, e.g. --set optim.weight_decay=0.1 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--strict", action="store_true",
-                   help="stop at an unreadable image or an empty class folder instead of skipping and counting it "
-                        "[data.strict]")
+                   help="stop at an unreadable image or an empty class folder (without it, an unreadable image is "
+                        "skipped and counted, and an empty class folder stays a class with no samples, with a "
+                        "warning; hidden files and folders are always ignored) [data.strict]")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run from its newest valid checkpoint, with its recorded recipe "
                         "(only flags that cannot change results, such as --workers, may be added)")

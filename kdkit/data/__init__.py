@@ -75,6 +75,9 @@ def open_dataset(data: str | Path, split: str, transform: Callable | None = None
     if data.startswith("hf:"):
         return _open_hf(data[3:], split, transform, seed, strict)
     root = sample_path() if data == EMBEDDED_SAMPLE and not Path(data).exists() else Path(data)
+    if root.exists() and not root.is_dir():
+        raise KdkitError(f"{root} is a file, not a data folder (expected {root}/train/<class>/<image>, a "
+                         f"datasets.save_to_disk folder or hf:NAME)")
     if not root.is_dir():
         raise KdkitError(f"data directory not found: {root}")
     if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():

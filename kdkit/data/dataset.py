@@ -4,6 +4,7 @@ number of processes. Unreadable images are skipped and counted, or fail under `s
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -162,6 +163,11 @@ def _sample(image: Tensor | None, target: int | Tensor, view: int, epoch: int) -
     return {"image": image, "target": target, "index": view, "epoch": epoch}
 
 
+def is_hidden(name: str) -> bool:
+    """A hidden file or folder name (.x.jpg, macOS's ._x.jpg, .ipynb_checkpoints)."""
+    return name.startswith(".")
+
+
 def read_image_file(path: str | Path) -> Image.Image:
     """A PIL image decoded from `path` now (so the file is closed and a broken one fails here)."""
     with open(path, "rb") as f:
@@ -181,26 +187,28 @@ class ImageFolderDataset(SeededDataset):
     def __init__(self, root: str | Path, transform: Callable | None = None, classes: list[str] | None = None,
                  seed: int = 0, strict: bool = False):
         super().__init__(transform, seed, strict)
-        from torchvision.datasets.folder import find_classes, make_dataset
+        from torchvision.datasets.folder import make_dataset
 
         self.root = Path(root)
         if not self.root.is_dir():
             raise KdkitError(f"data directory not found: {self.root}")
+        # hidden folders (.ipynb_checkpoints, .git) are not classes
+        present = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not is_hidden(e.name))
         if classes is None:
-            try:
-                classes, _ = find_classes(str(self.root))
-            except FileNotFoundError:
-                raise KdkitError(f"no class folders in {self.root} (expected {self.root}/<class>/<image>)") from None
+            if not present:
+                raise KdkitError(f"no class folders in {self.root} (expected {self.root}/<class>/<image>)")
+            classes = present
         self.classes = list(classes)
         mapping = {c: i for i, c in enumerate(self.classes)}
-        present = {p.name for p in self.root.iterdir() if p.is_dir()}
-        unknown = sorted(present - set(self.classes))
+        unknown = sorted(set(present) - set(self.classes))
         if unknown:
             raise KdkitError(f"{self.root} has class folders the label space lacks: {unknown[:5]}")
         self.ignored_files = 0
 
         def is_image(path: str) -> bool:
-            ok = path.lower().endswith(IMG_EXTENSIONS)
+            # hidden files (.x.jpg, macOS ._x.jpg) and files in hidden folders are ignored and counted
+            ok = path.lower().endswith(IMG_EXTENSIONS) and not any(
+                is_hidden(part) for part in Path(path).relative_to(self.root).parts)
             self.ignored_files += not ok
             return ok
 
@@ -213,7 +221,7 @@ class ImageFolderDataset(SeededDataset):
         self.empty_classes = [c for c in sorted(present) if counts[mapping[c]] == 0]
         if strict and self.empty_classes:
             raise KdkitError(f"{self.root} has class folders without images: {self.empty_classes[:5]} "
-                             f"(without --strict they stay classes with no samples)")
+                             f"(without --strict they stay classes with no samples, with a warning)")
 
     def issues(self) -> dict:
         return {"empty_classes": self.empty_classes, "ignored_files": self.ignored_files}

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kdkit.data.dataset import IMG_EXTENSIONS, SeededDataset, load_rgb, read_image_file
+from kdkit.data.dataset import IMG_EXTENSIONS, SeededDataset, is_hidden, load_rgb, read_image_file
 from kdkit.data.sampler import mixed_epoch_views
 from kdkit.registry import KdkitError
 
@@ -21,7 +21,7 @@ class UnlabeledFolderDataset(SeededDataset):
 
     Files are listed in sorted path order (sub-folders in name order), so sample indices do not
     depend on the file system. `classes` is the label space of the labeled data the images join.
-    Files without an image extension are ignored and counted. A missing folder, one that cannot be
+    Files without an image extension and hidden files or folders are ignored and counted. A missing folder, one that cannot be
     listed, or one without any image file is a KdkitError.
     """
 
@@ -39,9 +39,10 @@ class UnlabeledFolderDataset(SeededDataset):
         self.samples: list[str] = []
         self.ignored_files = 0
         for folder, subfolders, files in os.walk(self.root, onerror=fail):
-            subfolders.sort()
+            self.ignored_files += sum(len(os.listdir(os.path.join(folder, d))) for d in subfolders if is_hidden(d))
+            subfolders[:] = sorted(d for d in subfolders if not is_hidden(d))
             for name in sorted(files):
-                if name.lower().endswith(IMG_EXTENSIONS):
+                if name.lower().endswith(IMG_EXTENSIONS) and not is_hidden(name):
                     self.samples.append(os.path.join(folder, name))
                 else:
                     self.ignored_files += 1

@@ -93,7 +93,21 @@ def _plain_timm(student: nn.Module) -> bool:
     return not any(not k.startswith("model.") for k in student.state_dict())
 
 
-def check_teacher(teacher: Teacher, loader, num_classes: int, batches: int, accelerator: Accelerator) -> dict:
+def check_student_classes(student: nn.Module, num_classes: int, data_cfg: dict) -> None:
+    """One forward of two blank images: a student whose heads do not predict the data's classes is
+    refused before training (it would fail mid-epoch with an index error)."""
+    was_training = student.training
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        out = student.eval()(torch.zeros(2, *data_cfg["input_size"]))
+    student.train(was_training)
+    k = out.logits.shape[-1]
+    if k != num_classes or out.dist_logits.shape[-1] != num_classes:
+        raise KdkitError(f"the student predicts {k} classes but the data has {num_classes}: build it with "
+                         f"num_classes={num_classes} (or give the data its {k} classes)")
+
+
+def check_teacher(teacher: Teacher, loader, num_classes: int, batches: int, accelerator: Accelerator,
+                  empty: list[str] | tuple[str, ...] = ()) -> dict:
     """Top-1 of the teacher on a slice of the evaluation split, through the student's pipeline."""
     teacher.to(accelerator.device)
     correct = n = 0
@@ -106,9 +120,10 @@ def check_teacher(teacher: Teacher, loader, num_classes: int, batches: int, acce
         logits = teacher(raw["images"].to(accelerator.device))
         k = logits.shape[1]
         if k != num_classes:
-            raise KdkitError(f"the teacher predicts {k} classes but the data has {num_classes}: fine-tune it on "
-                             f"this label space first (kdkit train --model NAME --data DIR) or pass matching "
-                             f"--teacher-weights")
+            hint = f" (the data's class folders include empty ones: {', '.join(empty[:5])})" if empty else ""
+            raise KdkitError(f"the teacher predicts {k} classes but the data has {num_classes}{hint}: fine-tune "
+                             f"it on this label space first (kdkit train --model NAME --data DIR) or pass "
+                             f"matching --teacher-weights")
         correct += (logits.argmax(1).cpu() == raw["target"]).sum().item()
         n += raw["target"].numel()
     top1 = 100.0 * correct / max(n, 1)
@@ -270,7 +285,8 @@ def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dic
     num_classes = len(train_ds.classes)
     if not r.model.teacher_logits:
         t = build_teacher(r, teacher, num_classes, data_cfg, acc)
-        summary["teacher_check"] = check_teacher(t, eval_loader, num_classes, r.run.teacher_check_batches, acc)
+        summary["teacher_check"] = check_teacher(t, eval_loader, num_classes, r.run.teacher_check_batches, acc,
+                                                 train_ds.issues().get("empty_classes", ()))
         return LiveTeacher(t)
     from kdkit.engine.caching import expected_manifest
 
@@ -311,6 +327,12 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     classes = train_ds.classes
     student = build_student(r, mode, student, len(classes))
     data_cfg = student_data_config(student, r.model.img_size)
+    check_student_classes(student, len(classes), data_cfg)
+    empty = train_ds.issues().get("empty_classes")
+    if empty and acc.is_main_process:
+        console.print(f"[bold yellow]warning: class folders without images, kept as classes with no samples "
+                      f"(the label space has {len(classes)} classes): {', '.join(empty[:10])}; remove them, or "
+                      f"--strict to stop")
     train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
     loss_kind = "none" if mode == "train" else r.loss.kind
     loss = build_loss(r, mode, train_ds.mixup is not None)
@@ -375,7 +397,7 @@ def load_saved(weights: str | Path, model: str | None = None,
     path = Path(weights)
     if not path.exists():
         raise KdkitError(f"weights not found: {path}")
-    cfg = read_config(path) if (path if path.is_dir() else path.parent).joinpath("config.json").is_file() else {}
+    cfg = read_config(path) if has_saved_config(path) else {}
     if cfg:
         head = {"TokenHead": "token", "DualHead": "dual", "SharedHead": "shared"}[cfg["kdkit"]["head"]] if \
             "kdkit" in cfg else "shared"
@@ -392,11 +414,19 @@ def load_saved(weights: str | Path, model: str | None = None,
     return student, classes, dcfg
 
 
+def has_saved_config(weights: str | Path) -> bool:
+    """Whether `weights` is (or sits in) a saved folder with its config.json."""
+    path = Path(weights)
+    return (path if path.is_dir() else path.parent).joinpath("config.json").is_file()
+
+
 def evaluate_saved(weights: str | Path, data: str, model: str | None = None, batch_size: int = 256,
                    workers: int = 2, split: str = "auto-eval", progress: bool = True) -> dict:
     """Evaluate a saved student folder (or any timm model + weights file) on a data split."""
     acc = create_accelerator()
-    student, classes, dcfg = load_saved(weights, model)
+    # a bare weights file has no class count of its own: the data's is the one it must have
+    num_classes = None if has_saved_config(weights) else len(open_dataset(data, split).classes)
+    student, classes, dcfg = load_saved(weights, model, num_classes)
     ds = open_dataset(data, split, eval_transform(dcfg), classes=classes)
     loader = acc.prepare(create_loader(ds, batch_size, training=False, workers=workers))
     return evaluate(acc.prepare(student), loader, acc, "eval", progress)

@@ -45,6 +45,10 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
         raise KdkitError(f"model {full!r} does not accept these options ({e}); "
                          f"drop --img-size/--patch-size or the model kwargs") from None
     except (OSError, RuntimeError, ValueError) as e:
+        if pretrained and "No pretrained weights exist" in str(e):
+            bundled = " (the bundled one: kdkit/assets/teachers/resnet9_cifar_s)" if full == "resnet9_cifar_s" else ""
+            raise KdkitError(f"{full!r} has no pretrained weights on the hub: pass local weights with "
+                             f"--teacher-weights FILE (or --student-weights FILE){bundled}") from None
         if pretrained and not isinstance(e, RuntimeError):
             raise KdkitError(f"could not download pretrained weights for {full!r} ({type(e).__name__}: "
                              f"{str(e)[:200]}). Without internet pass a local file with --teacher-weights "
@@ -58,6 +62,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise KdkitError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise KdkitError(f"the weights file {path} is empty (0 bytes): an interrupted copy or download?")
     try:
         timm.models.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except RuntimeError as e:
