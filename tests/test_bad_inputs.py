@@ -56,17 +56,19 @@ def test_eval_of_a_bare_weights_file_builds_the_datas_class_count(tiny_data, tmp
     model = timm.create_model("resnet10t", num_classes=10)
     save_file(model.state_dict(), tmp_path / "ten.safetensors")
     assert run_cli("eval", "--model", "resnet10t", "--weights", tmp_path / "ten.safetensors", "--data", tiny_data,
-                   "--no-progress", "--json") == 0
+                   "--workers", "0", "--json") == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the top-1 of the reloaded model, computed here on the same images
     from kdkit.data import create_loader, create_transforms, open_dataset
 
-    ds = open_dataset(tiny_data, "test", create_transforms(224, model.pretrained_cfg["mean"],
-                                                           model.pretrained_cfg["std"], False,
-                                                           crop_pct=model.pretrained_cfg["crop_pct"]))
+    cfg = model.pretrained_cfg
+    ds = open_dataset(tiny_data, "test", create_transforms(cfg["input_size"][-1], cfg["mean"], cfg["std"], False,
+                                                           interpolation=cfg["interpolation"],
+                                                           crop_pct=cfg["crop_pct"]))
     model.eval()
-    correct = sum((model(b["images"]).argmax(1) == b["target"]).sum().item()
-                  for b in create_loader(ds, 30, training=False, workers=0))
+    with torch.no_grad():
+        correct = sum((model(b["images"]).argmax(1) == b["target"]).sum().item()
+                      for b in create_loader(ds, 30, training=False, workers=0))
     assert result["class_top1"] == pytest.approx(100.0 * correct / len(ds), abs=1e-6)
     # a 1,000-class checkpoint on 10-class data is refused, never scored
     save_file(timm.create_model("resnet10t").state_dict(), tmp_path / "thousand.safetensors")

@@ -185,6 +185,7 @@ def test_longer_run_falls_back_to_the_live_teacher_or_cycles(tmp_path, tiny_data
 def test_verify_catches_a_corrupted_shard_and_rechecks_the_teacher(tmp_path, tiny_data, teacher_dir, capsys):
     args = [*common(tiny_data, epochs=1), *teacher_args(teacher_dir)]
     assert run_cli("cache", *args, "--out", tmp_path / "c", "--shard-size", "64") == 0
+    capsys.readouterr()  # the cache's result table (stdout)
     assert run_cli("cache", *args, "--verify", tmp_path / "c", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["teacher_matches_manifest"] and report["rechecked"] == 64

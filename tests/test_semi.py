@@ -196,6 +196,7 @@ def test_cache_with_unlabeled_images_gives_the_online_losses(tmp_path, tiny_data
     cache = LogitCache(tmp_path / "c")
     assert cache.manifest["records_per_epoch"] == 120 + (40 if mode == "fixed" else 120)
     if mode == "fixed":  # one record per image, labeled and unlabeled: the teacher re-run agrees
+        capsys.readouterr()  # the cache's result table (stdout)
         assert run_cli("cache", *args, *teacher_args(teacher_dir), "--verify", tmp_path / "c", "--samples", "16",
                        "--json") == 0
         report = json.loads(capsys.readouterr().out)

@@ -67,7 +67,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         timm.models.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except RuntimeError as e:
-        msg = str(e)
+        msg = " ".join(str(e).split())  # torch's message spans lines: one line for the user
         hint = " (the checkpoint's class count differs from the data's?)" if "size mismatch" in msg else ""
         raise KdkitError(f"cannot load {path} into {type(model).__name__}{hint}: {msg[:600]}") from None
     except Exception as e:  # unreadable, truncated or non-weights file
