@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
 from timm.optim import create_optimizer_v2
 
 from kdkit.losses import create_loss
@@ -90,8 +93,7 @@ def main() -> None:
             for _ in range(args.steps):
                 fns[name]()
             times[name].append((time.perf_counter() - start) / args.steps * 1000)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     result = {"bench": "cpu_settings", "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "ms_per_step": {k: {"median": statistics.median(v), "rounds": v} for k, v in times.items()},
               "command": "python bench/cpu_settings.py " + " ".join(f"--{k.replace('_', '-')} {v}"

@@ -52,6 +52,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, kdkit_source  # noqa: E402
+
 TARBALL = Path("/work/shared/data/cifar10-jpg.tar.gz")
 BATCH = 64
 UPSCALED = (500, 375)  # width x height, an ImageNet-typical 4:3 image
@@ -271,16 +274,6 @@ def measure(name: str, root: Path, size: int, aug: dict, rounds: int, warmup: in
 
 # --- report -----------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine(threads: int) -> dict:
     import timm
     import torchvision
@@ -299,29 +292,7 @@ def machine(threads: int) -> dict:
             "torchvision": torchvision.__version__, "pillow": Image.__version__}
 
 
-def kdkit_source() -> dict:
-    """Which kdkit was measured: its folder, a digest of its .py files and, inside a git checkout,
-    the commit and how many files under kdkit/ differ from it (a working tree mid-change)."""
-    import hashlib
-    import subprocess
 
-    import kdkit
-
-    where = Path(kdkit.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for f in sorted(where.rglob("*.py")):
-        digest.update(f.relative_to(where).as_posix().encode() + b"\0" + f.read_bytes())
-    info: dict = {"path": str(where), "version": getattr(kdkit, "__version__", None),
-                  "py_sha256": digest.hexdigest()[:16]}
-    try:
-        r = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if r.returncode == 0:
-            changed = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
-                                     capture_output=True, text=True, timeout=10).stdout
-            info.update(commit=r.stdout.strip(), kdkit_changed_files=len(changed.splitlines()))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
 
 
 def table(results: dict) -> Table:

@@ -59,6 +59,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import kdkit_source  # noqa: E402
+
 # dense bf16 peak (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name(); first match wins
 PEAKS = (("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
          ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
@@ -355,29 +358,6 @@ def flops(s: Setup) -> dict:
     out["student_train_per_image"] = 3 * out["student_forward"]
     del student, teacher
     return out
-
-
-def kdkit_source() -> dict:
-    """Which kdkit ran: its folder, a digest of its .py files, and the git commit when there is one."""
-    import hashlib
-    import subprocess
-
-    import kdkit
-
-    where = Path(kdkit.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for f in sorted(where.rglob("*.py")):
-        digest.update(f.relative_to(where).as_posix().encode() + b"\0" + f.read_bytes())
-    info = {"path": str(where), "version": getattr(kdkit, "__version__", None), "py_sha256": digest.hexdigest()[:16]}
-    try:
-        r = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if r.returncode == 0:
-            changed = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
-                                     capture_output=True, text=True, timeout=10).stdout
-            info.update(commit=r.stdout.strip(), kdkit_changed_files=len(changed.splitlines()))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
 
 
 def device_info(args) -> dict:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kdkit.config import AugConfig
@@ -67,8 +70,7 @@ def main() -> None:
         summary[name] = {"epoch_seconds_median": epoch, "first_batch_seconds_median": first}
         table.add_row(name, f"{epoch:.3f}", f"{first:.3f}")
     Console().print(table)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     out = {"bench": "loader_workers", "cpu": cpu, "args": {k: str(v) for k, v in vars(args).items()},
            "summary": summary, "runs": results}
     print(json.dumps(out))

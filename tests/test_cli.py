@@ -167,3 +167,17 @@ def test_quickstart_smoke_run_prints_the_table(tmp_path, capsys):
     # the bundled teacher knows CIFAR-10 (84% on these images when it was packed)
     teacher_check = json.loads((tmp_path / "distilled" / "summary.json").read_text())["teacher_check"]
     assert teacher_check["teacher_top1_slice"] > 75
+
+
+def test_distill_without_a_recipe_runs_deits_whole_recipe(tiny_data, teacher_dir, tmp_path, capsys):
+    assert run_cli("distill", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--student", "deit_tiny",
+                   *TINY, "--data", tiny_data, "--output", tmp_path, "--name", "deit", *FAST) == 0
+    assert "preset deit (DeiT's recipe" in " ".join(capsys.readouterr().err.split())
+    import tomllib
+
+    r = tomllib.loads((tmp_path / "deit" / "recipe.toml").read_text())
+    assert r["preset"] == "deit" and (r["loss"]["kind"], r["loss"]["kl_reduction"]) == ("hard", "deit")
+    assert (r["aug"]["auto_augment"], r["aug"]["mixup"], r["aug"]["cutmix"], r["aug"]["reprob"],
+            r["aug"]["repeated_aug"], r["aug"]["label_smoothing"], r["model"]["drop_path"]) == (
+        "rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.25, 3, 0.1, 0.1)
+    assert json.loads((tmp_path / "deit" / "summary.json").read_text())["conventions"]["loss"] == "hard"
