@@ -168,6 +168,13 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def is_image_file(path: str | Path, root: str | Path) -> bool:
+    """Whether a file under `root` is read as an image: an image extension, and neither it nor a
+    folder between it and `root` hidden."""
+    return str(path).lower().endswith(IMG_EXTENSIONS) and not any(
+        is_hidden(part) for part in Path(path).relative_to(root).parts)
+
+
 def read_image_file(path: str | Path) -> Image.Image:
     """A PIL image decoded from `path` now (so the file is closed and a broken one fails here)."""
     with open(path, "rb") as f:
@@ -206,9 +213,7 @@ class ImageFolderDataset(SeededDataset):
         self.ignored_files = 0
 
         def is_image(path: str) -> bool:
-            # hidden files (.x.jpg, macOS ._x.jpg) and files in hidden folders are ignored and counted
-            ok = path.lower().endswith(IMG_EXTENSIONS) and not any(
-                is_hidden(part) for part in Path(path).relative_to(self.root).parts)
+            ok = is_image_file(path, self.root)  # the rest is ignored and counted
             self.ignored_files += not ok
             return ok
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kdkit.data.dataset import IMG_EXTENSIONS, SeededDataset, is_hidden, load_rgb, read_image_file
+from kdkit.data.dataset import IMG_EXTENSIONS, SeededDataset, is_image_file, load_rgb, read_image_file
 from kdkit.data.sampler import mixed_epoch_views
 from kdkit.registry import KdkitError
 
@@ -39,11 +39,11 @@ class UnlabeledFolderDataset(SeededDataset):
         self.samples: list[str] = []
         self.ignored_files = 0
         for folder, subfolders, files in os.walk(self.root, onerror=fail):
-            self.ignored_files += sum(len(os.listdir(os.path.join(folder, d))) for d in subfolders if is_hidden(d))
-            subfolders[:] = sorted(d for d in subfolders if not is_hidden(d))
+            subfolders.sort()
             for name in sorted(files):
-                if name.lower().endswith(IMG_EXTENSIONS) and not is_hidden(name):
-                    self.samples.append(os.path.join(folder, name))
+                path = os.path.join(folder, name)
+                if is_image_file(path, self.root):
+                    self.samples.append(path)
                 else:
                     self.ignored_files += 1
         if not self.samples:

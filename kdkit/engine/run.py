@@ -52,6 +52,11 @@ def amp_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def teacher_precision(r: Recipe, acc: Accelerator) -> str:
+    """The teacher's precision: run.teacher_precision, or the run's own when it is "auto"."""
+    return str(acc.mixed_precision) if r.run.teacher_precision == "auto" else r.run.teacher_precision
+
+
 def is_convnet(model: nn.Module) -> bool:
     """Whether convolutions do most of the work (more than a patch-embedding convolution)."""
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
@@ -268,8 +273,7 @@ def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, 
                            weights=r.model.teacher_weights or None, model_kwargs=r.model.teacher_kwargs)
     t.set_student_normalization(data_cfg["mean"], data_cfg["std"])
     if acc is not None:
-        tp = r.run.teacher_precision
-        t.amp_dtype = amp_dtype(str(acc.mixed_precision) if tp == "auto" else tp)
+        t.amp_dtype = amp_dtype(teacher_precision(r, acc))
         cl = r.run.channels_last
         if cl == "on" or (cl == "auto" and is_convnet(t.model)):
             t.use_channels_last()
@@ -338,8 +342,7 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     loss = build_loss(r, mode, train_ds.mixup is not None)
     semi = isinstance(train_ds, SemiSupervisedDataset)
     summary: dict = {"mode": mode, "classes": len(classes), "precision": str(acc.mixed_precision),
-                     "teacher_precision": r.run.teacher_precision if r.run.teacher_precision != "auto"
-                     else str(acc.mixed_precision),
+                     "teacher_precision": teacher_precision(r, acc),
                      "train_images": train_ds.num_labeled if semi else len(train_ds),
                      "eval_images": len(eval_ds), "conventions": loss.conventions(),
                      "processes": acc.num_processes, "global_batch_size": r.data.batch_size}
