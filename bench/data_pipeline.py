@@ -23,7 +23,7 @@ Settings:
 timm: torchvision ImageFolder + timm.data.create_transform(...), DataLoader(batch 64, shuffle,
 drop_last), and for 224 timm's Mixup on each collated batch as timm's train.py applies it (its
 time counts). kdkit: open_dataset + apply_views(view_settings(data_cfg, AugConfig)) + create_loader;
-each epoch is entered the trainer's way (kdkit.engine.state.seek: sampler and dataset epoch).
+each epoch is entered the trainer's way (kdkit.engine.checkpoint.seek: sampler and dataset epoch).
 Note: importing kdkit.data replaces timm's Posterize ops with one that accepts 0 bits (recent
 Pillow refuses posterize(0)); both pipelines run with it.
 
@@ -175,7 +175,7 @@ class KdkitPipeline:
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch (the next one) of (images, target) batches, entered as the trainer enters it."""
         try:
-            from kdkit.engine.state import seek
+            from kdkit.data.sampler import seek
         except ImportError:  # the trainer's helper moved: do what it did
             def seek(loader, epoch, step=0):
                 loader.sampler.set_epoch(epoch)

@@ -213,7 +213,7 @@ def setup(args) -> Setup:
     apply_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), k)
     loader = create_loader(train_ds, args.batch_size, training=True, workers=args.workers, seed=r.run.seed)
     try:
-        from kdkit.engine.state import seek
+        from kdkit.data.sampler import seek
 
         seek(loader, 0)
     except ImportError:
@@ -290,7 +290,7 @@ def sync(device: torch.device) -> None:
 
 def run_config(s: Setup, mode: str, compiled: bool, teachers: dict) -> dict:
     from kdkit.engine import run as R
-    from kdkit.engine.loop import DistillationStep, make_batch, train_step
+    from kdkit.engine.step import DistillationStep, make_batch, train_step
 
     a, acc = s.args, s.acc
     verb = "train" if mode == "plain" else "distill"

@@ -27,7 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kdkit.config import AugConfig
 from kdkit.data import apply_views, create_loader, open_dataset, view_settings
-from kdkit.engine.state import seek
+from kdkit.data.sampler import seek
 
 ROOT = Path(__file__).resolve().parent.parent
 

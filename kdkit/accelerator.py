@@ -26,3 +26,11 @@ def create_accelerator(precision: str = "auto", grad_accum: int = 1) -> Accelera
                            cpu=not torch.cuda.is_available())
     except ValueError as e:
         raise KdkitError(f"cannot set up precision {wanted!r}: {e}") from None
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels (warn where none exists) and cuBLAS's fixed workspace; on CPU runs are
+    reproducible already, so this only matters on CUDA."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False

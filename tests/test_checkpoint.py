@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from kdkit.engine.checkpoint import atomic_write, atomic_write_text
+from kdkit.files import atomic_write, atomic_write_text
 
 
 def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import kdkit
-from kdkit.engine.checkpoint import save_student
 from kdkit.engine.compare import disagreement
 from kdkit.models import create_model, create_student
+from kdkit.models.saved import save_student
 
 from .conftest import TINY_DEIT, run_cli
 

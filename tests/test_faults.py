@@ -11,8 +11,9 @@ from torch import nn
 
 import kdkit
 from kdkit.config import load_recipe
-from kdkit.engine.checkpoint import atomic_write, atomic_write_text
-from kdkit.engine.state import MetricsLog, latest_checkpoint, list_checkpoints, write_checkpoint
+from kdkit.engine.checkpoint import latest_checkpoint, list_checkpoints, write_checkpoint
+from kdkit.engine.metrics import MetricsLog
+from kdkit.files import atomic_write, atomic_write_text
 from kdkit.models import create_teacher
 from kdkit.registry import KdkitError
 
@@ -68,7 +69,7 @@ def test_nan_loss_skipped_and_counted_when_asked(tiny_data, tmp_path):
 
 def _disk_full_after(monkeypatch, n_files: int) -> None:
     """Writing checkpoint files fails with ENOSPC after `n_files` files, half-way through one."""
-    import kdkit.engine.state as state
+    import kdkit.engine.checkpoint as state
 
     written = {"n": 0}
     real = state.write_file

@@ -16,7 +16,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdkit.engine.state import latest_checkpoint, list_checkpoints
+from kdkit.engine.checkpoint import latest_checkpoint, list_checkpoints
 
 from .conftest import run_cli
 

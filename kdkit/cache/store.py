@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from kdkit.engine.checkpoint import atomic_write
+from kdkit.files import atomic_write
 from kdkit.registry import KdkitError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

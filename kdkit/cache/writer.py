@@ -19,9 +19,9 @@ from kdkit.accelerator import create_accelerator
 from kdkit.cache import LogitCache
 from kdkit.cache.manifest import differences
 from kdkit.cache.store import DTYPES, LogitStore, encode, read_manifest, record_bytes
+from kdkit.console import progress_bar
 from kdkit.data import SeededDataset, collate
-from kdkit.engine.checkpoint import atomic_write_text
-from kdkit.engine.progress import progress_bar
+from kdkit.files import atomic_write_text
 from kdkit.registry import KdkitError
 
 # keys that must match to resume (or extend) an existing cache folder

@@ -8,11 +8,12 @@ pair stays in one process's batch whenever that batch is even, and its two views
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from kdkit.data.seeding import ORDER, UNLABELED_ORDER, sample_seed
 from kdkit.registry import KdkitError
@@ -168,3 +169,18 @@ class MixedSampler(Sampler[tuple[int, int]]):
         unlabeled = unlabeled[: self.steps * u].view(self.steps, p, u // p)[:, r]
         mine = torch.cat([labeled, unlabeled], dim=1).reshape(-1)
         return ((self.epoch, v) for v in mine[self.start :].tolist())
+
+
+def seek(loader: DataLoader, epoch: int, step: int = 0) -> None:
+    """Point a training loader at batch `step` of `epoch` without reading the batches before it
+    (kdkit's EpochSampler skips them; views depend on (seed, epoch, view id) only)."""
+    sampler = loader.sampler
+    if step:
+        if "start" not in inspect.signature(getattr(sampler, "set_epoch", seek)).parameters:
+            raise KdkitError("resuming in the middle of an epoch needs a sampler whose set_epoch(epoch, start) "
+                             "skips samples, such as kdkit's EpochSampler (kdkit.data.create_loader)")
+        sampler.set_epoch(epoch, step * loader.batch_size)
+    elif hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)

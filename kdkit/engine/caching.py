@@ -13,8 +13,8 @@ from kdkit.cache import LogitCache, build_manifest, data_identity, weights_sha25
 from kdkit.cache.store import DTYPES
 from kdkit.cache.writer import write_cache
 from kdkit.config import Recipe
+from kdkit.console import console
 from kdkit.data import SemiSupervisedDataset, apply_views, open_dataset, open_unlabeled, view_settings
-from kdkit.engine.progress import console
 from kdkit.models import resolve_model_name
 from kdkit.registry import KdkitError
 

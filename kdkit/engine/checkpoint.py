@@ -1,165 +1,320 @@
-"""Atomic writes (files and whole folders) and the student's saved form.
+"""Training-state checkpoints: everything a run needs to continue exactly, and no pickle.
 
-A student is saved as a folder in timm's own layout, so it leaves kdkit as an ordinary timm model:
+A checkpoint is a folder, written whole (atomic_folder: temporary folder, fsync, rename):
 
-    student/model.safetensors   the timm model's state dict (class head, and DeiT's native token)
-    student/config.json         timm's config format (architecture, num_classes, model_args,
-                                pretrained_cfg) plus a "kdkit" block (head, loss conventions)
-    student/kdkit_head.safetensors   parameters the head strategy added (dual head, inserted token)
+    RUN/checkpoints/step-0001234/     (1234 = optimizer updates so far; the newest run.keep_checkpoints kept)
+      model.safetensors      the head-wrapped student's state dict
+      ema.safetensors        the EMA student (optim.ema_decay > 0)
+      state.safetensors      every other tensor: optimizer moments, torch RNG states (uint8), ...
+      state.json             the rest, as data: position (epoch, step, updates, ...), optimizer
+                             param_groups, scheduler, gradient scaler, numpy/python RNG states
+                             per process; tensors appear as {"__tensor__": key}
+      manifest.json          sha256 and size of every other file, written last
 
-`timm.create_model("local-dir:RUN/student", pretrained=True)` rebuilds it with plain timm.
+A folder with no manifest, a missing file or a wrong checksum is skipped (with a warning) in
+favour of the previous checkpoint. Data-loader workers need no saved state: every view is a
+function of (seed, epoch, view id) and the sampler's order of (seed, epoch), so (epoch, step)
+is the data state (see data/sampler.py).
 """
 
 from __future__ import annotations
 
-import errno
+import dataclasses
+import hashlib
 import json
-import os
+import random
+import re
 import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import nn
 
+from kdkit.console import console
+from kdkit.engine.metrics import MetricsLog
+from kdkit.files import (
+    atomic_folder,
+    remove_stale_temporaries,
+)
 from kdkit.registry import KdkitError
 
-HEAD_FILE = "kdkit_head.safetensors"
+FORMAT = "kdkit-checkpoint/1"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def disk_full(e: BaseException) -> bool:
-    """Whether `e` is "no space left on device" (or a disk quota exceeded)."""
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+@dataclass
+class Position:
+    """Where a run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress
+    step: int = 0  # batches of that epoch already consumed
+    updates: int = 0  # optimizer updates so far
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (run.on_nonfinite = "skip")
+    skipped_images: int = 0  # unreadable training images met by this process, over the run
+    metrics_lines: int = 0  # lines of metrics.jsonl written up to here
+    eval: dict = field(default_factory=dict)  # the last evaluation
 
 
-def out_of_space(path: Path, kept: str) -> KdkitError:
-    return KdkitError(f"out of disk space writing {path}; {kept} is intact (temporary files removed): "
-                      f"free some space and run again (--resume RUN continues a run)")
+# --- a state tree <-> (tensors, JSON) --------------------------------------------------------------
+
+def encode(obj: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
+    """A JSON-able copy of `obj` with each tensor moved into `tensors` under its path and replaced
+    by {"__tensor__": path}; tuples and dicts with non-string keys are tagged so they come back."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().clone()  # clone: safetensors refuses tensors sharing storage
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, encode(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray):
+        return {"__array__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} (at {key!r}) in a checkpoint")
 
 
-def fsync_dir(folder: str | Path) -> None:
-    """Make new entries and renames in `folder` durable (a no-op where folders cannot be opened)."""
+def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `encode`."""
+    if isinstance(obj, list):
+        return [decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__tuple__" in obj:
+        return tuple(decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {k: decode(v, tensors) for k, v in obj["__items__"]}
+    if "__array__" in obj:
+        return np.asarray(obj["__array__"], dtype=obj["dtype"])
+    return {k: decode(v, tensors) for k, v in obj.items()}
+
+
+# --- RNG -------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """This process's torch (CPU and CUDA), numpy and python RNG states (dropout, drop_path, ...)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- checkpoint folders ----------------------------------------------------------------------------
+
+def write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_checkpoint(folder: str | Path, files: dict[str, bytes]) -> Path:
+    """Write `files` (name -> content) and their manifest as one folder, atomically."""
+
+    def write(tmp: Path) -> None:
+        manifest = {"format": FORMAT, "files": {}}
+        for name, data in files.items():
+            write_file(tmp / name, data)
+            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+    return atomic_folder(folder, write)
+
+
+def read_checkpoint(folder: str | Path) -> dict[str, bytes]:
+    """The files of a checkpoint folder, each checked against the manifest; ValueError if the folder
+    is incomplete or any file differs from what was written."""
+    folder = Path(folder)
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no readable {MANIFEST} ({type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} checkpoint")
+    files = {}
+    for name, meta in manifest["files"].items():
+        try:
+            data = (folder / name).read_bytes()
+        except OSError:
+            raise ValueError(f"{name} is missing") from None
+        if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{name} does not match its checksum")
+        files[name] = data
+    return files
 
 
-def atomic_write(path: str | Path, write: Any) -> Path:
-    """Write via `write(tmp_path)` to a temporary file beside `path`, fsync, then rename over `path`:
-    readers see the old file or the complete new one, never a partial one. Out of disk space is a
-    KdkitError; the temporary file is removed and the previous `path` left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files (and writers may recreate them)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if disk_full(e):
-            raise out_of_space(path, "the previous version of the file") from None
-        raise
-    fsync_dir(path.parent)
-    return path
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """RUN/checkpoints/step-* folders, newest (most updates) first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name))] \
+        if folder.is_dir() else []
+    return [p for _, p in sorted(found, reverse=True)]
 
 
-def atomic_folder(path: str | Path, write: Any) -> Path:
-    """Write a whole folder via `write(tmp_folder)` into a temporary folder beside `path`, fsync every
-    file and the folder, then rename it to `path` (replacing a folder of that name). A crash leaves
-    no `path` or a complete one, plus at most a hidden `.NAME.*.tmp` folder (see
-    remove_stale_temporaries). Out of disk space is a KdkitError, as in atomic_write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
-        write(tmp)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if path.exists():  # the same position written again: swap the new one in, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
+def latest_checkpoint(run_dir: str | Path, warn: bool = True) -> tuple[Path, dict[str, bytes]] | None:
+    """The newest checkpoint that verifies, with its files; broken ones are skipped with a warning."""
+    for folder in list_checkpoints(run_dir):
+        try:
+            return folder, read_checkpoint(folder)
+        except ValueError as e:
+            if warn:
+                console.print(f"[bold yellow]warning: checkpoint {folder} is incomplete or corrupt ({e}): "
+                              f"skipped in favour of the previous one")
+    return None
+
+
+class Checkpointer:
+    """Saves a run's whole training state to RUN/checkpoints/ and restores it (module docstring).
+
+    every: save after every `every` optimizer updates (0: only at the end of each epoch, which the
+    loop always asks for); keep: how many checkpoints to keep (0: none are written).
+    """
+
+    def __init__(self, run_dir: str | Path | None, accelerator: Accelerator, student: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any = None, ema: nn.Module | None = None,
+                 every: int = 0, keep: int = 2):
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.folder = self.run_dir / "checkpoints" if self.run_dir and keep > 0 else None
+        self.acc, self.student, self.optimizer, self.scheduler, self.ema = accelerator, student, optimizer, scheduler, ema
+        self.every, self.keep = every, keep
+        self.last: Path | None = None
+
+    def due(self, pos: Position) -> bool:
+        return bool(self.every) and pos.updates % self.every == 0
+
+    def start(self) -> Position:
+        """A fresh run: an earlier run's checkpoints in this run directory would be resumed by
+        mistake later, so they go (with a warning)."""
+        folder = self.run_dir / "checkpoints" if self.run_dir else None
+        if folder is not None and self.acc.is_main_process and folder.is_dir():
+            if list_checkpoints(self.run_dir):
+                console.print(f"[bold yellow]warning: {self.run_dir} holds checkpoints of an earlier run: "
+                              f"removed (use --resume {self.run_dir} to continue a run instead)")
+            shutil.rmtree(folder)
+        self.acc.wait_for_everyone()
+        return Position()
+
+    def save(self, pos: Position, log: MetricsLog | None = None) -> Path | None:
+        """Write the state at `pos` (call it at an optimizer-update boundary; `log` is flushed and its
+        line count recorded). Every process takes part (each one's RNG state is gathered); the main
+        process writes."""
+        if self.folder is None:
+            return None
+        if log is not None:
+            pos.metrics_lines = log.sync()
+        local = {"rng": rng_state(), "skipped_images": pos.skipped_images}
+        processes = [local]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            processes = gather_object([local])
+        path = self.folder / f"step-{pos.updates:07d}"
+        error = None
+        if self.acc.is_main_process:
+            try:
+                self._write(path, pos, processes)
+            except KdkitError as e:  # out of disk space: every process must stop, not wait for the main one
+                error = str(e)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error:
+            raise KdkitError(error)
+        self.acc.wait_for_everyone()
+        self.last = path
+        return path
+
+    def _write(self, path: Path, pos: Position, processes: list[dict]) -> None:
+        """Write one checkpoint folder (main process) and drop the ones past `keep`."""
+        tree = {"position": dataclasses.asdict(pos), "processes": processes,
+                "optimizer": self.optimizer.state_dict(), "accelerator_step": self.acc.step,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+                "ema_generator": getattr(self.ema, "_sr_generator", None) and self.ema._sr_generator.get_state()}
+        tensors: dict[str, torch.Tensor] = {}
+        state = json.dumps(encode(tree, tensors, "state"))
+        files = {"model.safetensors": save_tensors(_weights(self.acc.unwrap_model(self.student))),
+                 "state.safetensors": save_tensors(tensors), "state.json": state.encode()}
+        if self.ema is not None:
+            files["ema.safetensors"] = save_tensors(_weights(self.ema.module))
+        write_checkpoint(path, files)
+        for old in list_checkpoints(self.run_dir)[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(e):
-            raise out_of_space(path, "the previous checkpoint") from None
-        raise
-    fsync_dir(path.parent)
-    return path
+
+    def keep_good(self, pos: Position, log: MetricsLog | None = None) -> Path | None:
+        """Before stopping on a non-finite loss: make sure a checkpoint of the last good weights
+        exists. The weights at `pos` are those of the last finite update; they are saved unless a
+        checkpoint at this update exists already or they are themselves not finite."""
+        if self.folder is None:
+            return None
+        if self.last is not None and self.last.name == f"step-{pos.updates:07d}":
+            return self.last
+        finite = torch.tensor([bool(p.isfinite().all()) for p in self.student.parameters()]).all()
+        return self.save(pos, log) if bool(finite) else self.last
+
+    def restore(self) -> Position:
+        """Load the newest valid checkpoint into the student, optimizer, scheduler, EMA, scaler and
+        RNGs; returns its position. KdkitError when there is none."""
+        if self.run_dir is None:
+            raise KdkitError("resuming needs a run directory")
+        if self.acc.is_main_process:
+            remove_stale_temporaries(self.folder or self.run_dir / "checkpoints")
+        found = latest_checkpoint(self.run_dir, warn=self.acc.is_main_process)
+        if found is None:
+            raise KdkitError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}: nothing to resume "
+                             f"(start the run again without --resume)")
+        path, files = found
+        tensors = load_tensors(files["state.safetensors"])
+        tree = decode(json.loads(files["state.json"]), tensors)
+        try:
+            self.acc.unwrap_model(self.student).load_state_dict(load_tensors(files["model.safetensors"]))
+            if self.ema is not None:
+                if "ema.safetensors" not in files:
+                    raise KdkitError(f"{path} has no EMA weights but optim.ema_decay > 0")
+                self.ema.module.load_state_dict(load_tensors(files["ema.safetensors"]))
+                if tree["ema_generator"] is not None:
+                    self.ema._sr_generator.set_state(tree["ema_generator"])
+            self.optimizer.load_state_dict(tree["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise KdkitError(f"checkpoint {path} does not fit this run's student or optimizer ({type(e).__name__}: "
+                             f"{str(e)[:300]}): resume with the verb and recipe that wrote it") from None
+        if self.scheduler is not None and tree["scheduler"] is not None:
+            self.scheduler.load_state_dict(tree["scheduler"])
+        if self.acc.scaler is not None and tree["scaler"] is not None:
+            self.acc.scaler.load_state_dict(tree["scaler"])
+        self.acc.step = tree["accelerator_step"]
+        processes = tree["processes"]
+        mine = processes[self.acc.process_index] if len(processes) == self.acc.num_processes else processes[0]
+        set_rng_state(mine["rng"])
+        pos = Position(**tree["position"])
+        pos.skipped_images = mine["skipped_images"]
+        self.last = path
+        if self.acc.is_main_process:
+            console.print(f"resuming from {path}: epoch {pos.epoch + 1}, step {pos.step}, {pos.updates} updates")
+        return pos
 
 
-def remove_stale_temporaries(folder: str | Path) -> None:
-    """Delete the hidden `.NAME.*.tmp` files and folders that a crash inside atomic_write or
-    atomic_folder left in `folder`."""
-    folder = Path(folder)
-    for p in folder.glob(".*.tmp") if folder.is_dir() else ():
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _split_state(student: nn.Module) -> tuple[dict, dict]:
-    model_state = {k: v.detach().contiguous() for k, v in student.model.state_dict().items()}
-    extra = {k: v.detach().contiguous() for k, v in student.state_dict().items() if not k.startswith("model.")}
-    return model_state, extra
-
-
-def save_student(folder: str | Path, student: nn.Module, config: dict) -> Path:
-    """Save a head-wrapped student (see module docstring). `config` is timm's config dict."""
-    folder = Path(folder)
-    model_state, extra = _split_state(student)
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(model_state, tmp))
-    if extra:
-        atomic_write(folder / HEAD_FILE, lambda tmp: save_file(extra, tmp))
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
-    return folder
-
-
-def load_student_weights(student: nn.Module, path: str | Path) -> None:
-    """Load a saved student folder (or its model.safetensors) into a head-wrapped student."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    weights = folder / "model.safetensors" if path.is_dir() else path
-    if not weights.is_file():
-        raise KdkitError(f"no student weights at {weights}")
-    try:
-        state = {f"model.{k}": v for k, v in load_file(str(weights)).items()}
-        if (folder / HEAD_FILE).is_file():
-            state.update(load_file(str(folder / HEAD_FILE)))
-        student.load_state_dict(state, strict=True)
-    except Exception as e:
-        raise KdkitError(f"cannot load {weights} into the student: {type(e).__name__}: {str(e)[:600]}") from None
-
-
-def read_config(path: str | Path) -> dict:
-    """The config.json of a saved student folder (or of the folder holding a weights file)."""
-    path = Path(path)
-    cfg = (path if path.is_dir() else path.parent) / "config.json"
-    if not cfg.is_file():
-        raise KdkitError(f"no config.json beside {path}: pass --model and its options")
-    return json.loads(cfg.read_text())
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from kdkit.accelerator import create_accelerator
-from kdkit.engine.progress import progress_bar
+from kdkit.console import progress_bar
 from kdkit.types import StudentOut
 
 

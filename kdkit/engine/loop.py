@@ -10,79 +10,24 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from timm.utils import ModelEmaV3
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from kdkit.accelerator import create_accelerator
+from kdkit.console import console, progress_bar
+from kdkit.data.sampler import seek
+from kdkit.engine.checkpoint import Checkpointer
 from kdkit.engine.evaluate import evaluate
-from kdkit.engine.progress import console, progress_bar
-from kdkit.engine.state import NONFINITE, Checkpointer, MetricsLog, Position, nonfinite_terms, seek
-from kdkit.losses import DistillationLoss
+from kdkit.engine.metrics import MetricsLog
+from kdkit.engine.step import (
+    NONFINITE,
+    DistillationStep,
+    global_terms,
+    make_batch,
+    nonfinite_step,
+    train_step,
+)
 from kdkit.registry import KdkitError
-from kdkit.types import Batch, StepOut
-
-
-class DistillationStep:
-    """One step's forward: teacher logits for the (mixed) batch, the student's heads, the loss terms."""
-
-    def __init__(self, loss: DistillationLoss, logits: Callable[[Batch], Tensor] | None = None):
-        if loss.needs_teacher and logits is None:
-            raise KdkitError(f"loss {loss.name!r} needs a teacher or cached logits")
-        self.loss, self.logits = loss, logits
-
-    def __call__(self, student: nn.Module, batch: Batch) -> StepOut:
-        teacher = self.logits(batch) if self.loss.needs_teacher else None
-        out = student(batch.images)
-        terms = self.loss(out, teacher, batch.target)
-        return StepOut(terms.pop("loss"), out, terms)
-
-
-def make_batch(raw: dict, device: torch.device) -> Batch:
-    """Move a collated batch to the device (Mixup/CutMix already happened per sample, in the data)."""
-    return Batch(raw["images"].to(device, non_blocking=True), raw["target"].to(device, non_blocking=True),
-                 raw["index"], raw["epoch"])
-
-
-def train_step(acc: Accelerator, student: nn.Module, optimizer: torch.optim.Optimizer, step_fn: DistillationStep,
-               batch: Batch, clip_grad: float = 0.0) -> tuple[StepOut, dict[str, float]]:
-    """Forward; then, when the loss and every term are finite, backward and (at an accumulation
-    boundary) the optimizer step. Returns the step's output and its non-finite terms: a step with
-    any is not applied, and at a boundary its accumulated gradients are dropped."""
-    with acc.accumulate(student):
-        out = step_fn(student, batch)
-        bad = nonfinite_terms(out, acc)
-        if not bad:
-            acc.backward(out.loss)
-            if clip_grad and acc.sync_gradients:
-                acc.clip_grad_norm_(student.parameters(), clip_grad)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return out, bad
-
-
-def global_terms(acc: Accelerator, out: StepOut) -> tuple[float, dict[str, float]]:
-    """The loss and its terms averaged over processes: the values of the global batch (every
-    process holds an equal share of it), as one process would log them."""
-    names = list(out.terms)
-    values = torch.stack([out.loss.detach().float(), *(out.terms[k].detach().float() for k in names)])
-    values = acc.reduce(values, "mean") if acc.num_processes > 1 else values
-    return values[0].item(), dict(zip(names, values[1:].tolist(), strict=True))
-
-
-def nonfinite_step(policy: str, ckpt: Checkpointer, pos: Position, log: MetricsLog, bad: dict[str, float]) -> None:
-    """A step with a NaN or infinite loss: "skip" counts it and goes on; "stop" makes sure a checkpoint
-    of the last good weights exists, then raises KdkitError naming the step and the bad terms."""
-    parts = ", ".join(f"{k}={v}" for k, v in sorted(bad.items(), key=lambda kv: kv[0] == "loss"))
-    where = f"epoch {pos.epoch} step {pos.step} (after {pos.updates} updates; numbered as in metrics.jsonl)"
-    if policy == "skip":
-        pos.skipped_steps += 1
-        console.print(f"[bold yellow]warning: non-finite loss at {where}: {parts}; step skipped "
-                      f"({pos.skipped_steps} so far)")
-        return
-    kept = ckpt.keep_good(pos, log)
-    hint = (f"the last good checkpoint is {kept}: continue with --resume {ckpt.run_dir}" if kept else
-            "no checkpoint was kept")
-    raise KdkitError(f"non-finite loss at {where}: {parts}; {hint} (run.on_nonfinite = \"skip\" skips such steps)")
 
 
 def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader, *, epochs: int,
@@ -98,7 +43,7 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
     `save(student)` (and `save_ema(ema_model)` with `ema_decay` > 0: timm's ModelEmaV3, evaluated
     too as ema_*) is called by the main process after every epoch that has an eval loader, and at
     the end. With a `run_dir`, the whole training state is checkpointed to RUN/checkpoints/ (see
-    engine/state.py) every `checkpoint_every` updates and at the end of every epoch, the newest
+    engine/checkpoint.py) every `checkpoint_every` updates and at the end of every epoch, the newest
     `keep_checkpoints` kept; `resume` continues from the newest valid one. `on_nonfinite`: "stop"
     or "skip" a step whose loss is NaN/inf. `stats`, if given, receives updates, skipped_steps and
     skipped_images (unreadable training images over the run, all processes).

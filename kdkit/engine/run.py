@@ -17,9 +17,10 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from kdkit import __version__
-from kdkit.accelerator import create_accelerator
+from kdkit.accelerator import create_accelerator, set_deterministic
 from kdkit.cache import LogitCache
 from kdkit.config import PRESET_NOTES, Recipe
+from kdkit.console import console
 from kdkit.data import (
     SemiSupervisedDataset,
     apply_views,
@@ -30,13 +31,13 @@ from kdkit.data import (
     open_unlabeled,
     view_settings,
 )
-from kdkit.engine.checkpoint import atomic_write_text, save_student
 from kdkit.engine.evaluate import evaluate
-from kdkit.engine.loop import DistillationStep, fit
-from kdkit.engine.progress import console
-from kdkit.engine.state import set_deterministic
+from kdkit.engine.loop import fit
+from kdkit.engine.step import DistillationStep
+from kdkit.files import atomic_write_text
 from kdkit.losses import create_loss, semi_supervised
 from kdkit.models import create_student, create_teacher, model_data_config, resolve_model_name
+from kdkit.models.saved import save_student
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError
 from kdkit.teachers import CachedLogits, LiveTeacher
@@ -395,7 +396,7 @@ def load_saved(weights: str | Path, model: str | None = None,
     with `weights` loaded (forward gives (B, K) logits; num_classes as given, timm's default when
     None) and classes None. data_cfg is the timm data config (input_size, mean, std, ...) to feed it.
     """
-    from kdkit.engine.checkpoint import load_student_weights, read_config
+    from kdkit.models.saved import load_student_weights, read_config
 
     path = Path(weights)
     if not path.exists():

@@ -99,7 +99,7 @@ def create_student(model: str | nn.Module, num_classes: int, head: str = "auto",
                        **kwargs)
     student = wrap_student(net, head)
     if weights is not None:
-        from kdkit.engine.checkpoint import load_student_weights
+        from kdkit.models.saved import load_student_weights
 
         load_student_weights(student, weights)
     return student

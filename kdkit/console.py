@@ -1,4 +1,4 @@
-"""Rich progress bars and tables, printed by the main process only."""
+"""The console (stderr) and rich progress bars, printed by the main process only; shared by every package."""
 
 from __future__ import annotations
 

@@ -1,0 +1,64 @@
+"""The student's saved form: a folder in timm's own layout, so it leaves kdkit as an ordinary timm model.
+
+    student/model.safetensors   the timm model's state dict (class head, and DeiT's native token)
+    student/config.json         timm's config format (architecture, num_classes, model_args,
+                                pretrained_cfg) plus a "kdkit" block (head, loss conventions)
+    student/kdkit_head.safetensors   parameters the head strategy added (dual head, inserted token)
+
+`timm.create_model("local-dir:RUN/student", pretrained=True)` rebuilds it with plain timm.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdkit.files import atomic_write, atomic_write_text
+from kdkit.registry import KdkitError
+
+HEAD_FILE = "kdkit_head.safetensors"
+
+
+def _split_state(student: nn.Module) -> tuple[dict, dict]:
+    model_state = {k: v.detach().contiguous() for k, v in student.model.state_dict().items()}
+    extra = {k: v.detach().contiguous() for k, v in student.state_dict().items() if not k.startswith("model.")}
+    return model_state, extra
+
+
+def save_student(folder: str | Path, student: nn.Module, config: dict) -> Path:
+    """Save a head-wrapped student (see module docstring). `config` is timm's config dict."""
+    folder = Path(folder)
+    model_state, extra = _split_state(student)
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(model_state, tmp))
+    if extra:
+        atomic_write(folder / HEAD_FILE, lambda tmp: save_file(extra, tmp))
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
+    return folder
+
+
+def load_student_weights(student: nn.Module, path: str | Path) -> None:
+    """Load a saved student folder (or its model.safetensors) into a head-wrapped student."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights = folder / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise KdkitError(f"no student weights at {weights}")
+    try:
+        state = {f"model.{k}": v for k, v in load_file(str(weights)).items()}
+        if (folder / HEAD_FILE).is_file():
+            state.update(load_file(str(folder / HEAD_FILE)))
+        student.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise KdkitError(f"cannot load {weights} into the student: {type(e).__name__}: {str(e)[:600]}") from None
+
+
+def read_config(path: str | Path) -> dict:
+    """The config.json of a saved student folder (or of the folder holding a weights file)."""
+    path = Path(path)
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg.is_file():
+        raise KdkitError(f"no config.json beside {path}: pass --model and its options")
+    return json.loads(cfg.read_text())
