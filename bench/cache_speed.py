@@ -36,7 +36,7 @@ from kdkit.cache.store import LogitStore, encode, record_bytes
 from kdkit.cache.writer import write_cache
 from kdkit.config import AugConfig
 from kdkit.data import apply_views, create_loader, open_dataset, view_settings
-from kdkit.engine.run import student_data_config
+from kdkit.engine.build import student_data_config
 from kdkit.engine.step import DistillationStep, make_batch
 from kdkit.losses import create_loss
 from kdkit.models import create_model, create_student

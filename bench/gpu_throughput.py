@@ -201,7 +201,7 @@ def recipe_for(args, mode: str, **extra) -> object:
 
 def setup(args) -> Setup:
     from kdkit.data import apply_views, create_loader, view_settings
-    from kdkit.engine import run as R
+    from kdkit.engine import build as R
 
     r = recipe_for(args, "plain")
     acc = R.make_accelerator(r)
@@ -237,7 +237,7 @@ def setup(args) -> Setup:
 def build_teacher(s: Setup, compiled: bool) -> torch.nn.Module:
     """The recipe's teacher as the trainer builds it (precision and memory format too, where this
     kdkit does so), bf16 autocast on CUDA if the builder left it in full precision, compiled on request."""
-    from kdkit.engine import run as R
+    from kdkit.engine import build as R
 
     t = call(R.build_teacher, s.recipe, None, s.num_classes, s.data_cfg, acc=s.acc).to(s.device)
     t.bench_forced_bf16 = s.device.type == "cuda" and s.args.precision == "bf16" and \
@@ -274,7 +274,7 @@ def logit_source(s: Setup, mode: str, compiled: bool, teachers: dict):
         if compiled not in teachers:
             teachers[compiled] = build_teacher(s, compiled)
         return LiveTeacher(teachers[compiled])
-    from kdkit.engine import run as R
+    from kdkit.engine import build as R
 
     r = recipe_for(s.args, "cached")
     try:  # as the trainer does: the cache is checked against this run's data, views and seed
@@ -289,7 +289,7 @@ def sync(device: torch.device) -> None:
 
 
 def run_config(s: Setup, mode: str, compiled: bool, teachers: dict) -> dict:
-    from kdkit.engine import run as R
+    from kdkit.engine import build as R
     from kdkit.engine.step import DistillationStep, make_batch, train_step
 
     a, acc = s.args, s.acc
@@ -343,7 +343,7 @@ def run_config(s: Setup, mode: str, compiled: bool, teachers: dict) -> dict:
 # --- FLOPs, peak, report ------------------------------------------------------------------------------
 
 def flops(s: Setup) -> dict:
-    from kdkit.engine import run as R
+    from kdkit.engine import build as R
     from kdkit.engine.benchmark import count_flops
 
     size = s.data_cfg["input_size"]

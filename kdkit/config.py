@@ -33,18 +33,33 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 @dataclass
 class ModelConfig:
     student: str = "deit_tiny"
-    head: str = "auto"  # token | dual | shared | auto (token for ViTs with a class token, else dual)
+    head: str = "auto"  # a HEADS name: auto (native / token / dual, see models/student.py) | token | dual | shared | native
+    head_args: dict = field(default_factory=dict)  # the head strategy's own settings (its constructor's arguments)
     img_size: int | None = None
     patch_size: int | None = None
     drop_path: float = 0.0
     pretrained: bool = False  # student from timm's hub weights
     student_weights: str = ""  # initialise the student from a local file
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs for the student
-    teacher: str = ""
-    teacher_weights: str = ""  # local weights; empty = timm's hub weights
+    teacher: str | list[str] = ""  # a timm name; several = an ensemble (model.logits "ensemble")
+    teacher_weights: str | list[str] = ""  # local weights (one per teacher); empty = timm's hub weights
     teacher_kwargs: dict = field(default_factory=dict)
     teacher_logits: str = ""  # a `kdkit cache` folder: read the teacher's outputs instead of running it
     teacher_logits_cycle: bool = False  # past the cached epochs, replay them again (else run the teacher live)
+    logits: str = "auto"  # a LOGIT_SOURCES name: auto (cache with teacher_logits, ensemble with several teachers, else live)
+    logits_args: dict = field(default_factory=dict)  # the logit source's own settings
+
+    def teachers(self) -> list[tuple[str, str]]:
+        """(name, weights) of every teacher; weights "" for the hub's."""
+        names = [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
+        names = [n for n in names if n]
+        weights = [self.teacher_weights] if isinstance(self.teacher_weights, str) else list(self.teacher_weights)
+        if len(weights) == 1 and len(names) > 1 and not weights[0]:
+            weights = [""] * len(names)
+        if names and len(weights) != len(names):
+            raise KdkitError(f"{len(names)} teachers and {len(weights)} teacher weights: give one --teacher-weights "
+                             f"per --teacher, in the same order (\"\" for the hub's)")
+        return list(zip(names, weights, strict=False))
 
 
 @dataclass
@@ -86,7 +101,12 @@ class AugConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "hard"  # none | soft | hard
+    """The loss: `kind` names it (LOSSES), `args` holds its own settings (checked against its
+    constructor), and the shared distillation settings below go to every loss whose constructor
+    names them (and to the pseudo-label loss of unlabeled images)."""
+
+    kind: str = "hard"  # a LOSSES name: none | soft | hard | dkd | dist | feature | ...
+    args: dict = field(default_factory=dict)  # the loss's own settings, e.g. {alpha = 1.0, beta = 8.0} for dkd
     task_weight: float = 0.5
     kd_weight: float = 0.5
     tau: float = 1.0
@@ -94,6 +114,11 @@ class LossConfig:
     hard_smoothing: float = 0.0
     pseudo_label: str = "auto"  # unlabeled samples' term: auto (= kind) | soft | hard
     confidence_threshold: float = 0.0  # unlabeled samples count where the teacher's max prob (tau 1) >= this
+
+    SHARED = ("task_weight", "kd_weight", "tau", "kl_reduction", "hard_smoothing")
+
+    def shared(self) -> dict:
+        return {k: getattr(self, k) for k in self.SHARED}
 
     def __post_init__(self) -> None:
         from kdkit.losses.distillation import check_loss_settings
@@ -238,6 +263,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except KdkitError:
                 pass
         raise KdkitError(f"{key}: expected {_name(tp)}, got {value!r}")
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise KdkitError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, arg, key) for v in value]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, list | tuple) or len(value) != len(args):

@@ -30,10 +30,14 @@ class StudentOut:
     logits: (B, K) class-head logits, trained against the labels.
     dist_logits: (B, K) distillation-head logits, trained against the teacher; the same tensor
         as `logits` for the `shared` head.
+    features: (B, D) pooled pre-logit features, where the head exposes them (feature distillation).
+    tokens: (B, N, D) the ViT's patch tokens (prefix tokens dropped), where the model has them.
     """
 
     logits: Tensor
     dist_logits: Tensor
+    features: Tensor | None = None
+    tokens: Tensor | None = None
 
     @property
     def fused(self) -> Tensor:
@@ -48,3 +52,16 @@ class StepOut:
     loss: Tensor
     out: StudentOut
     terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherOut:
+    """The teacher's answer with its features, for losses that match features (`needs_features`).
+
+    logits: (B, K) float32. features: (B, D) pooled pre-logit features. spatial: the unpooled
+    features, (B, C, H, W) for a ConvNet, (B, N, D) tokens for a ViT.
+    """
+
+    logits: Tensor
+    features: Tensor
+    spatial: Tensor

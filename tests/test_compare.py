@@ -108,7 +108,7 @@ def test_disagreement_is_symmetric_with_a_zero_diagonal():
 
 
 def test_a_timm_name_with_a_folder_is_one_row_whose_truth_cell_is_its_error(tiny_data, tmp_path, capsys):
-    from kdkit.engine.run import evaluate_saved
+    from kdkit.engine.evaluate import evaluate_saved
 
     teacher = Path(kdkit.__file__).parent / "assets" / "teachers" / "resnet9_cifar_s"
     assert run_cli("compare", "--models", f"resnet9_cifar_s={teacher}", "--data", tiny_data, "--out", tmp_path,

@@ -6,7 +6,7 @@ import json
 import torch
 
 from kdkit.config import load_recipe
-from kdkit.engine.run import build_teacher, make_accelerator
+from kdkit.engine.build import build_teacher, make_accelerator
 
 from .conftest import TINY_DEIT, run_cli
 

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdkit.engine.run import evaluate_saved
+    from kdkit.engine.evaluate import evaluate_saved
 
     result = evaluate_saved(args.weights, args.data, args.model, args.batch_size, args.workers, args.split,
                             progress=not args.json)

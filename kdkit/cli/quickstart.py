@@ -60,7 +60,7 @@ def run_quickstart(overrides: dict) -> dict:
     Returns {"teacher": eval, "no_kd": summary, "distilled": summary} (evals as in kdkit.evaluate).
     """
     from kdkit.config import _merge, load_recipe
-    from kdkit.engine.run import evaluate_saved
+    from kdkit.engine.evaluate import evaluate_saved
     from kdkit.engine.run import run as run_recipe
 
     over = _merge({"model": {"teacher_weights": str(teacher_path())}}, overrides)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdkit.models import create_model, model_data_config
 from kdkit.registry import KdkitError
 
 CUDA_BATCH_CAP, CPU_BATCH_CAP, FIRST_BATCH = 1024, 64, 8
@@ -113,7 +114,6 @@ def benchmark_model(model: str | nn.Module, img_size: int | None = None, batch_s
     largest that fits (see largest_batch). warmup/repeats None: 3/10 on CUDA, 1/3 on CPU. Returns model, params,
     gflops (2 FLOPs per multiply-add), gmacs, input_shape, batch_size, images_per_s, device, dtype.
     """
-    from kdkit.models import create_model, model_data_config
 
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

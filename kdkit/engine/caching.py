@@ -4,52 +4,31 @@ teacher on a random sample of records."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from kdkit.cache import LogitCache, build_manifest, data_identity, weights_sha256
+from kdkit.cache import LogitCache
 from kdkit.cache.store import DTYPES
 from kdkit.cache.writer import write_cache
 from kdkit.config import Recipe
 from kdkit.console import console
-from kdkit.data import SemiSupervisedDataset, apply_views, open_dataset, open_unlabeled, view_settings
-from kdkit.models import resolve_model_name
+from kdkit.data import SemiSupervisedDataset, apply_views, open_dataset, open_unlabeled
+from kdkit.engine.build import (
+    build_logit_source,
+    build_student,
+    expected_manifest,
+    logit_source_name,
+    make_accelerator,
+    open_train,
+    student_data_config,
+)
 from kdkit.registry import KdkitError
-
-
-def views_for(r: Recipe, data_cfg: dict, mode: str) -> dict:
-    """Replay caches hold the run's training views; fixed caches the evaluation view of each image."""
-    return view_settings(data_cfg, dataclasses.asdict(r.aug)) if mode == "replay" else view_settings(data_cfg)
-
-
-def expected_manifest(r: Recipe, train_ds, data_cfg: dict, mode: str, teacher: dict | None = None, topk: int = 0,
-                      dtype: str = "float16", shard_size: int = 4096) -> dict:
-    """The manifest of a cache of this run's teacher outputs (teacher {} when no teacher is loaded).
-    train_ds: the training split, or a SemiSupervisedDataset (its unlabeled images are recorded too)."""
-    if teacher is None:
-        teacher = {"name": resolve_model_name(r.model.teacher) if r.model.teacher else None}
-    semi = isinstance(train_ds, SemiSupervisedDataset)
-    labeled = train_ds.labeled if semi else train_ds
-    return build_manifest(mode=mode, teacher=teacher, data=data_identity(labeled, r.data.path, r.data.train_split),
-                          views=views_for(r, data_cfg, mode), seed=r.run.seed, epochs=r.optim.epochs, topk=topk,
-                          dtype=dtype, shard_size=shard_size,
-                          unlabeled=data_identity(train_ds.unlabeled, r.data.unlabeled, "") if semi else None,
-                          unlabeled_ratio=train_ds.unlabeled_ratio if semi else None)
 
 
 def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 0, dtype: str = "float16",
                   shard_size: int = 4096, overwrite: bool = False) -> dict:
     """Write (or resume, or extend) the cache of the recipe's teacher on its training data."""
-    from kdkit.engine.run import (
-        build_student,
-        build_teacher,
-        make_accelerator,
-        open_train,
-        student_data_config,
-    )
-
     if mode not in ("replay", "fixed"):
         raise KdkitError(f"unknown cache mode {mode!r}: replay or fixed")
     if dtype not in DTYPES:
@@ -60,13 +39,14 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
     train_ds = open_train(r)
     num_classes = len(train_ds.classes)
     data_cfg = student_data_config(build_student(r, "distill", None, num_classes), r.model.img_size)
-    teacher = build_teacher(r, None, num_classes, data_cfg, acc)
-    identity = {"name": resolve_model_name(r.model.teacher), "weights": r.model.teacher_weights or "hub",
-                "weights_sha256": weights_sha256(teacher.model)}
+    if logit_source_name(r) == "cache":
+        raise KdkitError("kdkit cache runs the teacher: pass --teacher (a cache cannot be written from a cache)")
+    source = build_logit_source(r, None, data_cfg, train_ds, None, acc, {})  # live teacher, or an ensemble
+    identity = source.identity()
     manifest = expected_manifest(r, train_ds, data_cfg, mode, identity, topk, dtype, shard_size)
     apply_views(train_ds, manifest["views"], num_classes)
     per_proc = max(r.data.eval_batch_size // acc.num_processes, 1)
-    stats = write_cache(teacher, train_ds, out, manifest, batch_size=per_proc, workers=r.data.workers,
+    stats = write_cache(source, train_ds, out, manifest, batch_size=per_proc, workers=r.data.workers,
                         accelerator=acc, progress=r.run.progress, overwrite=overwrite)
     cache = LogitCache(out)
     stats.update(cache=str(out), mode=mode, epochs=cache.epochs, records_per_epoch=manifest["records_per_epoch"],
@@ -83,16 +63,15 @@ def verify_cache(path: str | Path, r: Recipe | None = None, samples: int = 64, s
                     "ok": not problems["missing"] and not problems["corrupt"]}
     if r is None or not r.model.teacher:
         return report
-    from kdkit.engine.run import build_teacher
-
     m = cache.manifest
     ds = open_dataset(m["data"]["source"], m["data"]["split"], seed=m["seed"] or 0)
     if m.get("unlabeled"):
         ds = SemiSupervisedDataset(ds, open_unlabeled(m["unlabeled"]["source"], ds.classes), m["unlabeled_ratio"] or 1.0)
     apply_views(ds, m["views"], m["num_classes"])
-    data_cfg = {"mean": m["views"]["mean"], "std": m["views"]["std"]}
-    teacher = build_teacher(r, None, m["num_classes"], data_cfg)
-    report["teacher_matches_manifest"] = weights_sha256(teacher.model) == m["teacher"]["weights_sha256"]
+    size = m["views"]["img_size"]
+    data_cfg = {"mean": m["views"]["mean"], "std": m["views"]["std"], "input_size": (3, size, size)}
+    teacher = build_logit_source(r, None, data_cfg, ds, None, None, {})
+    report["teacher_matches_manifest"] = teacher.identity()["weights_sha256"] == m["teacher"]["weights_sha256"]
     g = torch.Generator().manual_seed(seed)
     worst, top1_agree, n = 0.0, 0, 0
     for _ in range(samples):

@@ -14,6 +14,10 @@ import torch
 from torch import Tensor
 
 from kdkit.accelerator import create_accelerator
+from kdkit.console import progress_bar
+from kdkit.data import create_loader, eval_transform, open_dataset
+from kdkit.files import atomic_write, atomic_write_text
+from kdkit.models import load_saved
 from kdkit.registry import KdkitError
 from kdkit.types import StudentOut
 
@@ -89,9 +93,6 @@ def compare(models: list[str], data: str, split: str = "auto-eval", batch_size: 
     classes are matched to the data's by name when it saved label_names (else taken in the data's
     order). The ground truth is the first row.
     """
-    from kdkit.console import progress_bar
-    from kdkit.data import create_loader, eval_transform, open_dataset
-    from kdkit.engine.run import load_saved
 
     if not models:
         raise KdkitError("give at least one model")
@@ -148,7 +149,6 @@ def write_csv(path: str | Path, labels: list[str], matrix: Tensor) -> Path:
     import csv
     import io
 
-    from kdkit.files import atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -164,7 +164,6 @@ def draw_heatmap(path: str | Path, labels: list[str], matrix: Tensor, title: str
     Drawn with PIL, so it needs no plotting library."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from kdkit.files import atomic_write
 
     font = ImageFont.load_default()
     cell, pad = 56, 10

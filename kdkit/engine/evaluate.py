@@ -1,8 +1,10 @@
-"""Evaluation: top-1/top-5 of the class head, the distillation head and their late fusion."""
+"""Evaluation: top-1/top-5 of the class head, the distillation head and their late fusion; the teacher's
+check before distilling; a saved student scored on a data split."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -10,7 +12,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from kdkit.accelerator import create_accelerator
-from kdkit.console import progress_bar
+from kdkit.console import console, progress_bar
+from kdkit.data import create_loader, eval_transform, open_dataset
+from kdkit.models import has_saved_config, load_saved
+from kdkit.models.teacher import Teacher
+from kdkit.registry import KdkitError
 from kdkit.types import StudentOut
 
 
@@ -54,3 +60,49 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
     result = {k: 100.0 * v / max(n, 1) for k, v in sums.items()}
     result.update(n=n, skipped=int(skipped), images_per_s=n / seconds if seconds else 0.0)
     return result
+
+
+def check_teacher(teacher: Teacher, loader, num_classes: int, batches: int, accelerator: Accelerator,
+                  empty: list[str] | tuple[str, ...] = ()) -> dict:
+    """Top-1 of the teacher on a slice of the evaluation split, through the student's pipeline."""
+    teacher.to(accelerator.device)
+    correct = n = 0
+    k = None
+    for i, raw in enumerate(loader):
+        if i >= batches:
+            break
+        if raw["images"] is None:
+            continue
+        logits = teacher(raw["images"].to(accelerator.device))
+        k = logits.shape[1]
+        if k != num_classes:
+            hint = f" (the data's class folders include empty ones: {', '.join(empty[:5])})" if empty else ""
+            raise KdkitError(f"the teacher predicts {k} classes but the data has {num_classes}{hint}: fine-tune "
+                             f"it on this label space first (kdkit train --model NAME --data DIR) or pass "
+                             f"matching --teacher-weights")
+        correct += (logits.argmax(1).cpu() == raw["target"]).sum().item()
+        n += raw["target"].numel()
+    top1 = 100.0 * correct / max(n, 1)
+    info = {"teacher_top1_slice": top1, "images": n, "num_classes": k, "mean": teacher.mean, "std": teacher.std,
+            "input_size": teacher.input_size, "student_mean": teacher.student_mean,
+            "student_std": teacher.student_std}
+    if accelerator.is_main_process:
+        console.print(f"teacher check: top-1 {top1:.1f}% on {n} evaluation images, {k} classes, "
+                      f"mean {tuple(round(x, 4) for x in teacher.mean)}, std "
+                      f"{tuple(round(x, 4) for x in teacher.std)}, input {teacher.input_size}")
+        if top1 <= 1.5 * 100.0 / num_classes:
+            console.print(f"[bold red]WARNING: the teacher is at chance level ({top1:.1f}%, chance "
+                          f"{100.0 / num_classes:.1f}%): wrong weights, wrong normalisation or wrong label order?")
+    return info
+
+
+def evaluate_saved(weights: str | Path, data: str, model: str | None = None, batch_size: int = 256,
+                   workers: int = 2, split: str = "auto-eval", progress: bool = True) -> dict:
+    """Evaluate a saved student folder (or any timm model + weights file) on a data split."""
+    acc = create_accelerator()
+    # a bare weights file has no class count of its own: the data's is the one it must have
+    num_classes = None if has_saved_config(weights) else len(open_dataset(data, split).classes)
+    student, classes, dcfg = load_saved(weights, model, num_classes)
+    ds = open_dataset(data, split, eval_transform(dcfg), classes=classes)
+    loader = acc.prepare(create_loader(ds, batch_size, training=False, workers=workers))
+    return evaluate(acc.prepare(student), loader, acc, "eval", progress)

@@ -1,10 +1,12 @@
-"""The training loop: prepare, loop, forward, backward, step, evaluate, save. Everything specific
-(head, loss, where teacher logits come from, augmentation) lives in the pieces passed in."""
+"""The training loop: prepare, loop, step, log, evaluate, checkpoint. Everything specific (head,
+loss, where teacher logits come from, augmentation) lives in the pieces passed in; the loop's own
+pieces are the Trainer's step, its end of epoch and the FitResult it returns."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader
 from kdkit.accelerator import create_accelerator
 from kdkit.console import console, progress_bar
 from kdkit.data.sampler import seek
-from kdkit.engine.checkpoint import Checkpointer
+from kdkit.engine.checkpoint import Checkpointer, Position
 from kdkit.engine.evaluate import evaluate
 from kdkit.engine.metrics import MetricsLog
 from kdkit.engine.step import (
@@ -30,92 +32,160 @@ from kdkit.engine.step import (
 from kdkit.registry import KdkitError
 
 
-def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader, *, epochs: int,
-        optimizer: torch.optim.Optimizer, scheduler=None, eval_loader: DataLoader | None = None,
-        accelerator: Accelerator | None = None, clip_grad: float = 0.0, run_dir: str | Path | None = None,
-        save: Callable[[nn.Module], None] | None = None, log_every: int = 10, eval_every: int = 1,
-        progress: bool = True, ema_decay: float = 0.0, save_ema: Callable[[nn.Module], None] | None = None,
-        checkpoint_every: int = 0, keep_checkpoints: int = 2, resume: bool = False,
-        on_nonfinite: str = "stop", stats: dict | None = None) -> dict:
-    """Train `student` for `epochs`; returns the last evaluation (or {} without an eval loader).
+@dataclass
+class LoopSettings:
+    """How the loop runs (the recipe's optim/run keys of the same names).
 
-    Logs per-step loss terms, lr and images/s, and per-epoch evaluation, to RUN/metrics.jsonl.
-    `save(student)` (and `save_ema(ema_model)` with `ema_decay` > 0: timm's ModelEmaV3, evaluated
-    too as ema_*) is called by the main process after every epoch that has an eval loader, and at
-    the end. With a `run_dir`, the whole training state is checkpointed to RUN/checkpoints/ (see
-    engine/checkpoint.py) every `checkpoint_every` updates and at the end of every epoch, the newest
-    `keep_checkpoints` kept; `resume` continues from the newest valid one. `on_nonfinite`: "stop"
-    or "skip" a step whose loss is NaN/inf. `stats`, if given, receives updates, skipped_steps and
-    skipped_images (unreadable training images over the run, all processes).
+    clip_grad: gradient-norm clipping, 0 = off. log_every: steps between metrics.jsonl lines.
+    eval_every: epochs between evaluations (0: the last one only). ema_decay: timm's ModelEmaV3 of
+    the student, evaluated too as ema_*, 0 = off. checkpoint_every: updates between checkpoints
+    (plus one per epoch); keep_checkpoints: how many are kept (0: none written). on_nonfinite:
+    "stop" or "skip" a step whose loss is NaN/inf.
     """
-    if on_nonfinite not in NONFINITE:
-        raise KdkitError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
+
+    clip_grad: float = 0.0
+    log_every: int = 10
+    eval_every: int = 1
+    progress: bool = True
+    ema_decay: float = 0.0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in NONFINITE:
+            raise KdkitError(f"on_nonfinite must be one of {NONFINITE}, got {self.on_nonfinite!r}")
+
+
+@dataclass
+class FitResult:
+    """The last evaluation and the run's counters (skipped_images summed over processes)."""
+
+    eval: dict = field(default_factory=dict)
+    updates: int = 0
+    skipped_steps: int = 0
+    skipped_images: int = 0
+
+
+@dataclass
+class EpochMeter:
+    """An epoch's progress bar and throughput count."""
+
+    bar: Callable[..., None]
+    start: float = field(default_factory=time.perf_counter)
+    seen: int = 0  # images over all processes
+
+    def images_per_s(self) -> float:
+        return self.seen / (time.perf_counter() - self.start)
+
+
+class Trainer:
+    """The prepared pieces of one run and the work of a step and of an epoch's end."""
+
+    def __init__(self, acc: Accelerator, student: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                 step_fn: DistillationStep, eval_loader: DataLoader | None, ema: ModelEmaV3 | None,
+                 ckpt: Checkpointer, log: MetricsLog, settings: LoopSettings,
+                 save: Callable[[nn.Module, str], None] | None):
+        self.acc, self.student, self.optimizer, self.scheduler = acc, student, optimizer, scheduler
+        self.step_fn, self.eval_loader, self.ema, self.ckpt, self.log = step_fn, eval_loader, ema, ckpt, log
+        self.s, self.save = settings, save
+
+    def step(self, raw: dict, pos: Position, end: int, epoch: int, meter: EpochMeter) -> None:
+        """One batch: train (unless every image of it was unreadable), count, log, checkpoint when due."""
+        acc, s = self.acc, self.s
+        step, updated = pos.step, False
+        if raw["images"] is not None:
+            out, bad = train_step(acc, self.student, self.optimizer, self.step_fn, make_batch(raw, acc.device),
+                                  s.clip_grad)
+            if bad:
+                nonfinite_step(s.on_nonfinite, self.ckpt, pos, self.log, bad)
+            updated = acc.sync_gradients and not bad
+        pos.step, pos.skipped_images = step + 1, pos.skipped_images + raw["skipped"]
+        if raw["images"] is None:
+            return
+        if updated:
+            pos.updates += 1
+            if self.scheduler is not None:
+                self.scheduler.step_update(pos.updates)
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(self.student), step=pos.updates)
+        meter.seen += raw["images"].shape[0] * acc.num_processes
+        meter.bar(loss=out.loss.item(), **{k: v.item() for k, v in out.terms.items()})
+        if step % s.log_every == 0:
+            loss, terms = global_terms(acc, out)
+            self.log.write(epoch=epoch, step=step, update=pos.updates, loss=loss, **terms,
+                           lr=self.optimizer.param_groups[0]["lr"],
+                           images_per_s=meter.images_per_s(),
+                           skipped=raw["skipped"], skipped_steps=pos.skipped_steps)
+        if updated and self.ckpt.due(pos) and pos.step < end:  # the epoch's end saves anyway
+            self.ckpt.save(pos, self.log)
+
+    def end_of_epoch(self, pos: Position, epoch: int, epochs: int) -> None:
+        """Scheduler, evaluation when due (student and EMA), the saved student, a checkpoint."""
+        acc, s, result = self.acc, self.s, pos.eval
+        if self.scheduler is not None:
+            self.scheduler.step(epoch + 1)
+        last = epoch + 1 == epochs
+        if self.eval_loader is not None and (last or (s.eval_every > 0 and (epoch + 1) % s.eval_every == 0)):
+            result = self.evaluate(epoch)
+        if acc.is_main_process and self.save is not None and (last or self.eval_loader is not None):
+            self.save(acc.unwrap_model(self.student), "student")
+            if self.ema is not None:
+                self.save(self.ema.module, "student_ema")
+        pos.epoch, pos.step, pos.eval = epoch + 1, 0, result
+        self.ckpt.save(pos, self.log)
+
+    def evaluate(self, epoch: int) -> dict:
+        acc, progress = self.acc, self.s.progress
+        result = evaluate(self.student, self.eval_loader, acc, f"eval {epoch + 1}", progress)
+        if self.ema is not None:
+            ema_result = evaluate(self.ema.module, self.eval_loader, acc, f"eval EMA {epoch + 1}", progress)
+            result.update({f"ema_{k}": v for k, v in ema_result.items() if "_top" in k})
+        self.log.write(epoch=epoch, eval=result)
+        if acc.is_main_process and progress:
+            ema_fused = f"  EMA fused {result['ema_fused_top1']:.2f}%" if self.ema is not None else ""
+            console.print(f"epoch {epoch + 1}: class {result['class_top1']:.2f}%  dist {result['dist_top1']:.2f}%  "
+                          f"fused {result['fused_top1']:.2f}%{ema_fused}")
+        return result
+
+
+def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
+        optimizer: torch.optim.Optimizer, *, epochs: int, scheduler=None, eval_loader: DataLoader | None = None,
+        accelerator: Accelerator | None = None, run_dir: str | Path | None = None,
+        save: Callable[[nn.Module, str], None] | None = None, settings: LoopSettings | None = None,
+        resume: bool = False) -> FitResult:
+    """Train `student` for `epochs`; returns the last evaluation ({} without an eval loader) and the counters.
+
+    Logs per-step loss terms, lr and images/s, and per-epoch evaluations, to RUN/metrics.jsonl.
+    `save(module, name)` ("student", and "student_ema" with an EMA) is called by the main process
+    after every epoch that has an eval loader, and at the end. With a `run_dir`, the whole training
+    state is checkpointed to RUN/checkpoints/ (engine/checkpoint.py); `resume` continues from the
+    newest valid checkpoint. `train_loader` must come from kdkit.data.create_loader (its sampler
+    seeks to any (epoch, step)).
+    """
+    s = settings or LoopSettings()
     acc = accelerator or create_accelerator()
+    # prepare: the student and optimizer for the devices; the teacher is moved, never wrapped
     student, optimizer = acc.prepare(student, optimizer)
-    if isinstance(step_fn.logits, nn.Module):
-        step_fn.logits.to(acc.device)  # the teacher: moved, never wrapped for data parallelism
-    if eval_loader is not None:
-        eval_loader = acc.prepare(eval_loader)
-    ema = ModelEmaV3(acc.unwrap_model(student), decay=ema_decay) if ema_decay else None
-    ckpt = Checkpointer(run_dir, acc, student, optimizer, scheduler, ema, every=checkpoint_every, keep=keep_checkpoints)
+    step_fn.to(acc.device)
+    eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
+    ema = ModelEmaV3(acc.unwrap_model(student), decay=s.ema_decay) if s.ema_decay else None
+    ckpt = Checkpointer(run_dir, acc, student, optimizer, scheduler, ema, every=s.checkpoint_every,
+                        keep=s.keep_checkpoints)
     pos = ckpt.restore() if resume else ckpt.start()
     log = MetricsLog(Path(run_dir) / "metrics.jsonl" if run_dir and acc.is_main_process else None, pos.metrics_lines)
-    result = pos.eval
+    trainer = Trainer(acc, student, optimizer, scheduler, step_fn, eval_loader, ema, ckpt, log, s, save)
+    # loop: each epoch's batches (from the saved step on a resume), then the epoch's end
     for epoch in range(pos.epoch, epochs):
         seek(train_loader, epoch, pos.step)  # mid-epoch on resume: the batches before are not read
         pos.epoch, end = epoch, pos.step + len(train_loader)
         student.train()
-        tick, seen = time.perf_counter(), 0
-        with progress_bar(acc, f"epoch {epoch + 1}/{epochs}", len(train_loader), progress) as bar:
+        with progress_bar(acc, f"epoch {epoch + 1}/{epochs}", len(train_loader), s.progress) as bar:
+            meter = EpochMeter(bar)
             for raw in train_loader:
-                step, updated = pos.step, False
-                if raw["images"] is not None:
-                    out, bad = train_step(acc, student, optimizer, step_fn, make_batch(raw, acc.device), clip_grad)
-                    if bad:
-                        nonfinite_step(on_nonfinite, ckpt, pos, log, bad)
-                    updated = acc.sync_gradients and not bad
-                pos.step, pos.skipped_images = step + 1, pos.skipped_images + raw["skipped"]
-                if raw["images"] is None:
-                    continue
-                if updated:
-                    pos.updates += 1
-                    if scheduler is not None:
-                        scheduler.step_update(pos.updates)
-                    if ema is not None:
-                        ema.update(acc.unwrap_model(student), step=pos.updates)
-                seen += raw["images"].shape[0] * acc.num_processes
-                terms = {k: v.item() for k, v in out.terms.items()}
-                bar(loss=out.loss.item(), **terms)
-                if step % log_every == 0:
-                    loss, terms = global_terms(acc, out)
-                    log.write(epoch=epoch, step=step, update=pos.updates, loss=loss, **terms,
-                              lr=optimizer.param_groups[0]["lr"], images_per_s=seen / (time.perf_counter() - tick),
-                              skipped=raw["skipped"], skipped_steps=pos.skipped_steps)
-                if updated and ckpt.due(pos) and pos.step < end:  # the epoch's end saves anyway
-                    ckpt.save(pos, log)
-        if scheduler is not None:
-            scheduler.step(epoch + 1)
-        last = epoch + 1 == epochs
-        if eval_loader is not None and (last or (eval_every > 0 and (epoch + 1) % eval_every == 0)):
-            result = evaluate(student, eval_loader, acc, f"eval {epoch + 1}", progress)
-            if ema is not None:
-                ema_result = evaluate(ema.module, eval_loader, acc, f"eval EMA {epoch + 1}", progress)
-                result.update({f"ema_{k}": v for k, v in ema_result.items() if "_top" in k})
-            log.write(epoch=epoch, eval=result)
-            if acc.is_main_process and progress:
-                ema_fused = f"  EMA fused {result['ema_fused_top1']:.2f}%" if ema is not None else ""
-                console.print(f"epoch {epoch + 1}: class {result['class_top1']:.2f}%  "
-                              f"dist {result['dist_top1']:.2f}%  fused {result['fused_top1']:.2f}%{ema_fused}")
-        if acc.is_main_process and (last or eval_loader is not None):
-            if save is not None:
-                save(acc.unwrap_model(student))
-            if save_ema is not None and ema is not None:
-                save_ema(ema.module)
-        pos.epoch, pos.step, pos.eval = epoch + 1, 0, result
-        ckpt.save(pos, log)
+                trainer.step(raw, pos, end, epoch, meter)
+        trainer.end_of_epoch(pos, epoch, epochs)
     log.close()
-    if stats is not None:
-        skipped = acc.reduce(torch.tensor(pos.skipped_images, device=acc.device), "sum").item()
-        stats.update(updates=pos.updates, skipped_steps=pos.skipped_steps, skipped_images=int(skipped))
+    skipped = acc.reduce(torch.tensor(pos.skipped_images, device=acc.device), "sum").item()
     acc.wait_for_everyone()
-    return result
+    return FitResult(pos.eval, pos.updates, pos.skipped_steps, int(skipped))

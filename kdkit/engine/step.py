@@ -21,18 +21,34 @@ NONFINITE = ("stop", "skip")
 
 
 class DistillationStep:
-    """One step's forward: teacher logits for the (mixed) batch, the student's heads, the loss terms."""
+    """One step's forward: the teacher's answer for the (mixed) batch, the student's heads, the loss terms.
+
+    The logit source gives (B, K) logits, or, for a loss with `needs_features`, a TeacherOut with
+    the teacher's features (`source.features(batch)`).
+    """
 
     def __init__(self, loss: DistillationLoss, logits: Callable[[Batch], Tensor] | None = None):
         if loss.needs_teacher and logits is None:
             raise KdkitError(f"loss {loss.name!r} needs a teacher or cached logits")
+        if loss.needs_features and not hasattr(logits, "features"):
+            raise KdkitError(f"loss {loss.name!r} needs the teacher's features, which {type(logits).__name__} "
+                             f"does not give")
         self.loss, self.logits = loss, logits
 
     def __call__(self, student: nn.Module, batch: Batch) -> StepOut:
-        teacher = self.logits(batch) if self.loss.needs_teacher else None
+        teacher = None
+        if self.loss.needs_teacher:
+            teacher = self.logits.features(batch) if self.loss.needs_features else self.logits(batch)
         out = student(batch.images)
         terms = self.loss(out, teacher, batch.target)
         return StepOut(terms.pop("loss"), out, terms)
+
+    def to(self, device: torch.device) -> DistillationStep:
+        """Move the logit source (a teacher: moved, never wrapped for data parallelism) and the loss."""
+        for part in (self.logits, self.loss):
+            if isinstance(part, nn.Module):
+                part.to(device)
+        return self
 
 
 def make_batch(raw: dict, device: torch.device) -> Batch:

@@ -7,6 +7,11 @@ the paper's distillation-token loss, with the `shared` head both terms read one 
 
 Targets: (B,) class indices, -1 where a sample has no label (its task term is masked out), or
 (B, K) probabilities (Mixup/CutMix, already label-smoothed by timm's Mixup).
+
+A new loss is a subclass and one registry line: implement `distill(student, teacher, target)`,
+the distillation term of every sample, (B,) (or, with `per_sample = False`, one batch-level
+scalar); keep each constructor argument as an attribute of the same name (they are the loss's
+recorded conventions). See docs/concepts.md.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdkit.registry import KdkitError, Registry
+from kdkit.losses.standardize import z_score
+from kdkit.registry import KdkitError, Registry, parameters
 from kdkit.types import StudentOut
 
 LOSSES: Registry[type[DistillationLoss]] = Registry("loss")
@@ -115,7 +121,7 @@ def _check_weight(name: str, value: float) -> float:
 def check_loss_settings(task_weight: float = 0.5, kd_weight: float = 0.5, tau: float = 1.0,
                         kl_reduction: str = "batchmean", hard_smoothing: float = 0.0,
                         label_smoothing: float = 0.0) -> None:
-    """Raise KdkitError for a setting out of range, whichever loss will use it."""
+    """Raise KdkitError for a shared distillation setting out of range, whichever loss will use it."""
     _check_weight("task_weight", task_weight)
     _check_weight("kd_weight", kd_weight)
     if not tau > 0:
@@ -127,6 +133,15 @@ def check_loss_settings(task_weight: float = 0.5, kd_weight: float = 0.5, tau: f
             raise KdkitError(f"{name} must be in [0, 1), got {value}")
 
 
+def gt_index(target: Tensor, teacher: Tensor) -> Tensor:
+    """(B,) the ground-truth class of every sample for losses that need one (DKD): the label; the
+    argmax of a soft (Mixup/CutMix) row; the teacher's argmax where a sample has no label."""
+    fallback = teacher.argmax(dim=1)
+    if target.ndim == 1:
+        return torch.where(target >= 0, target, fallback)
+    return torch.where(target.sum(dim=1) > 0, target.argmax(dim=1), fallback)
+
+
 class DistillationLoss(nn.Module):
     """Base: task_weight * CE(class head, y) + kd_weight * KD(distillation head, teacher).
 
@@ -134,35 +149,65 @@ class DistillationLoss(nn.Module):
         task_weight: weight of the label term, in [0, 1] (the paper's 1 - lambda).
         kd_weight: weight of the teacher term, in [0, 1] (the paper's lambda, the DeiT code's alpha).
         label_smoothing: smoothing of the labels in the task term (0 when Mixup smooths them).
+        standardize: z-score student and teacher logits per sample before the distillation term
+            (Sun et al., CVPR 2024, "Logit Standardization in Knowledge Distillation"; kdkit/losses/standardize.py).
+
+    Subclasses implement `distill(student, teacher, target)`: (B,) per-sample terms, or a scalar
+    when `per_sample` is False (a term of the whole batch, such as DIST's intra-class relation).
     """
 
     needs_teacher = True
+    needs_features = False  # the teacher's features too (a TeacherOut instead of its logits)
+    per_sample = True
 
-    def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, label_smoothing: float = 0.0):
+    def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, label_smoothing: float = 0.0,
+                 standardize: bool = False):
         super().__init__()
         check_loss_settings(task_weight=task_weight, kd_weight=kd_weight, label_smoothing=label_smoothing)
         self.task_weight, self.kd_weight = float(task_weight), float(kd_weight)
         self.label_smoothing = label_smoothing
+        self.standardize = bool(standardize)
 
-    def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
+    @property
+    def name(self) -> str:
+        try:
+            return LOSSES.name_of(self)
+        except KeyError:
+            return type(self).__name__
+
+    def distill(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def kd_per_sample(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def _inputs(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        return (z_score(student), z_score(teacher)) if self.standardize else (student, teacher)
+
+    def kd_per_sample(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         """The distillation term of every sample, (B,); its batch mean is kd_term."""
-        raise NotImplementedError
+        if not self.per_sample:
+            raise KdkitError(f"loss {self.name!r} is a term of the whole batch, not of each sample")
+        return self.distill(*self._inputs(student, teacher), target)
+
+    def kd_term(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        """The batch's distillation term, a scalar (float32 at least)."""
+        if not self.per_sample:
+            return self.distill(*self._inputs(student, teacher), target)
+        return self.kd_per_sample(student, teacher, target).mean()
 
     def forward(self, out: StudentOut, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
         task = task_ce(out.logits, target, self.label_smoothing)
         if teacher_logits is None:
             raise KdkitError(f"{type(self).__name__} needs teacher logits; give it a teacher or a cache")
-        kd = self.kd_term(out.dist_logits, teacher_logits)  # float32 at least inside
+        kd = self.kd_term(out.dist_logits, teacher_logits, target)  # float32 at least inside
         loss = self.task_weight * task + self.kd_weight * kd
         return {"loss": loss, "task": task.detach(), "kd": kd.detach()}
 
-    def conventions(self) -> dict[str, float | str]:
-        """The settings that define the loss, stored with every run and checkpoint."""
-        return {"loss": self.name, "task_weight": self.task_weight, "kd_weight": self.kd_weight,
-                "label_smoothing": self.label_smoothing}
+    def conventions(self) -> dict[str, float | str | bool]:
+        """The settings that define the loss (its constructor's arguments), stored with every run and checkpoint."""
+        own = {n: getattr(self, n) for n in parameters(type(self)) if isinstance(getattr(self, n, None),
+                                                                               bool | int | float | str)}
+        if not own.get("standardize", True):
+            del own["standardize"]  # recorded when on only: a run without it reads as runs always have
+        return {"loss": self.name, **own}
 
 
 @LOSSES.register("none")
@@ -170,10 +215,9 @@ class TaskLoss(DistillationLoss):
     """No distillation: CE(class head, y) with label smoothing; the distillation head, if any,
     is trained on the labels too so that its metrics stay meaningful."""
 
-    name = "none"
     needs_teacher = False
 
-    def __init__(self, label_smoothing: float = 0.0, **_: object):
+    def __init__(self, label_smoothing: float = 0.0):
         super().__init__(task_weight=1.0, kd_weight=0.0, label_smoothing=label_smoothing)
 
     def forward(self, out: StudentOut, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
@@ -182,6 +226,9 @@ class TaskLoss(DistillationLoss):
         if out.dist_logits is not out.logits:
             loss = (task + task_ce(out.dist_logits, target, self.label_smoothing)) / 2
         return {"loss": loss, "task": task.detach()}
+
+    def conventions(self) -> dict[str, float | str | bool]:
+        return {"loss": self.name, "task_weight": 1.0, "kd_weight": 0.0, "label_smoothing": self.label_smoothing}
 
 
 @LOSSES.register("soft")
@@ -194,23 +241,19 @@ class SoftDistillationLoss(DistillationLoss):
     The paper's soft setting is tau = 3, kd_weight = 0.1, task_weight = 0.9.
     """
 
-    name = "soft"
-
     def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, tau: float = 1.0,
-                 kl_reduction: str = "batchmean", label_smoothing: float = 0.0, **_: object):
-        super().__init__(task_weight, kd_weight, label_smoothing)
+                 kl_reduction: str = "batchmean", label_smoothing: float = 0.0, standardize: bool = False):
+        super().__init__(task_weight, kd_weight, label_smoothing, standardize)
         check_loss_settings(tau=tau, kl_reduction=kl_reduction)
         self.tau = float(tau)
         self.kl_reduction = kl_reduction
 
-    def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return soft_kd(student, teacher, self.tau, self.kl_reduction)
-
-    def kd_per_sample(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def distill(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         return soft_kd_per_sample(student, teacher, self.tau, self.kl_reduction)
 
-    def conventions(self) -> dict[str, float | str]:
-        return {**super().conventions(), "tau": self.tau, "kl_reduction": self.kl_reduction}
+    def kd_term(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        # the batch form sums once: the same value as the mean of the per-sample terms, one reduction fewer
+        return soft_kd(*self._inputs(student, teacher), self.tau, self.kl_reduction)
 
 
 @LOSSES.register("hard")
@@ -219,25 +262,20 @@ class HardDistillationLoss(DistillationLoss):
     with y_t = argmax Zt; the paper uses 1/2 and 1/2. `hard_smoothing` eps smooths y_t
     (1 - eps on the teacher's class, eps / (K - 1) elsewhere)."""
 
-    name = "hard"
-
     def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, hard_smoothing: float = 0.0,
-                 label_smoothing: float = 0.0, **_: object):
-        super().__init__(task_weight, kd_weight, label_smoothing)
+                 label_smoothing: float = 0.0, standardize: bool = False):
+        super().__init__(task_weight, kd_weight, label_smoothing, standardize)
         check_loss_settings(hard_smoothing=hard_smoothing)
         self.hard_smoothing = float(hard_smoothing)
 
-    def kd_term(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return hard_kd(student, teacher, self.hard_smoothing)
-
-    def kd_per_sample(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def distill(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         return hard_kd_per_sample(student, teacher, self.hard_smoothing)
 
-    def conventions(self) -> dict[str, float | str]:
-        return {**super().conventions(), "hard_smoothing": self.hard_smoothing}
+    def kd_term(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        return hard_kd(*self._inputs(student, teacher), self.hard_smoothing)
 
 
-def create_loss(name: str, **kwargs: object) -> DistillationLoss:
-    """Build a loss by registry name ("none", "soft", "hard"); settings a loss does not use are ignored,
-    so one recipe section serves every loss."""
-    return LOSSES.get(name)(**kwargs)
+def create_loss(name: str, **settings: object) -> DistillationLoss:
+    """Build a loss by registry name (`LOSSES.names()`); every setting must be one of its
+    constructor's arguments (an unknown one is an error naming the closest)."""
+    return LOSSES.create(name, settings)

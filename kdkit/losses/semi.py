@@ -8,9 +8,10 @@ confident (FixMatch's threshold, Sohn et al., 2020, on the teacher's answer).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from kdkit.losses.distillation import DistillationLoss, task_ce
+from kdkit.losses.distillation import LOSSES, DistillationLoss, task_ce
 from kdkit.registry import KdkitError
 from kdkit.types import StudentOut
 
@@ -55,11 +56,13 @@ class SemiSupervisedLoss(DistillationLoss):
     def __init__(self, loss: DistillationLoss, pseudo: DistillationLoss | None = None,
                  confidence_threshold: float = 0.0):
         super().__init__(loss.task_weight, loss.kd_weight, loss.label_smoothing)
+        if loss.needs_features:
+            raise KdkitError(f"loss {loss.name!r} needs labeled batches of the teacher's features; unlabeled "
+                             f"images (data.unlabeled) work with the logit losses")
         if not loss.needs_teacher:
             raise KdkitError(f"unlabeled images need a distillation loss (soft or hard), not {loss.name!r}")
         self.base, self.pseudo = loss, pseudo if pseudo is not None else loss
         self.confidence_threshold = check_threshold(confidence_threshold)
-        self.name = loss.name
 
     def forward(self, out: StudentOut, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
         if teacher_logits is None:
@@ -70,8 +73,8 @@ class SemiSupervisedLoss(DistillationLoss):
         kept = unlabeled & confident
         task = task_ce(out.logits, target, self.label_smoothing)
         # every sample's term under both kinds, then masked: no data-dependent shapes (no device sync)
-        kd_l = self.base.kd_per_sample(out.dist_logits, teacher_logits) * labeled
-        kd_u = self.pseudo.kd_per_sample(out.dist_logits, teacher_logits) * kept
+        kd_l = self._per_sample(self.base, out.dist_logits, teacher_logits, target, labeled)
+        kd_u = self._per_sample(self.pseudo, out.dist_logits, teacher_logits, target, kept)
         n_l, n_u, n_kept = labeled.sum(), unlabeled.sum(), kept.sum()
         kd = (kd_l.sum() + kd_u.sum()) / (n_l + n_kept).clamp_min(1)
         loss = self.task_weight * task + self.kd_weight * kd
@@ -79,6 +82,22 @@ class SemiSupervisedLoss(DistillationLoss):
                 "kd_labeled": (kd_l.sum() / n_l.clamp_min(1)).detach(),
                 "kd_unlabeled": (kd_u.sum() / n_kept.clamp_min(1)).detach(),
                 "unlabeled_kept": n_kept.float() / n_u.clamp_min(1)}
+
+    @staticmethod
+    def _per_sample(loss: DistillationLoss, student: Tensor, teacher: Tensor, target: Tensor,
+                    mask: Tensor) -> Tensor:
+        """(B,) `loss`'s term of each sample, zero outside `mask`. A loss of the whole batch (DIST)
+        is computed over the masked samples and spread over them, so that its sum is its value."""
+        if loss.per_sample:
+            return loss.kd_per_sample(student, teacher, target) * mask
+        n = mask.sum()
+        if not n:
+            return student.new_zeros(student.shape[0], dtype=torch.float32)
+        return loss.kd_term(student[mask], teacher[mask], target[mask]) * mask / n
+
+    @property
+    def name(self) -> str:
+        return self.base.name
 
     def conventions(self) -> dict[str, float | str]:
         own = {} if self.pseudo is self.base else {  # the pseudo-label loss's settings, when it differs
@@ -91,10 +110,9 @@ class SemiSupervisedLoss(DistillationLoss):
 def semi_supervised(loss: DistillationLoss, pseudo_label: str = "auto", confidence_threshold: float = 0.0,
                     **settings: object) -> SemiSupervisedLoss:
     """Wrap `loss` for labeled + unlabeled batches. pseudo_label: "auto" (the same loss), "soft" or
-    "hard"; `settings` (tau, kl_reduction, hard_smoothing, ...) build the pseudo-label loss."""
-    from kdkit.losses.distillation import create_loss
-
+    "hard"; the shared `settings` (tau, kl_reduction, hard_smoothing, ...) that the pseudo-label
+    loss's constructor names build it."""
     if pseudo_label not in PSEUDO_LABELS:
         raise KdkitError(f"pseudo_label must be one of {PSEUDO_LABELS}, got {pseudo_label!r}")
-    pseudo = None if pseudo_label in ("auto", loss.name) else create_loss(pseudo_label, **settings)
+    pseudo = None if pseudo_label in ("auto", loss.name) else LOSSES.create(pseudo_label, None, **settings)
     return SemiSupervisedLoss(loss, pseudo, confidence_threshold)

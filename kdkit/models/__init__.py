@@ -1,148 +1,30 @@
-"""Building students (with a head strategy) and teachers (frozen, with a normalisation bridge)."""
-
-from __future__ import annotations
-
-from pathlib import Path
-
-import timm
-import torch
-from timm.data import resolve_data_config
-from torch import nn
+"""Students (with a head strategy) and teachers (frozen, with a normalisation bridge)."""
 
 from kdkit.models import cifar, t2t_vit  # noqa: F401  (registers the CIFAR models and T2T-ViT with timm)
+from kdkit.models.factory import (
+    create_model,
+    create_student,
+    create_teacher,
+    has_saved_config,
+    load_saved,
+    load_weights,
+    model_data_config,
+    saved_head_name,
+)
 from kdkit.models.names import ALIASES, resolve_model_name
-from kdkit.models.student import HEADS, DualHead, SharedHead, TokenHead, default_head, wrap_student
+from kdkit.models.student import (
+    HEADS,
+    DualHead,
+    NativeHead,
+    SharedHead,
+    TokenHead,
+    default_head,
+    wrap_student,
+)
 from kdkit.models.teacher import Teacher
-from kdkit.registry import KdkitError
 
 __all__ = [
-    "ALIASES", "HEADS", "DualHead", "SharedHead", "Teacher", "TokenHead", "create_model", "create_student",
-    "create_teacher", "default_head", "load_weights", "model_data_config", "resolve_model_name", "wrap_student",
+    "ALIASES", "HEADS", "DualHead", "NativeHead", "SharedHead", "Teacher", "TokenHead", "create_model",
+    "create_student", "create_teacher", "default_head", "has_saved_config", "load_saved", "load_weights",
+    "model_data_config", "resolve_model_name", "saved_head_name", "wrap_student",
 ]
-
-
-def create_model(name: str, num_classes: int | None = None, pretrained: bool = False,
-                 img_size: int | None = None, patch_size: int | None = None, **kwargs: object) -> nn.Module:
-    """timm.create_model with kdkit's short names and clear errors.
-
-    img_size / patch_size are passed only when given; img_size is dropped for models that take any
-    size (ConvNets), and a patch_size the model does not take is an error that says so. Pretrained weights come from the hub; offline that is a clear error.
-    """
-    full = resolve_model_name(name)
-    extra = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size).items() if v is not None}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    try:
-        try:
-            return timm.create_model(full, pretrained=pretrained, **extra, **kwargs)
-        except TypeError as e:
-            if "img_size" not in str(e):
-                raise
-            # ConvNets take any input size: img_size then only sets the data pipeline's size.
-            extra.pop("img_size")
-            return timm.create_model(full, pretrained=pretrained, **extra, **kwargs)
-    except TypeError as e:
-        raise KdkitError(f"model {full!r} does not accept these options ({e}); "
-                         f"drop --img-size/--patch-size or the model kwargs") from None
-    except (OSError, RuntimeError, ValueError) as e:
-        if pretrained and "No pretrained weights exist" in str(e):
-            bundled = " (the bundled one: kdkit/assets/teachers/resnet9_cifar_s)" if full == "resnet9_cifar_s" else ""
-            raise KdkitError(f"{full!r} has no pretrained weights on the hub: pass local weights with "
-                             f"--teacher-weights FILE (or --student-weights FILE){bundled}") from None
-        if pretrained and not isinstance(e, RuntimeError):
-            raise KdkitError(f"could not download pretrained weights for {full!r} ({type(e).__name__}: "
-                             f"{str(e)[:200]}). Without internet pass a local file with --teacher-weights "
-                             f"or --student-weights.") from None
-        raise
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local checkpoint into `model`: safetensors, or a timm/PyTorch checkpoint read with
-    weights_only=True (nothing is unpickled). Class-count mismatches are a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise KdkitError(f"weights file not found: {path}")
-    if path.stat().st_size == 0:
-        raise KdkitError(f"the weights file {path} is empty (0 bytes): an interrupted copy or download?")
-    try:
-        timm.models.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())  # torch's message spans lines: one line for the user
-        hint = " (the checkpoint's class count differs from the data's?)" if "size mismatch" in msg else ""
-        raise KdkitError(f"cannot load {path} into {type(model).__name__}{hint}: {msg[:600]}") from None
-    except Exception as e:  # unreadable, truncated or non-weights file
-        raise KdkitError(f"cannot read weights from {path}: {type(e).__name__}: {str(e)[:300]}") from None
-
-
-def model_data_config(model: nn.Module) -> dict:
-    """mean, std, input_size and interpolation from the model's timm pretrained config."""
-    return resolve_data_config({}, model=model)
-
-
-def create_student(model: str | nn.Module, num_classes: int, head: str = "auto", *, pretrained: bool = False,
-                   weights: str | Path | None = None, img_size: int | None = None,
-                   patch_size: int | None = None, drop_path_rate: float = 0.0,
-                   model_kwargs: dict | None = None) -> nn.Module:
-    """A student wrapped in its head strategy; forward returns StudentOut.
-
-    `model` is a timm name (or kdkit short name) or any nn.Module classifier. `weights` initialises
-    the student from a kdkit run's student.safetensors (head included) or a timm checkpoint.
-    """
-    if isinstance(model, nn.Module):
-        return wrap_student(model, head)
-    kwargs = dict(model_kwargs or {})
-    img_size = img_size or kwargs.pop("img_size", None)
-    patch_size = patch_size or kwargs.pop("patch_size", None)
-    if drop_path_rate:
-        kwargs["drop_path_rate"] = drop_path_rate
-    net = create_model(model, num_classes, pretrained=pretrained, img_size=img_size, patch_size=patch_size,
-                       **kwargs)
-    student = wrap_student(net, head)
-    if weights is not None:
-        from kdkit.models.saved import load_student_weights
-
-        load_student_weights(student, weights)
-    return student
-
-
-def create_teacher(model: str | nn.Module, num_classes: int | None = None, *, weights: str | Path | None = None,
-                   pretrained: bool | None = None, model_kwargs: dict | None = None,
-                   mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                   input_size: tuple[int, int, int] | None = None,
-                   amp_dtype: torch.dtype | None = None) -> Teacher:
-    """A frozen Teacher from a timm name or any nn.Module.
-
-    With a name and no `weights`, timm's pretrained weights are downloaded (for `regnety_160`, the
-    DeiT teacher's). `weights` is a local file (safetensors or a PyTorch/timm checkpoint) or a
-    folder saved by kdkit (timm's layout: config.json + model.safetensors), which then also supplies
-    the architecture's kwargs and normalisation. mean/std/input_size default to the model's timm
-    pretrained config.
-    """
-    if isinstance(model, nn.Module):
-        net = model
-    elif weights is not None and _is_model_folder(weights):
-        folder = Path(weights) if Path(weights).is_dir() else Path(weights).parent
-        try:
-            net = timm.create_model(f"local-dir:{folder}", pretrained=True, **(model_kwargs or {}))
-        except Exception as e:
-            raise KdkitError(f"cannot load the model saved in {folder}: {type(e).__name__}: {str(e)[:400]}") from None
-    else:
-        use_hub = weights is None if pretrained is None else pretrained
-        net = create_model(model, num_classes if weights is not None else None, pretrained=use_hub,
-                           **(model_kwargs or {}))
-        if weights is not None:
-            load_weights(net, weights)
-    if getattr(net, "pretrained_cfg", None) is None:
-        # A custom module: unless told otherwise it takes the student's normalisation and size.
-        return Teacher(net, mean, std, input_size, amp_dtype=amp_dtype)
-    cfg = model_data_config(net)
-    return Teacher(net, mean or cfg["mean"], std or cfg["std"], input_size or cfg["input_size"],
-                   amp_dtype=amp_dtype)
-
-
-def _is_model_folder(path: str | Path) -> bool:
-    """A folder in timm's layout (config.json + model.safetensors), or a file inside one."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() and (
-        path.is_dir() or path.name == "model.safetensors")

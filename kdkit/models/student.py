@@ -6,8 +6,15 @@
 - `dual`: a second linear head on the pooled features, for Swin, ConvNets and anything without a
   class token.
 - `shared`: one head carries both losses (the paper's "usual" distillation).
+- `native`: the model's own distillation head, where timm has one (`set_distilled_training`:
+  LeViT, DeiT distilled); `auto` picks it for such models that are not token ViTs (for DeiT's
+  distilled models `token` already is their own token and `head_dist`).
 
-Every head is an nn.Module whose forward returns StudentOut(logits, dist_logits), both (B, K).
+Every head is an nn.Module whose forward returns StudentOut(logits, dist_logits, features, tokens):
+both heads' (B, K) logits, and where the model exposes them the pooled pre-logit features (B, D)
+and a ViT's patch tokens (B, N, D), for feature distillation. A new head is a class and one
+registry line: `@HEADS.register("mine") class MyHead(nn.Module)` whose constructor takes the timm
+`model` first (its other arguments come from the recipe's `model.head_args`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,16 @@ HEADS: Registry[type[nn.Module]] = Registry("student head")
 
 def _is_vit_with_class_token(model: nn.Module) -> bool:
     return getattr(model, "cls_token", None) is not None and hasattr(model, "patch_drop")
+
+
+def _has_native_distillation(model: nn.Module) -> bool:
+    return hasattr(model, "set_distilled_training") and hasattr(model, "head_dist")
+
+
+def _patch_tokens(model: nn.Module, feats: Tensor) -> Tensor | None:
+    """(B, N, D) patch tokens of a ViT's forward_features output, prefix tokens dropped; None otherwise."""
+    n = getattr(model, "num_prefix_tokens", None)
+    return feats[:, n:] if n is not None and feats.ndim == 3 else None
 
 
 def _num_pooled_features(model: nn.Module) -> int:
@@ -102,7 +119,7 @@ class TokenHead(_Wrapped):
             logits = m.head(m.head_drop(feats[:, 0]))
         else:
             logits = m.forward_head(feats)
-        return StudentOut(logits, head_dist(m.head_drop(feats[:, 1])))
+        return StudentOut(logits, head_dist(m.head_drop(feats[:, 1])), feats[:, 0], _patch_tokens(m, feats))
 
 
 @HEADS.register("dual")
@@ -113,6 +130,8 @@ class DualHead(_Wrapped):
         super().__init__()
         if getattr(model, "dist_token", None) is not None:
             raise KdkitError("this model has a distillation token: use head 'token'")
+        if _has_native_distillation(model):
+            raise KdkitError(f"{type(model).__name__} has its own distillation head: use head 'native'")
         if not hasattr(model, "forward_head"):
             raise KdkitError(f"head 'dual' needs timm's forward_features/forward_head on {type(model).__name__}: "
                              "use head 'shared'")
@@ -123,7 +142,8 @@ class DualHead(_Wrapped):
         feats = self.model.forward_features(x)
         # The class head goes through the model's own forward_head (which may scale or normalise).
         logits = self.model.forward_head(feats)
-        return StudentOut(logits, self.head_dist(self.model.forward_head(feats, pre_logits=True)))
+        pooled = self.model.forward_head(feats, pre_logits=True)
+        return StudentOut(logits, self.head_dist(pooled), pooled, _patch_tokens(self.model, feats))
 
 
 @HEADS.register("shared")
@@ -134,19 +154,57 @@ class SharedHead(_Wrapped):
         super().__init__()
         if getattr(model, "dist_token", None) is not None:
             raise KdkitError("this model has a distillation token: use head 'token' or a non-distilled model")
+        if _has_native_distillation(model):
+            raise KdkitError(f"{type(model).__name__} has its own distillation head: use head 'native'")
         self.model = model
 
     def forward(self, x: Tensor) -> StudentOut:
-        logits = self.model(x)
-        return StudentOut(logits, logits)
+        m = self.model
+        if not hasattr(m, "forward_head"):  # any classifier
+            logits = m(x)
+            return StudentOut(logits, logits)
+        feats = m.forward_features(x)
+        logits = m.forward_head(feats)
+        return StudentOut(logits, logits, m.forward_head(feats, pre_logits=True), _patch_tokens(m, feats))
+
+
+@HEADS.register("native")
+class NativeHead(_Wrapped):
+    """The model's own distillation head (timm's `set_distilled_training`: LeViT, DeiT distilled):
+    its `head` is the class head and its `head_dist` the distillation head, both trained; nothing is
+    added, so the saved student is plain timm, whose inference averages the two (late fusion)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not _has_native_distillation(model):
+            raise KdkitError(f"head 'native' needs a model with its own distillation head (set_distilled_training: "
+                             f"LeViT, DeiT distilled); {type(model).__name__} has none: use head 'auto'")
+        self.model = model
+        model.set_distilled_training(True)
+
+    def forward(self, x: Tensor) -> StudentOut:
+        m = self.model
+        feats = m.forward_features(x)
+        # timm returns both heads only in training mode; the flag of the top module alone decides
+        # it (dropout and norms keep their own mode), so evaluation sees both heads too
+        was, m.training = m.training, True
+        try:
+            logits, dist = m.forward_head(feats)
+        finally:
+            m.training = was
+        return StudentOut(logits, dist, m.forward_head(feats, pre_logits=True), _patch_tokens(m, feats))
 
 
 def default_head(model: nn.Module) -> str:
-    """`token` for ViTs with a class token, `dual` otherwise."""
-    return "token" if _is_vit_with_class_token(model) else "dual"
+    """`token` for ViTs with a class token (DeiT's distilled ones use their own), `native` for
+    other models with their own distillation head (LeViT), `dual` otherwise."""
+    if _is_vit_with_class_token(model):
+        return "token"
+    return "native" if _has_native_distillation(model) else "dual"
 
 
-def wrap_student(model: nn.Module, head: str = "auto") -> nn.Module:
-    """Wrap any classifier `model` (timm-style: forward_features/forward_head) in a head strategy."""
+def wrap_student(model: nn.Module, head: str = "auto", settings: dict | None = None) -> nn.Module:
+    """Wrap any classifier `model` (timm-style: forward_features/forward_head) in a head strategy;
+    `settings` are the head's own constructor arguments (model.head_args)."""
     head = default_head(model) if head == "auto" else head
-    return HEADS.get(head)(model)
+    return HEADS.create(head, settings, model=model)

@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.registry import KdkitError
+from kdkit.types import TeacherOut
+
 
 class Teacher(nn.Module):
     """A frozen classifier that answers for the student's batch.
@@ -29,6 +32,8 @@ class Teacher(nn.Module):
                  interpolation: str = "bicubic", amp_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
+        self.name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        self.weights_source = "hub"  # where the weights came from: "hub", a local path, or "module"
         self.input_size = tuple(input_size) if input_size else None
         self.interpolation = interpolation
         self.amp_dtype = amp_dtype
@@ -68,11 +73,33 @@ class Teacher(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Returns teacher logits (B, K) in float32, detached from any graph."""
         with torch.inference_mode():
-            x = self.prepare_input(images)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with self._autocast(x := self._input(images)):
                 logits = self.model(x)
         # A plain tensor: inference-mode tensors cannot be saved for the student's backward.
         return logits.float().clone()
+
+    def forward_features(self, images: Tensor) -> TeacherOut:
+        """The logits with the pooled pre-logit features and the unpooled map (timm's
+        forward_features / forward_head), all float32 and detached."""
+        if not hasattr(self.model, "forward_head"):
+            raise KdkitError(f"feature distillation needs timm's forward_features/forward_head on the teacher "
+                             f"({type(self.model).__name__} has none)")
+        with torch.inference_mode():
+            with self._autocast(x := self._input(images)):
+                spatial = self.model.forward_features(x)
+                pooled = self.model.forward_head(spatial, pre_logits=True)
+                logits = self.model.forward_head(spatial)
+        return TeacherOut(logits.float().clone(), pooled.float().clone(), spatial.float().clone())
+
+    @property
+    def num_features(self) -> int:
+        """D of the pooled pre-logit features."""
+        m = self.model
+        return int(getattr(m, "head_hidden_size", None) or m.num_features)
+
+    def _input(self, images: Tensor) -> Tensor:
+        x = self.prepare_input(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _autocast(self, x: Tensor):
+        return torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)

@@ -1,0 +1,280 @@
+"""Builders: the recipe turned into the run's pieces (accelerator, data, student, teachers, logit
+source, loss, optimizer). Configuration stops here: below, classes take flat typed arguments, and
+the strategies (heads, losses, logit sources) are built by name through their registries with
+their own settings checked against their constructors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from accelerate import Accelerator
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from kdkit.accelerator import create_accelerator
+from kdkit.cache import build_manifest, data_identity
+from kdkit.config import Recipe
+from kdkit.console import console
+from kdkit.data import (
+    SemiSupervisedDataset,
+    apply_views,
+    create_loader,
+    is_augmented,
+    open_dataset,
+    open_unlabeled,
+    view_settings,
+)
+from kdkit.engine.evaluate import check_teacher
+from kdkit.losses import LOSSES, DistillationLoss, semi_supervised
+from kdkit.models import create_student, create_teacher, model_data_config, resolve_model_name
+from kdkit.models.teacher import Teacher
+from kdkit.registry import KdkitError, Lazy, call_with, parameters
+from kdkit.teachers import LOGIT_SOURCES, LogitSource, RunPieces
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The run's Accelerator: run.precision (auto = Accelerate decides) and gradient accumulation."""
+    return create_accelerator(recipe.run.precision, recipe.optim.grad_accum)
+
+def amp_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a mixed precision ("no": None, full precision)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+def teacher_precision(r: Recipe, acc: Accelerator) -> str:
+    """The teacher's precision: run.teacher_precision, or the run's own when it is "auto"."""
+    return str(acc.mixed_precision) if r.run.teacher_precision == "auto" else r.run.teacher_precision
+
+def is_convnet(model: nn.Module) -> bool:
+    """Whether convolutions do most of the work (more than a patch-embedding convolution)."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+def check_student_classes(student: nn.Module, num_classes: int, data_cfg: dict) -> None:
+    """One forward of two blank images: a student whose heads do not predict the data's classes is
+    refused before training (it would fail mid-epoch with an index error)."""
+    was_training = student.training
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        out = student.eval()(torch.zeros(2, *data_cfg["input_size"]))
+    student.train(was_training)
+    k = out.logits.shape[-1]
+    if k != num_classes or out.dist_logits.shape[-1] != num_classes:
+        raise KdkitError(f"the student predicts {k} classes but the data has {num_classes}: build it with "
+                         f"num_classes={num_classes} (or give the data its {k} classes)")
+
+def student_data_config(student: nn.Module, img_size: int | None) -> dict:
+    """The student's timm data config, at `img_size` when given; tiny images (CIFAR) are evaluated
+    whole (crop_pct 1.0), as the teacher is."""
+    cfg = model_data_config(student.model)
+    if img_size:
+        cfg["input_size"] = (3, img_size, img_size)
+    if cfg["input_size"][-1] <= 64:
+        cfg["crop_pct"] = 1.0
+    return cfg
+
+def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
+    """Views (transforms, per-sample Mixup/CutMix) and per-process loaders from the recipe."""
+    apply_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), len(train_ds.classes))
+    apply_views(eval_ds, view_settings(data_cfg), len(train_ds.classes))
+    per_proc = r.data.batch_size // acc.num_processes
+    if per_proc * acc.num_processes != r.data.batch_size:
+        raise KdkitError(f"batch_size {r.data.batch_size} is not divisible by {acc.num_processes} processes")
+    loader_kw = {"workers": r.data.workers, "persistent_workers": r.data.persistent_workers,
+                 "prefetch_factor": r.data.prefetch_factor}
+    train_loader = create_loader(train_ds, per_proc, training=True, seed=r.run.seed, num_replicas=acc.num_processes,
+                                 rank=acc.process_index, repeated_aug=r.aug.repeated_aug, **loader_kw)
+    if len(train_loader) == 0:
+        raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
+    eval_loader = create_loader(eval_ds, max(r.data.eval_batch_size // acc.num_processes, 1), training=False,
+                                **loader_kw)
+    return train_loader, eval_loader
+
+def kernel_kwargs(opt: str, fused: str, device: torch.device) -> dict:
+    """`fused` / `foreach` for the optimizer: "auto" is torch's fused Adam(W) kernel (on CUDA, and
+    on CPU too: 10% faster a step than foreach for the quickstart student, docs/results.md) and
+    foreach for other optimizers."""
+    if fused == "auto":
+        fused = "fused" if opt in ("adam", "adamw") and device.type in ("cuda", "cpu") else "foreach"
+    if fused == "fused":
+        if opt not in ("adam", "adamw"):
+            raise KdkitError(f"optim.fused = 'fused' needs optim.opt adam or adamw, not {opt!r}: use 'foreach'")
+        return {"fused": True, "foreach": False}
+    return {"foreach": fused == "foreach"}
+
+def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int, device: torch.device):
+    """timm optimizer (parameter groups as timm builds them for the bare model: no weight decay on
+    what its no_weight_decay() names and on 1-D parameters; optional layer-wise lr decay) and
+    per-update scheduler; lr scaled by global batch / lr_base_batch (DeiT)."""
+    o = r.optim
+    lr = o.lr * (r.data.batch_size * o.grad_accum / o.lr_base_batch if o.lr_base_batch else 1)
+    optimizer = create_optimizer_v2(student, o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                    layer_decay=o.layer_decay or None, **kernel_kwargs(o.opt, o.fused, device))
+    scheduler, _ = create_scheduler_v2(optimizer, o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs,
+                                       warmup_lr=o.warmup_lr, min_lr=o.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=max(batches_per_epoch // o.grad_accum, 1))
+    return optimizer, scheduler, lr
+
+def open_train(r: Recipe):
+    """The training split; with `data.unlabeled`, a SemiSupervisedDataset of it and the unlabeled images."""
+    train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict)
+    if r.data.unlabeled:
+        unlabeled = open_unlabeled(r.data.unlabeled, train_ds.classes, seed=r.run.seed, strict=r.data.strict)
+        train_ds = SemiSupervisedDataset(train_ds, unlabeled, r.data.unlabeled_ratio)
+    return train_ds
+
+def open_data(r: Recipe):
+    """The training split (with its unlabeled images, if any) and the evaluation split (in the
+    training split's label space)."""
+    train_ds = open_train(r)
+    eval_ds = open_dataset(r.data.path, r.data.eval_split, classes=train_ds.classes, strict=r.data.strict)
+    return train_ds, eval_ds
+
+
+def views_for(r: Recipe, data_cfg: dict, mode: str) -> dict:
+    """Replay caches hold the run's training views; fixed caches the evaluation view of each image."""
+    return view_settings(data_cfg, dataclasses.asdict(r.aug)) if mode == "replay" else view_settings(data_cfg)
+
+
+def expected_manifest(r: Recipe, train_ds, data_cfg: dict, mode: str, teacher: dict | None = None, topk: int = 0,
+                      dtype: str = "float16", shard_size: int = 4096) -> dict:
+    """The manifest of a cache of this run's teacher outputs (teacher {} when no teacher is loaded).
+    train_ds: the training split, or a SemiSupervisedDataset (its unlabeled images are recorded too)."""
+    if teacher is None:
+        names = [resolve_model_name(n) for n, _ in r.model.teachers()]
+        teacher = {"name": (names[0] if len(names) == 1 else f"ensemble({','.join(names)})") if names else None}
+    semi = isinstance(train_ds, SemiSupervisedDataset)
+    labeled = train_ds.labeled if semi else train_ds
+    return build_manifest(mode=mode, teacher=teacher, data=data_identity(labeled, r.data.path, r.data.train_split),
+                          views=views_for(r, data_cfg, mode), seed=r.run.seed, epochs=r.optim.epochs, topk=topk,
+                          dtype=dtype, shard_size=shard_size,
+                          unlabeled=data_identity(train_ds.unlabeled, r.data.unlabeled, "") if semi else None,
+                          unlabeled_ratio=train_ds.unlabeled_ratio if semi else None)
+
+
+def build_loss(r: Recipe, mode: str, mixup: bool, **provided: object) -> DistillationLoss:
+    """The recipe's loss by name: its own settings are `loss.args`; the shared distillation settings
+    (loss.task_weight, tau, ...), the label smoothing (0 when Mixup/CutMix smooths the targets)
+    and `provided` (num_classes, student_features, teacher_features, ...) go to it where its
+    constructor names them. With unlabeled images, wrapped with per-sample masks (losses/semi.py)."""
+    shared = {**r.loss.shared(), "label_smoothing": 0.0 if mixup else r.aug.label_smoothing}
+    kind = "none" if mode == "train" else r.loss.kind
+    loss = LOSSES.create(kind, r.loss.args if mode != "train" else None, **shared, **provided)
+    if mode == "distill":
+        warn_unused_settings(r, loss)
+    if not r.data.unlabeled:
+        if r.loss.confidence_threshold > 0 and mode == "distill":
+            console.print("[bold yellow]warning: loss.confidence_threshold applies to unlabeled images only, "
+                          "and this run has none (data.unlabeled)")
+        return loss
+    return semi_supervised(loss, r.loss.pseudo_label, r.loss.confidence_threshold, **shared)
+
+
+def warn_unused_settings(r: Recipe, loss: DistillationLoss) -> None:
+    """A shared loss setting changed from its default that neither the loss nor the pseudo-label
+    loss takes has no effect: say so, rather than ignore it silently."""
+    defaults = type(r.loss)()
+    takes = set(parameters(LOSSES.get(r.loss.kind)))
+    if r.data.unlabeled and r.loss.pseudo_label not in ("auto", r.loss.kind):
+        takes |= set(parameters(LOSSES.get(r.loss.pseudo_label)))
+    unused = [k for k in r.loss.SHARED if getattr(r.loss, k) != getattr(defaults, k) and k not in takes]
+    if unused:
+        console.print(f"[bold yellow]warning: {', '.join(f'loss.{k} = {getattr(r.loss, k)!r}' for k in unused)} "
+                      f"has no effect on loss {loss.name!r}")
+
+
+def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_classes: int) -> nn.Module:
+    """The recipe's student (or the given module) wrapped with its head strategy."""
+    head = r.model.head
+    if mode == "train" and head == "auto":
+        # plain supervised training; a model with a distillation token still trains both heads
+        head = "token" if getattr(student, "dist_token", None) is not None or (
+            student is None and "distilled" in resolve_model_name(r.model.student)) else "shared"
+    return create_student(student if student is not None else r.model.student, num_classes, head,
+                          pretrained=r.model.pretrained, weights=r.model.student_weights or None,
+                          img_size=r.model.img_size, patch_size=r.model.patch_size,
+                          drop_path_rate=r.model.drop_path, model_kwargs=r.model.kwargs, head_args=r.model.head_args)
+
+
+def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, data_cfg: dict,
+                  acc: Accelerator | None = None, weights: str | None = None) -> Teacher:
+    """The recipe's teacher (or the given module), frozen, bridged to the student's normalisation,
+    in the run's precision (`acc`) and memory format (run.channels_last), compiled with
+    run.compile. Built under a forked RNG so that a teacher (or none, with a cache) never changes
+    the student's random stream: a run reading cached logits draws the same dropout as one running
+    the teacher."""
+    members = r.model.teachers()
+    if teacher is None and not members:
+        raise KdkitError("distillation needs a teacher: pass --teacher NAME (and --teacher-weights FILE), "
+                         "or --logits CACHE")
+    if teacher is None and weights is None:
+        teacher, weights = members[0]
+    with torch.random.fork_rng(devices=[]):
+        t = create_teacher(teacher, num_classes, weights=weights or None, model_kwargs=r.model.teacher_kwargs)
+    t.set_student_normalization(data_cfg["mean"], data_cfg["std"])
+    if acc is not None:
+        t.amp_dtype = amp_dtype(teacher_precision(r, acc))
+        cl = r.run.channels_last
+        if cl == "on" or (cl == "auto" and is_convnet(t.model)):
+            t.use_channels_last()
+    if r.run.compile:
+        t.model.compile()
+    return t
+
+
+def build_teachers(r: Recipe, teacher: nn.Module | str | None, num_classes: int, data_cfg: dict,
+                   acc: Accelerator | None = None) -> list[Teacher]:
+    """Every teacher of the recipe (several for an ensemble), or the given module."""
+    members = r.model.teachers()
+    if teacher is not None or not members:  # a module of the Python API; or none, and the clear error
+        return [build_teacher(r, teacher, num_classes, data_cfg, acc, weights="")]
+    return [build_teacher(r, name, num_classes, data_cfg, acc, weights=w) for name, w in members]
+
+
+def logit_source_name(r: Recipe) -> str:
+    """model.logits, with "auto" resolved: a cache when one is named, an ensemble for several teachers."""
+    if r.model.logits != "auto":
+        return r.model.logits
+    if r.model.teacher_logits:
+        return "cache"
+    return "ensemble" if len(r.model.teachers()) > 1 else "live"
+
+
+def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dict, train_ds, eval_loader,
+                       acc: Accelerator | None, summary: dict) -> LogitSource:
+    """The recipe's logit source by name (model.logits), with its settings (model.logits_args); the
+    teachers it asks for are built, and checked on a slice of the evaluation split (summary's
+    teacher_check), only then."""
+    num_classes = len(train_ds.classes)
+
+    def teachers() -> list[Teacher]:
+        built = build_teachers(r, teacher, num_classes, data_cfg, acc)
+        if eval_loader is not None and acc is not None:
+            checks = [check_teacher(t, eval_loader, num_classes, r.run.teacher_check_batches, acc,
+                                    train_ds.issues().get("empty_classes", ())) for t in built]
+            summary["teacher_check"] = checks[0] if len(checks) == 1 else {**checks[0], "members": checks}
+        return built
+
+    def set_view_cycle(epochs: int) -> None:
+        train_ds.view_cycle = epochs
+
+    pieces = RunPieces(num_classes=num_classes, epochs=r.optim.epochs, teachers=teachers,
+                       cache=r.model.teacher_logits, cache_cycle=r.model.teacher_logits_cycle,
+                       expected_manifest=lambda mode: expected_manifest(r, train_ds, data_cfg, mode),
+                       augmented=is_augmented(view_settings(data_cfg, dataclasses.asdict(r.aug))),
+                       set_view_cycle=set_view_cycle, info=summary)
+    name = logit_source_name(r)
+    return call_with(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", {"run": pieces})
+
+
+def provided_features(student: nn.Module, source: LogitSource | None) -> dict:
+    """What a feature loss may ask for: the student's and the teacher's feature sizes (lazily)."""
+    def teacher_features() -> int:
+        teacher = getattr(source, "teacher", None)
+        if teacher is None:
+            raise KdkitError("feature distillation needs a live teacher (features are not cached): drop --logits "
+                             "and pass --teacher")
+        return teacher.num_features
+
+    model = student.model
+    return {"student_features": Lazy(lambda: int(getattr(model, "head_hidden_size", None) or model.num_features)),
+            "teacher_features": Lazy(teacher_features), "num_classes": Lazy(lambda: int(model.num_classes))}

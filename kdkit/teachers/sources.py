@@ -1,0 +1,146 @@
+"""Logit sources: where the teacher's answer for a batch comes from. The training loop calls
+`source(batch) -> (B, K) float32 logits` and never knows whether a teacher ran.
+
+A new source is a class and one registry line: an nn.Module (so the loop can move it to the
+device) whose forward maps a Batch to (B, K) logits, and a classmethod `from_run(run, **settings)`
+that builds it from what the run offers (`RunPieces`); its own settings come from the recipe's
+`model.logits_args`, checked against `from_run`'s signature. A source that can also give the
+teacher's features implements `features(batch) -> TeacherOut`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from kdkit.cache import LogitCache, weights_sha256
+from kdkit.console import console
+from kdkit.models.teacher import Teacher
+from kdkit.registry import KdkitError, Registry
+from kdkit.types import Batch, TeacherOut
+
+LOGIT_SOURCES: Registry[type[LogitSource]] = Registry("logit source")
+
+
+@dataclass
+class RunPieces:
+    """What a run offers a logit source as it is built; the teachers are built only when asked for.
+
+    teachers(): the run's teachers (frozen, bridged to the student's normalisation, checked on the
+        evaluation split); several for an ensemble.
+    expected_manifest(mode): the manifest a cache of this run must have ("replay" or "fixed").
+    info: the run summary's entries about the source, filled in by the source.
+    """
+
+    num_classes: int
+    epochs: int
+    teachers: Callable[[], list[Teacher]]
+    cache: str = ""
+    cache_cycle: bool = False
+    expected_manifest: Callable[[str], dict] | None = None
+    augmented: bool = False  # training views are augmented (a fixed cache then answers for the clean image)
+    set_view_cycle: Callable[[int], None] = lambda epochs: None
+    info: dict = field(default_factory=dict)
+
+
+class LogitSource(nn.Module):
+    """Base of the sources: `forward(batch) -> (B, K)`; `features(batch) -> TeacherOut` where the
+    source can run the teacher's feature extractor."""
+
+    @classmethod
+    def from_run(cls, run: RunPieces) -> LogitSource:
+        raise NotImplementedError
+
+    def features(self, batch: Batch) -> TeacherOut:
+        raise KdkitError(f"the logit source {type(self).__name__} gives logits only; feature distillation needs "
+                         f"the teacher itself (features are not cached): drop --logits and pass --teacher")
+
+    def identity(self) -> dict:
+        """What produced the logits, for a cache's manifest."""
+        raise KdkitError(f"the logit source {type(self).__name__} cannot be written to a cache")
+
+
+def single_teacher(run: RunPieces) -> Teacher:
+    teachers = run.teachers()
+    if len(teachers) != 1:
+        raise KdkitError(f"{len(teachers)} teachers: several make an ensemble (model.logits = \"ensemble\")")
+    return teachers[0]
+
+
+@LOGIT_SOURCES.register("live")
+class LiveTeacher(LogitSource):
+    """Runs the frozen teacher on the batch the student sees (after Mixup/CutMix)."""
+
+    def __init__(self, teacher: Teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    @classmethod
+    def from_run(cls, run: RunPieces) -> LiveTeacher:
+        return cls(single_teacher(run))
+
+    def forward(self, batch: Batch | Tensor) -> Tensor:  # a Batch in training, images when writing a cache
+        return self.teacher(batch.images if isinstance(batch, Batch) else batch)
+
+    def features(self, batch: Batch) -> TeacherOut:
+        return self.teacher.forward_features(batch.images)
+
+    def identity(self) -> dict:
+        return {"name": self.teacher.name, "weights": self.teacher.weights_source,
+                "weights_sha256": weights_sha256(self.teacher.model)}
+
+
+@LOGIT_SOURCES.register("cache")
+class CachedLogits(LogitSource):
+    """Reads the teacher's answer for each view of the batch from a `kdkit cache` folder.
+
+    Replay caches are looked up by (batch.epoch, batch.index); epochs past the cached ones go to
+    `fallback` (a LiveTeacher), or fail when there is none. Fixed caches answer for any epoch.
+    Returns (B, C) float32 log-probabilities on the batch's device (a softmax of them, at any
+    temperature, is the teacher's distribution; see kdkit/cache/store.py for top-K records).
+    """
+
+    def __init__(self, cache: LogitCache | str, fallback: LiveTeacher | None = None):
+        super().__init__()
+        self.cache = cache if isinstance(cache, LogitCache) else LogitCache(cache)
+        self.fallback = fallback
+        self.live_batches = 0
+
+    @classmethod
+    def from_run(cls, run: RunPieces) -> CachedLogits:
+        """The run's cache (model.teacher_logits), checked against the manifest this run expects; a
+        live teacher serves the epochs past a replay cache, unless its epochs are cycled."""
+        if not run.cache:
+            raise KdkitError("logit source 'cache' reads a `kdkit cache` folder: pass --logits CACHE")
+        cache = LogitCache(run.cache)
+        if run.expected_manifest is not None:
+            cache.check_run(run.expected_manifest(cache.mode))
+        fallback = None
+        if cache.mode == "fixed" and run.augmented:
+            console.print("[bold yellow]warning: the cache holds one fixed record per image, but training augments "
+                          "every view: the teacher's answer is for the clean image, not the view the student sees")
+        cycle = cache.mode == "replay" and run.epochs > cache.epochs and run.cache_cycle
+        if cycle:
+            run.set_view_cycle(cache.epochs)
+        elif cache.mode == "replay" and run.epochs > cache.epochs:
+            try:
+                fallback = LiveTeacher(single_teacher(run))
+            except KdkitError:
+                raise KdkitError(f"the cache holds {cache.epochs} epochs and the run has {run.epochs}: pass "
+                                 f"--teacher to compute the rest live, or --logits-cycle to replay the cached ones") \
+                    from None
+        run.info.update(logits={"cache": str(cache.root), "mode": cache.mode, "epochs": cache.epochs,
+                                "topk": cache.manifest["topk"], "dtype": cache.manifest["dtype"], "cycle": cycle,
+                                "live_after": cache.epochs if fallback else None})
+        return cls(cache, fallback)
+
+    def forward(self, batch: Batch) -> Tensor:
+        if self.cache.mode == "fixed" or batch.epoch < self.cache.epochs:
+            return self.cache.lookup(batch.epoch, batch.index).to(batch.images.device, non_blocking=True)
+        if self.fallback is None:
+            raise KdkitError(f"epoch {batch.epoch} is past the {self.cache.epochs} cached epochs and no teacher "
+                             f"was given to compute it live")
+        self.live_batches += 1
+        return self.fallback(batch)
