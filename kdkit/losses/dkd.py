@@ -96,8 +96,9 @@ def dkd_per_sample(student: Tensor, teacher: Tensor, target: Tensor, alpha: floa
       caller passes the teacher's argmax, `teacher.argmax(dim=1)`, for those rows.
 
     Defaults alpha=1, beta=8, tau=4 are the paper's CIFAR-100 settings. Warm-up is the caller's
-    choice: the paper's code multiplies the whole DKD loss by min(epoch / 20, 1), a linear ramp
-    over the first 20 epochs on CIFAR-100 (1 epoch on ImageNet).
+    choice: the paper's code multiplies the whole DKD loss by min(epoch / 20, 1), epochs counted
+    from 1, a linear ramp over the first 20 epochs on CIFAR-100 (its ImageNet config sets the
+    ramp to 1 epoch, i.e. none).
     """
     tckd, nckd = dkd_terms(student, teacher, target, tau)
     return alpha * tckd + beta * nckd
