@@ -238,12 +238,16 @@ def _line(ax: Any, x: list[int], y: list[float], color: str, label: str, width: 
 
 
 def _moving_average(y: list[float], window: int) -> list[float]:
-    """Centred mean over `window` values (fewer at the ends), by running sums: O(len(y))."""
-    half, sums = window // 2, [0.0]
+    """Centred mean over `window` values, by running sums: O(len(y)). The window narrows towards
+    the ends, staying centred, so that a falling loss is not bent up (or down) at either end."""
+    sums, n = [0.0], len(y)
     for v in y:
         sums.append(sums[-1] + v)
-    return [(sums[min(len(y), i + half + 1)] - sums[max(0, i - half)]) / (min(len(y), i + half + 1) - max(0, i - half))
-            for i in range(len(y))]
+    out = []
+    for i in range(n):
+        h = min(window // 2, i, n - 1 - i)
+        out.append((sums[i + h + 1] - sums[i - h]) / (2 * h + 1))
+    return out
 
 
 def _epoch_ticks(ax: Any, ax_lr: Any, c: RunCurves) -> None:
@@ -268,8 +272,9 @@ def _epoch_ticks(ax: Any, ax_lr: Any, c: RunCurves) -> None:
 
 def _points(ax: Any, x: list[int], y: list[float], color: str, label: str, style: str, width: float = 1.8,
             hollow: bool = False) -> None:
-    ax.plot(x, y, linestyle=style, color=color, linewidth=width, marker="o", markersize=6 if hollow else 4,
-            markerfacecolor="white" if hollow else color, label=label)
+    """An evaluation series; markers on each evaluation where there are few enough to tell apart."""
+    ax.plot(x, y, linestyle=style, color=color, linewidth=width, marker="o" if len(x) <= 40 else None,
+            markersize=6 if hollow else 4, markerfacecolor="white" if hollow else color, label=label)
 
 
 def _teacher(ax: Any, runs: list[RunCurves], color: str) -> None:
@@ -296,6 +301,7 @@ def _finish(ax_loss: Any, ax_lr: Any, ax_top1: Any, runs: list[RunCurves]) -> No
     ax_lr.set_ylabel("learning rate")
     ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))  # no offset text between panels
     ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax_lr.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 10_000 else f"{v:g}"))
     last_update = max([u for r in runs for u in r.updates] + [1])
     ax_lr.set_xlim(0, last_update * 1.02 + 0.5)
     lr = [v for r in runs for v in r.lr if math.isfinite(v)]
