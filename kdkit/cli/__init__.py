@@ -8,7 +8,7 @@ import sys
 
 from kdkit.registry import KdkitError
 
-VERBS = ("train", "distill", "cache", "eval", "compare", "benchmark", "quickstart", "recipes")
+VERBS = ("train", "distill", "cache", "eval", "compare", "benchmark", "export", "push", "quickstart", "recipes")
 
 
 def build_parser() -> argparse.ArgumentParser:
