@@ -182,9 +182,13 @@ def test_plain_timm_folder_loads_without_kdkit(tiny_runs, tiny_data, timm_folder
     assert time.perf_counter() - start < 300
 
 
-def test_a_token_that_cannot_be_collapsed_is_a_clear_error(tmp_path, capsys):
-    # a ViT that averages its patch tokens: timm's distilled DeiT reads the class token, so no exact match
-    kw = dict(depth=1, embed_dim=32, num_heads=2, global_pool="avg")
+@pytest.mark.parametrize("variant, reason", [
+    (dict(global_pool="avg"), "pools with 'avg'"),  # timm's distilled DeiT reads the class token
+    (dict(no_embed_class=True), "no_embed_class"),  # its position table has rows for the prefix tokens
+    (dict(reg_tokens=2), "2 register tokens"),
+])
+def test_a_token_that_cannot_be_collapsed_is_a_clear_error(variant, reason, tmp_path, capsys):
+    kw = dict(depth=1, embed_dim=32, num_heads=2, **variant)
     student = create_student("vit_tiny_patch16_224", 10, "token", img_size=32, patch_size=8, model_kwargs=kw)
     cfg = {"architecture": "vit_tiny_patch16_224", "num_classes": 10, "label_names": [str(i) for i in range(10)],
            "model_args": dict(kw, img_size=32, patch_size=8),
@@ -193,5 +197,33 @@ def test_a_token_that_cannot_be_collapsed_is_a_clear_error(tmp_path, capsys):
            "kdkit": {"version": "test", "head": "TokenHead"}}
     save_student(tmp_path / "student", student, cfg)
     err = one_line_error(capsys, "export", tmp_path, "--format", "safetensors")
-    assert "pools with 'avg'" in err and "--format onnx" in err
+    assert reason in err and "--format onnx" in err
     assert not (tmp_path / "student-timm").exists()
+
+
+@pytest.mark.parametrize("variant", [
+    dict(init_values=1e-3),  # LayerScale
+    dict(pre_norm=True, qkv_bias=False, mlp_ratio=2.0),  # CLIP-like pre-norm, no qkv bias, narrower MLP
+    dict(qk_norm=True, final_norm=True, img_size=40),  # a non-default input size
+])
+def test_inserted_token_collapses_exactly_on_vit_variants(variant, tiny_data, tmp_path):
+    kw = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32) | variant
+    size = kw.pop("img_size")
+    student = create_student("vit_tiny_patch16_224", 10, "token", img_size=size, patch_size=kw.pop("patch_size"),
+                             model_kwargs=kw).eval()
+    with torch.no_grad():  # a trained token and head, not the initial ones: the check must see them
+        student.dist_token.normal_()
+        student.head_dist.weight.normal_()
+    cfg = {"architecture": "vit_tiny_patch16_224", "num_classes": 10,
+           "label_names": sorted(p.name for p in (tiny_data / "test").iterdir()),
+           "model_args": dict(kw, img_size=size, patch_size=8),
+           "pretrained_cfg": {"input_size": [3, size, size], "interpolation": "bicubic", "mean": [0.5] * 3,
+                              "std": [0.25] * 3, "crop_pct": 1.0, "num_classes": 10},
+           "kdkit": {"version": "test", "head": "TokenHead"}}
+    save_student(tmp_path / "student", student, cfg)
+    assert run_cli("export", tmp_path / "student", "--format", "safetensors") == 0
+    images, out = real_images(tmp_path / "student", tiny_data, 16)
+    model = timm.create_model(f"local-dir:{tmp_path / 'student-timm'}", pretrained=True).eval()
+    assert type(model).__name__ == "VisionTransformerDistilled"
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), (out.logits + out.dist_logits) / 2, atol=1e-5, rtol=0)

@@ -79,6 +79,8 @@ def _as_distilled(student: nn.Module, state: dict[str, Tensor], config: dict) ->
             reasons.append("its head has an fc_norm or attention pooling")
         if vit.pos_embed is None:
             reasons.append("it has no learned position embedding")
+        elif vit.no_embed_class:  # timm's distilled DeiT sizes its position table for the prefix tokens too
+            reasons.append("its class token has no position embedding (no_embed_class)")
     if reasons:
         raise KdkitError(f"the inserted distillation token of {config['architecture']} cannot be collapsed into "
                          f"timm's distilled DeiT ({'; '.join(reasons)}); only a plain class-token ViT can: export "
@@ -90,15 +92,14 @@ def _as_distilled(student: nn.Module, state: dict[str, Tensor], config: dict) ->
         "num_heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / vit.embed_dim,
         "qkv_bias": block.attn.qkv.bias is not None, "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
         "init_values": 1e-5 if isinstance(block.ls1, LayerScale) else None,  # the value is in the weights
-        "no_embed_class": vit.no_embed_class, "pre_norm": not isinstance(vit.norm_pre, nn.Identity),
+        "pre_norm": not isinstance(vit.norm_pre, nn.Identity),
         "final_norm": not isinstance(vit.norm, nn.Identity), "class_token": True, "global_pool": "token",
     }
     state["dist_token"] = student.dist_token.detach().clone()
     state["head_dist.weight"] = student.head_dist.weight.detach().clone()
     state["head_dist.bias"] = student.head_dist.bias.detach().clone()
-    if not vit.no_embed_class:  # position rows: class token, then the distillation token (zero), then patches
-        pos = state["pos_embed"]
-        state["pos_embed"] = torch.cat([pos[:, :1], torch.zeros_like(pos[:, :1]), pos[:, 1:]], dim=1).contiguous()
+    pos = state["pos_embed"]  # position rows: class token, then the distillation token (zero), then patches
+    state["pos_embed"] = torch.cat([pos[:, :1], torch.zeros_like(pos[:, :1]), pos[:, 1:]], dim=1).contiguous()
     m = re.fullmatch(r"deit_(tiny|small|base)_patch16_(224|384)", config["architecture"].split(".")[0])
     name = f"deit_{m[1]}_distilled_patch16_{m[2]}" if m else "deit_tiny_distilled_patch16_224"
     # the architecture name only picks timm's distilled class: every size is in model_args
