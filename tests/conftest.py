@@ -57,3 +57,30 @@ def teacher_dir(tmp_path_factory) -> Path:
                               "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": 10}}
     (root / "config.json").write_text(json.dumps(cfg))
     return root
+
+
+TINY_VIT_ARGS = ["--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--img-size", "32", "--patch-size", "8"]
+TINY_RESNET_ARGS = ["--set", "model.kwargs={channels=[8, 16, 32, 64], stem_width=8}", "--img-size", "32"]
+ONE_EPOCH = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress", "--seed", "0",
+             "--set", "optim.warmup_epochs=0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_data, teacher_dir, tmp_path_factory) -> dict[str, Path]:
+    """Finished one-epoch runs through the real CLI, trained once for the export, card and push tests:
+    native (timm's distilled DeiT, its own token), inserted (kdkit's token in a plain DeiT), dual
+    (a ResNet with two linear heads), single (supervised, one head) and cached (the native run's
+    student distilled from a `kdkit cache` of the same teacher)."""
+    out = tmp_path_factory.mktemp("tiny_runs")
+    teacher = ["--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--preset", "none"]
+    common = ["--data", tiny_data, *ONE_EPOCH, "--output", out]
+    students = {"native": ["--student", "deit_tiny", *TINY_VIT_ARGS],
+                "inserted": ["--student", "deit_tiny_patch16_224", "--head", "token", *TINY_VIT_ARGS],
+                "dual": ["--student", "resnet10t", "--head", "dual", *TINY_RESNET_ARGS]}
+    for name, student in students.items():
+        assert run_cli("distill", *teacher, *student, *common, "--name", name) == 0
+    assert run_cli("train", "--model", "resnet10t", *TINY_RESNET_ARGS, *common, "--name", "single") == 0
+    assert run_cli("cache", *teacher, *students["native"], *common[:-2], "--out", out / "cache") == 0
+    assert run_cli("distill", "--logits", out / "cache", "--preset", "none", *students["native"], *common,
+                   "--name", "cached") == 0
+    return {name: out / name for name in (*students, "single", "cached", "cache")}

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 
 import timm
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdkit import __version__
 from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset
@@ -22,8 +23,14 @@ MODES = ("replay", "fixed")
 
 def weights_sha256(model: nn.Module) -> str:
     """sha256 over the state dict (names, dtypes, shapes and bytes, in name order)."""
+    return state_sha256(model.state_dict())
+
+
+def state_sha256(state: Mapping[str, Tensor]) -> str:
+    """sha256 over a state dict (names, dtypes, shapes and bytes, in name order): a model's, or the
+    tensors of a weights file holding it (the same hash)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -8,7 +8,8 @@ import sys
 
 from kdkit.registry import KdkitError
 
-VERBS = ("train", "distill", "cache", "eval", "compare", "benchmark", "quickstart", "recipes", "plot")
+VERBS = ("train", "distill", "cache", "eval", "compare", "benchmark", "export", "push", "plot", "quickstart",
+         "recipes")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,3 +62,18 @@ def read_config(path: str | Path) -> dict:
     if not cfg.is_file():
         raise KdkitError(f"no config.json beside {path}: pass --model and its options")
     return json.loads(cfg.read_text())
+
+
+def student_folder(path: str | Path) -> Path:
+    """The saved student of a run directory (RUN/student), or `path` itself when it is a student
+    folder (config.json + model.safetensors). A path holding neither is a KdkitError."""
+    path = Path(path)
+    for folder in (path / "student", path):
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder
+    if not path.exists():
+        raise KdkitError(f"{path} does not exist: pass a run directory or its student folder")
+    unfinished = " (the run has not finished: the student is saved when it ends)" \
+        if (path / "recipe.toml").is_file() else ""
+    raise KdkitError(f"{path} holds no saved student{unfinished}: expected {path}/student/ with config.json and "
+                     f"model.safetensors")

@@ -1,0 +1,54 @@
+"""kdkit export: a run's student as ONNX (one head, preprocessing in the metadata) or as a plain-timm
+folder with the fused head."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """examples:
+  kdkit export runs/deit-ti --format onnx                       # runs/deit-ti/student.onnx, fused head
+  kdkit export runs/deit-ti --format onnx --head dist --dynamic-batch --out deit-ti-dist.onnx
+  kdkit export runs/deit-ti/student --format onnx --opset 20
+  kdkit export runs/resnet-dual --format safetensors            # runs/resnet-dual/student-timm/
+
+RUN is a run directory (its student/ is exported) or a student folder. ONNX: one input `input`
+(B, 3, H, W), normalised as the metadata's mean/std say, and one output `logits` (B, K); B is 1
+unless --dynamic-batch. metadata_props hold mean, std, input_size, interpolation, crop_pct,
+label_names, head, architecture (JSON strings). safetensors: model.safetensors + config.json
+in timm's layout, the two heads collapsed into one fused head, for
+timm.create_model("local-dir:DIR", pretrained=True) without kdkit.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a run's student as ONNX, or as a plain-timm folder (fused head)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="a run directory, or a student folder")
+    p.add_argument("--format", default="onnx", help="onnx (default) | safetensors")
+    p.add_argument("--head", default="fused", help="ONNX: fused (default: (class + dist) / 2) | class | dist; "
+                   "a single-head student has one output")
+    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: a symbolic batch dimension (else 1)")
+    p.add_argument("--opset", type=int, help="ONNX opset (18 or newer; default: torch's)")
+    p.add_argument("--out", help="file (onnx; default RUN/student.onnx, student-HEAD.onnx for class or dist) "
+                   "or folder (safetensors; default RUN/student-timm)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdkit.cli.report import out
+    from kdkit.export import export_onnx, export_timm
+    from kdkit.registry import KdkitError, suggest
+
+    formats = ("onnx", "safetensors")
+    if args.format not in formats:
+        raise KdkitError(f"unknown --format {args.format!r}.{suggest(args.format, formats)} Choices: onnx, "
+                         f"safetensors")
+    if args.format == "onnx":
+        result = export_onnx(args.run, args.out, args.head, args.dynamic_batch, args.opset)
+    else:
+        if args.head != "fused" or args.dynamic_batch or args.opset is not None:
+            raise KdkitError("--head, --dynamic-batch and --opset are ONNX options: the safetensors folder has "
+                             "one fused head (export --format onnx --head class|dist for one of the two)")
+        result = export_timm(args.run, args.out)
+    out.print(f"wrote {result['path']}", soft_wrap=True)
+    return 0

@@ -1,0 +1,133 @@
+"""A saved student as one plain timm model whose output is its late fusion, (class + dist) / 2, so
+that `timm.create_model("local-dir:DIR", pretrained=True)` gives the fused logits with no kdkit.
+
+- `shared` head, or a timm distilled DeiT (its own token): the saved model already is that model
+  (timm's VisionTransformerDistilled averages its two heads in eval mode).
+- `dual` head: both heads are linear maps of the same pooled features, so their average is one
+  linear layer with the averaged weight and bias, written over the model's own classifier.
+- `token` inserted into a plain class-token ViT: the same network as timm's
+  VisionTransformerDistilled (class token, distillation token, patches; the token has no position
+  embedding, which is a zero row in the distilled model's), so it is saved as `deit_*_distilled_*`.
+
+Anything else is refused with the reason. Every collapse is checked against the student's fused
+logits before it is returned.
+"""
+
+from __future__ import annotations
+
+import re
+
+import timm
+import torch
+from timm.layers import LayerScale
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from kdkit.registry import KdkitError
+
+# largest |plain - fused| accepted, relative to the logits' scale (float32 reordering is ~1e-7)
+TOLERANCE = 1e-5
+
+
+def fused_timm_model(student: nn.Module, config: dict) -> tuple[dict[str, Tensor], dict, float]:
+    """(state dict, config.json, check) of a plain timm model computing `student`'s fused logits.
+
+    student: a head-wrapped saved student (kdkit.engine.run.load_saved), in eval mode.
+    config: its config.json. The returned config is timm's layout (architecture, num_classes,
+    label_names, model_args, pretrained_cfg) without the kdkit block, plus `kdkit_export` (where it came
+    from; timm ignores it). check: the largest |plain - fused| found by check_fused. Raises KdkitError when the heads cannot be collapsed exactly.
+    """
+    head = type(student).__name__
+    state = {k: v.detach().clone().contiguous() for k, v in student.model.state_dict().items()}
+    out = {k: v for k, v in config.items() if k != "kdkit"}
+    out["kdkit_export"] = {"head": "fused", "from_architecture": config["architecture"],
+                           "from_head": head, "kdkit_version": config.get("kdkit", {}).get("version")}
+    if head == "DualHead":
+        _average_into_classifier(student, state)
+    elif head == "TokenHead" and not student.native:
+        out["architecture"], out["model_args"] = _as_distilled(student, state, config)
+    elif head not in ("TokenHead", "SharedHead"):
+        raise KdkitError(f"cannot collapse a {head} student into one timm head")
+    return state, out, check_fused(student, state, out)
+
+
+def _average_into_classifier(student: nn.Module, state: dict[str, Tensor]) -> None:
+    model, dist = student.model, student.head_dist
+    cls = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(cls, nn.Linear) or cls.bias is None or cls.weight.shape != dist.weight.shape:
+        raise KdkitError(f"the dual head of {type(model).__name__} cannot be collapsed into its classifier "
+                         f"({type(cls).__name__}, not a linear layer with a bias on the pooled features): "
+                         f"export ONNX instead (kdkit export RUN --format onnx)")
+    name = next(n for n, m in model.named_modules() if m is cls)
+    state[f"{name}.weight"] = ((cls.weight + dist.weight) / 2).detach().contiguous()
+    state[f"{name}.bias"] = ((cls.bias + dist.bias) / 2).detach().contiguous()
+
+
+def _as_distilled(student: nn.Module, state: dict[str, Tensor], config: dict) -> tuple[str, dict]:
+    """Turn a ViT with kdkit's inserted token into timm's distilled DeiT: its architecture name and
+    the model_args that rebuild it; `state` gains dist_token, head_dist and the token's position row."""
+    vit = student.model
+    reasons = []
+    if type(vit) is not VisionTransformer:
+        reasons.append(f"it is a {type(vit).__name__}, not timm's VisionTransformer")
+    else:
+        if vit.global_pool != "token":
+            reasons.append(f"it pools with {vit.global_pool!r}, not its class token")
+        if vit.num_reg_tokens:
+            reasons.append(f"it has {vit.num_reg_tokens} register tokens")
+        if not isinstance(vit.fc_norm, nn.Identity) or vit.attn_pool is not None:
+            reasons.append("its head has an fc_norm or attention pooling")
+        if vit.pos_embed is None:
+            reasons.append("it has no learned position embedding")
+        elif vit.no_embed_class:  # timm's distilled DeiT sizes its position table for the prefix tokens too
+            reasons.append("its class token has no position embedding (no_embed_class)")
+    if reasons:
+        raise KdkitError(f"the inserted distillation token of {config['architecture']} cannot be collapsed into "
+                         f"timm's distilled DeiT ({'; '.join(reasons)}); only a plain class-token ViT can: export "
+                         f"ONNX instead (kdkit export RUN --format onnx --head fused)")
+    block = vit.blocks[0]
+    derived = {
+        "img_size": list(vit.patch_embed.img_size), "patch_size": list(vit.patch_embed.patch_size),
+        "in_chans": vit.patch_embed.proj.in_channels, "embed_dim": vit.embed_dim, "depth": len(vit.blocks),
+        "num_heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / vit.embed_dim,
+        "qkv_bias": block.attn.qkv.bias is not None, "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
+        "init_values": 1e-5 if isinstance(block.ls1, LayerScale) else None,  # the value is in the weights
+        "pre_norm": not isinstance(vit.norm_pre, nn.Identity),
+        "final_norm": not isinstance(vit.norm, nn.Identity), "class_token": True, "global_pool": "token",
+    }
+    state["dist_token"] = student.dist_token.detach().clone()
+    state["head_dist.weight"] = student.head_dist.weight.detach().clone()
+    state["head_dist.bias"] = student.head_dist.bias.detach().clone()
+    pos = state["pos_embed"]  # position rows: class token, then the distillation token (zero), then patches
+    state["pos_embed"] = torch.cat([pos[:, :1], torch.zeros_like(pos[:, :1]), pos[:, 1:]], dim=1).contiguous()
+    m = re.fullmatch(r"deit_(tiny|small|base)_patch16_(224|384)", config["architecture"].split(".")[0])
+    name = f"deit_{m[1]}_distilled_patch16_{m[2]}" if m else "deit_tiny_distilled_patch16_224"
+    # the architecture name only picks timm's distilled class: every size is in model_args
+    return name, {**config.get("model_args", {}), **derived}
+
+
+def needs_kdkit(architecture: str) -> bool:
+    """Whether timm knows `architecture` only once kdkit is imported (kdkit's CIFAR models, T2T-ViT)."""
+    name = architecture.split(".")[0]
+    return timm.is_model(name) and timm.models.model_entrypoint(name).__module__.startswith("kdkit.")
+
+
+def check_fused(student: nn.Module, state: dict[str, Tensor], config: dict) -> float:
+    """Build `config` with plain timm, load `state` (strict) and compare its logits with the student's
+    fused ones on a fixed random batch. Returns the largest difference; raises KdkitError past TOLERANCE."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            plain = timm.create_model(config["architecture"], num_classes=config["num_classes"],
+                                      **config.get("model_args", {}))
+        plain.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise KdkitError(f"plain timm cannot rebuild the collapsed {config['architecture']}: "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    x = torch.randn(2, *config["pretrained_cfg"]["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = student.eval()(x).fused, plain.eval()(x)
+    diff = (got - want).abs().max().item()
+    if not diff <= TOLERANCE * max(1.0, want.abs().max().item()):
+        raise KdkitError(f"the collapsed {config['architecture']} differs from the student's fused logits by "
+                         f"{diff:.3g}: it cannot be exported as one timm head; export ONNX instead")
+    return diff
