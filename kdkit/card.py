@@ -18,16 +18,18 @@ from pathlib import Path
 import yaml
 
 from kdkit.files import atomic_write_text
+from kdkit.models import load_saved
 from kdkit.models.fused import needs_kdkit
-from kdkit.models.saved import read_config, student_folder
+from kdkit.models.saved import head_of, read_config, student_folder
 from kdkit.registry import KdkitError
 
 # `kdkit push` rewrites a card that carries this line (and keeps one that does not: your own)
 MARKER = "<!-- written by kdkit (kdkit push rewrites this card: delete this line to keep your edits) -->"
 HEAD_TEXT = {
-    "TokenHead": "class token + distillation token (DeiT), each with its linear head",
-    "DualHead": "two linear heads on the pooled features: class head (labels) and distillation head (teacher)",
-    "SharedHead": "one head, the model's own classifier (labels and teacher, if any, through the same head)",
+    "token": "class token + distillation token (DeiT), each with its linear head",
+    "native": "the model's own class and distillation heads (timm's set_distilled_training: LeViT, DeiT distilled)",
+    "dual": "two linear heads on the pooled features: class head (labels) and distillation head (teacher)",
+    "shared": "one head, the model's own classifier (labels and teacher, if any, through the same head)",
 }
 LOSS_TEXT = {
     "none": "no distillation: cross-entropy with the labels (both heads, when there are two)",
@@ -62,7 +64,7 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
     recipe = tomllib.loads(recipe_text)
     teacher = teacher_info(summary, recipe)
     data = data_info(summary, recipe)
-    head = config.get("kdkit", {}).get("head", "SharedHead")
+    head = head_of(config)
     sections = [
         "---\n" + yaml.safe_dump(front_matter(run_dir.name, config, summary, recipe, teacher, data), sort_keys=False)
         + "---", MARKER,
@@ -182,7 +184,7 @@ def front_matter(name: str, config: dict, summary: dict, recipe: dict, teacher: 
     """The card's YAML metadata (Hub model card fields)."""
     distilled = bool(teacher)
     tags = ["image-classification", "timm", "kdkit"] + (["knowledge-distillation"] if distilled else [])
-    if config.get("kdkit", {}).get("head") == "TokenHead":
+    if head_of(config) == "token":
         tags.append("deit")
     meta: dict = {"library_name": "timm", "pipeline_tag": "image-classification", "tags": tags}
     licenses = {x for x in (_license(recipe["model"]["student"]) if recipe["model"].get("pretrained") else None,
@@ -209,7 +211,7 @@ def front_matter(name: str, config: dict, summary: dict, recipe: dict, teacher: 
 
 
 def _two_headed(config: dict) -> bool:
-    return config.get("kdkit", {}).get("head") in ("TokenHead", "DualHead")
+    return head_of(config) in ("token", "dual", "native")
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -227,8 +229,6 @@ def _plural(n: int, word: str) -> str:
 
 
 def _model_section(folder: Path, config: dict, head: str) -> str:
-    from kdkit.engine.run import load_saved
-
     student, _, _ = load_saved(folder)
     n = sum(p.numel() for p in student.parameters())
     pcfg = config["pretrained_cfg"]
@@ -291,7 +291,7 @@ def _results_section(summary: dict, head: str) -> str:
     ev = summary.get("eval") or {}
     if "class_top1" not in ev:
         return "## Results\n\nNot evaluated (the run has no evaluation result)."
-    two = head in ("TokenHead", "DualHead")
+    two = head in ("token", "dual", "native")
     heads = [("class", "class head"), ("dist", "distillation head"), ("fused", "fused: (class + dist) / 2")] \
         if two else [("class", "the one head")]
     prefixes = ("", "ema_") if "ema_class_top1" in ev else ("",)
@@ -312,8 +312,8 @@ def _reproduce_section(run_dir: Path, summary: dict, recipe: dict) -> str:
 
 
 def _load_section(folder: Path, config: dict, head: str, repo_id: str | None) -> str:
-    native = head == "TokenHead" and "dist_token" not in _head_keys(folder)
-    inserted = head == "TokenHead" and not native
+    native = head == "token" and "dist_token" not in _head_keys(folder)
+    inserted = head == "token" and not native
 
     def code(where: str) -> str:
         text = (f"```python\nimport timm\n\nmodel = timm.create_model(\"{where}\", pretrained=True).eval()\n"
@@ -327,7 +327,7 @@ def _load_section(folder: Path, config: dict, head: str, repo_id: str | None) ->
     here = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder}"
     export = (f"```bash\nkdkit export {folder} --format safetensors   # writes {folder}-timm\n```\n\n"
               f"{code(f'local-dir:{folder}-timm')}")
-    if head == "SharedHead" or native:
+    if head == "shared" or native:
         what = "the fused logits, (class + distillation) / 2 (timm's distilled DeiT in eval mode)" if native \
             else "its one head"
         return f"## Load with timm\n\nPlain timm rebuilds it, with {what}:\n\n{code(here)}"

@@ -21,27 +21,28 @@ from torch import Tensor, nn
 
 from kdkit.console import console
 from kdkit.files import atomic_folder, atomic_write
+from kdkit.models import load_saved
 from kdkit.models.fused import fused_timm_model, needs_kdkit
-from kdkit.models.saved import read_config, student_folder
+from kdkit.models.saved import head_of, read_config, student_folder
 from kdkit.registry import KdkitError, suggest
 from kdkit.types import StudentOut
 
-HEADS = ("fused", "class", "dist")
-TWO_HEADED = ("TokenHead", "DualHead")
+EXPORT_HEADS = ("fused", "class", "dist")
+TWO_HEADED = ("token", "dual", "native")
 EXPORT_EXTRA = 'pip install "kdkit[export]"'
 MIN_OPSET = 18  # the oldest opset torch's (dynamo) exporter writes
 
 
 def is_two_headed(config: dict) -> bool:
     """Whether a saved student has a class and a distillation head (token or dual)."""
-    return config.get("kdkit", {}).get("head") in TWO_HEADED
+    return head_of(config) in TWO_HEADED
 
 
 def resolve_head(config: dict, head: str) -> str:
     """The head to export: fused, class or dist for a two-headed student; class for a single head
     (which `fused` and `class` both name)."""
-    if head not in HEADS:
-        raise KdkitError(f"unknown head {head!r}.{suggest(head, HEADS)} Choices: {', '.join(HEADS)}")
+    if head not in EXPORT_HEADS:
+        raise KdkitError(f"unknown head {head!r}.{suggest(head, EXPORT_HEADS)} Choices: {', '.join(EXPORT_HEADS)}")
     if is_two_headed(config):
         return head
     if head == "dist":
@@ -66,8 +67,6 @@ class OneHead(nn.Module):
 
 
 def _load(path: str | Path) -> tuple[Path, dict, nn.Module]:
-    from kdkit.engine.run import load_saved
-
     folder = student_folder(path)
     student, _, _ = load_saved(folder)
     return folder, read_config(folder), student.eval()

@@ -42,6 +42,19 @@ def call_with(fn: Callable[..., T], settings: dict[str, Any] | None, where: str,
     offers (`num_classes`, `model`, shared recipe settings, ...); a value is passed only when `fn`
     names it, and a `Lazy` one is computed only then. `where` names the settings in messages.
     """
+    params = check_settings(fn, settings, where, provided)
+    kwargs = {k: (v.make() if isinstance(v, Lazy) else v) for k, v in provided.items() if k in params}
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs and n not in (settings or {})]
+    if missing:
+        raise KdkitError(f"{where} needs {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} "
+                         f"as settings ({where}.{missing[0]} = ...)")
+    return fn(**kwargs, **(settings or {}))
+
+
+def check_settings(fn: Callable, settings: dict[str, Any] | None, where: str,
+                   provided: dict[str, Any] | tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:
+    """KdkitError for a setting `fn` does not take (naming the closest) or one the run provides;
+    returns `fn`'s parameters."""
     params = parameters(fn)
     own = [n for n in params if n not in provided]
     for key in settings or {}:
@@ -51,12 +64,7 @@ def call_with(fn: Callable[..., T], settings: dict[str, Any] | None, where: str,
         if key in provided:
             raise KdkitError(f"{where}.{key}: this value comes from the run (set it where the run takes it, "
                              f"e.g. the [loss] section or the command line), not as a strategy setting")
-    kwargs = {k: (v.make() if isinstance(v, Lazy) else v) for k, v in provided.items() if k in params}
-    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs and n not in (settings or {})]
-    if missing:
-        raise KdkitError(f"{where} needs {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} "
-                         f"as settings ({where}.{missing[0]} = ...)")
-    return fn(**kwargs, **(settings or {}))
+    return params
 
 
 class Registry(Generic[T]):

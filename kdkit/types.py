@@ -32,12 +32,15 @@ class StudentOut:
         as `logits` for the `shared` head.
     features: (B, D) pooled pre-logit features, where the head exposes them (feature distillation).
     tokens: (B, N, D) the ViT's patch tokens (prefix tokens dropped), where the model has them.
+    adapted: what a loss's trainable adapters (a feature projection) made of these outputs, by
+        name; adapters live in the head (`head.adapters`) so that data parallelism syncs them.
     """
 
     logits: Tensor
     dist_logits: Tensor
     features: Tensor | None = None
     tokens: Tensor | None = None
+    adapted: dict[str, Tensor] = field(default_factory=dict)  # outputs of the head's training adapters
 
     @property
     def fused(self) -> Tensor:

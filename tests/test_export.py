@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdkit.data import eval_transform, open_dataset
-from kdkit.engine.run import load_saved
-from kdkit.models import create_student
+from kdkit.models import create_student, load_saved
 from kdkit.models.saved import save_student
 
 from .conftest import run_cli

@@ -20,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     from kdkit import __version__
 
     parser.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    parser.add_argument("--plugin", metavar="MODULE", action="append",
+                        help="import MODULE (a module name or a .py file) that registers losses, heads or logit "
+                             "sources, before the verb runs (repeatable; also accepted after the verb). Installed "
+                             "packages register through the `kdkit.plugins` entry-point group instead")
     sub = parser.add_subparsers(dest="verb", required=True)
     for verb in VERBS:
         import_module(f"kdkit.cli.{verb}").add_parser(sub)
@@ -27,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kdkit.plugins import load_plugins, split_plugin_args
+
+    try:
+        plugins, argv = split_plugin_args(list(sys.argv[1:] if argv is None else argv))
+    except KdkitError as e:
+        print(f"kdkit: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if os.environ.get("RANK", "0") != "0":
@@ -34,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         # printed once, by process 0 (errors still reach stderr from any process)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
+        load_plugins(plugins)  # strategies of other packages (entry points) and --plugin modules
         return int(args.func(args) or 0)
     except KdkitError as e:
         print(f"kdkit {args.verb}: error: {one_line(e)}", file=sys.stderr)

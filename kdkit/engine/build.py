@@ -28,9 +28,9 @@ from kdkit.data import (
 )
 from kdkit.engine.evaluate import check_teacher
 from kdkit.losses import LOSSES, DistillationLoss, semi_supervised
-from kdkit.models import create_student, create_teacher, model_data_config, resolve_model_name
+from kdkit.models import HEADS, create_student, create_teacher, model_data_config, resolve_model_name
 from kdkit.models.teacher import Teacher
-from kdkit.registry import KdkitError, Lazy, call_with, parameters
+from kdkit.registry import KdkitError, Lazy, call_with, check_settings, parameters
 from kdkit.teachers import LOGIT_SOURCES, LogitSource, RunPieces
 
 
@@ -149,6 +149,24 @@ def expected_manifest(r: Recipe, train_ds, data_cfg: dict, mode: str, teacher: d
                           dtype=dtype, shard_size=shard_size,
                           unlabeled=data_identity(train_ds.unlabeled, r.data.unlabeled, "") if semi else None,
                           unlabeled_ratio=train_ds.unlabeled_ratio if semi else None)
+
+
+# what the run gives the strategies' constructors (never strategy settings of their own)
+LOSS_PROVIDED = ("task_weight", "kd_weight", "tau", "kl_reduction", "hard_smoothing", "label_smoothing",
+                 "student_features", "teacher_features", "num_classes")
+
+
+def check_strategies(r: Recipe, mode: str) -> None:
+    """Every strategy name and setting of the recipe checked before anything is built or written."""
+    if mode == "distill":
+        check_settings(LOSSES.get(r.loss.kind), r.loss.args, f"loss {r.loss.kind!r}", LOSS_PROVIDED)
+    elif r.loss.args:
+        raise KdkitError("loss.args: kdkit train has no distillation loss to give them to")
+    if r.model.head != "auto":
+        check_settings(HEADS.get(r.model.head), r.model.head_args, f"student head {r.model.head!r}", ("model",))
+    if mode == "distill" and LOSSES.get(r.loss.kind).needs_teacher:
+        name = logit_source_name(r)
+        check_settings(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", ("run",))
 
 
 def build_loss(r: Recipe, mode: str, mixup: bool, **provided: object) -> DistillationLoss:
@@ -278,3 +296,14 @@ def provided_features(student: nn.Module, source: LogitSource | None) -> dict:
     model = student.model
     return {"student_features": Lazy(lambda: int(getattr(model, "head_hidden_size", None) or model.num_features)),
             "teacher_features": Lazy(teacher_features), "num_classes": Lazy(lambda: int(model.num_classes))}
+
+
+def attach_adapters(student: nn.Module, loss: DistillationLoss) -> None:
+    """Put the loss's trainable adapters (feature projections) into the student's head, so that the
+    optimizer, data parallelism and checkpoints include them."""
+    adapters = loss.student_adapters()
+    if adapters and not hasattr(student, "adapters"):
+        raise KdkitError(f"loss {loss.name!r} trains projections inside the student's head, and "
+                         f"{type(student).__name__} has no adapters (use a kdkit head: token, dual, shared, native)")
+    for name, module in adapters.items():
+        student.adapters[name] = module

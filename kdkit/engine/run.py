@@ -13,15 +13,19 @@ from torch import nn
 
 from kdkit import __version__
 from kdkit.accelerator import set_deterministic
+from kdkit.card import write_model_card
 from kdkit.config import PRESET_NOTES, Recipe
 from kdkit.console import console
+from kdkit.curves import write_curves
 from kdkit.data import SemiSupervisedDataset
 from kdkit.engine.build import (
+    attach_adapters,
     build_data,
     build_logit_source,
     build_loss,
     build_optimizer,
     build_student,
+    check_strategies,
     check_student_classes,
     make_accelerator,
     open_data,
@@ -68,7 +72,7 @@ def _accepts(cls: type, name: str) -> bool:
 
 def _plain_timm(student: nn.Module) -> bool:
     """Whether plain timm rebuilds every head of the saved student (see models/saved.py)."""
-    return not any(not k.startswith("model.") for k in student.state_dict())
+    return not any(not k.startswith(("model.", "adapters.")) for k in student.state_dict())
 
 def unlabeled_summary(r: Recipe, train_ds, train_loader, run_dir: Path | None = None) -> dict:
     """What a run learnt from unlabeled images; with `run_dir`, the mean fraction kept by the
@@ -93,6 +97,7 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     if r.data.unlabeled and (mode == "train" or r.loss.kind == "none"):
         raise KdkitError("unlabeled images (data.unlabeled) learn from the teacher only: use kdkit distill with "
                          "a distillation loss (soft, hard, dkd, ...)")
+    check_strategies(r, mode)
     set_seed(r.run.seed)
     if r.run.deterministic:
         set_deterministic()
@@ -118,6 +123,7 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         if LOSSES.get(kind).needs_teacher else None
     loss = build_loss(r, mode, train_ds.mixup is not None, **provided_features(student, logits))
     summary["conventions"] = loss.conventions()
+    attach_adapters(student, loss)
     if semi:
         summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader)
     optimizer, scheduler, lr = build_optimizer(r, student, len(train_loader), acc.device)
@@ -152,5 +158,10 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader, out_dir)
     if acc.is_main_process:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        write_model_card(out_dir)
+        try:
+            write_curves(out_dir)
+        except KdkitError as e:  # matplotlib missing: the run itself is complete
+            console.print(f"note: no curves.png ({e})")
     summary["model"] = acc.unwrap_model(student)
     return summary

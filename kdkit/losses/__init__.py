@@ -1,5 +1,6 @@
 """Distillation losses, chosen by name: `create_loss("hard", task_weight=0.5, kd_weight=0.5)`."""
 
+from kdkit.losses.dist import DISTLoss, dist_loss, dist_terms
 from kdkit.losses.distillation import (
     LOSSES,
     DistillationLoss,
@@ -7,28 +8,21 @@ from kdkit.losses.distillation import (
     SoftDistillationLoss,
     TaskLoss,
     create_loss,
+    gt_index,
     hard_kd,
     hard_kd_per_sample,
     soft_kd,
     soft_kd_per_sample,
     task_ce,
 )
+from kdkit.losses.dkd import DecoupledKDLoss, dkd, dkd_per_sample
+from kdkit.losses.feature import FeatureDistillationLoss
 from kdkit.losses.semi import PSEUDO_LABELS, SemiSupervisedLoss, has_label, semi_supervised
+from kdkit.losses.standardize import z_score
 
 __all__ = [
-    "LOSSES",
-    "PSEUDO_LABELS",
-    "DistillationLoss",
-    "HardDistillationLoss",
-    "SemiSupervisedLoss",
-    "SoftDistillationLoss",
-    "TaskLoss",
-    "create_loss",
-    "hard_kd",
-    "hard_kd_per_sample",
-    "has_label",
-    "semi_supervised",
-    "soft_kd",
-    "soft_kd_per_sample",
-    "task_ce",
+    "LOSSES", "PSEUDO_LABELS", "DISTLoss", "DecoupledKDLoss", "DistillationLoss", "FeatureDistillationLoss",
+    "HardDistillationLoss", "SemiSupervisedLoss", "SoftDistillationLoss", "TaskLoss", "create_loss", "dist_loss",
+    "dist_terms", "dkd", "dkd_per_sample", "gt_index", "hard_kd", "hard_kd_per_sample", "has_label",
+    "semi_supervised", "soft_kd", "soft_kd_per_sample", "task_ce", "z_score",
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kdkit.losses.distillation import _wide
+from kdkit.losses.distillation import LOSSES, DistillationLoss, _wide
 from kdkit.registry import KdkitError
 
 PEARSON_EPS = 1e-8  # the reference code's
@@ -85,3 +85,26 @@ def dist_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float 
     """
     inter, intra = dist_terms(student, teacher, tau, eps)
     return (tau * tau) * (beta * inter + gamma * intra)
+
+
+@LOSSES.register("dist")
+class DISTLoss(DistillationLoss):
+    """task_weight * CE(psi(Zs), y) + kd_weight * tau^2 * (beta * inter + gamma * intra) on the
+    distillation head (module docstring; Huang et al., NeurIPS 2022). The paper's ImageNet setting
+    is task_weight 1, kd_weight 2, beta = gamma = 1, tau 1. A term of the whole batch (`intra`):
+    with unlabeled images it is computed over the samples that count (labeled + kept unlabeled).
+    """
+
+    per_sample = False
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, task_weight: float = 0.5, kd_weight: float = 0.5,
+                 tau: float = 1.0, label_smoothing: float = 0.0, standardize: bool = False):
+        super().__init__(task_weight, kd_weight, label_smoothing, standardize)
+        if beta < 0 or gamma < 0:
+            raise KdkitError(f"dist beta and gamma must be >= 0, got beta={beta}, gamma={gamma}")
+        if not tau > 0:
+            raise KdkitError(f"tau must be > 0, got {tau}")
+        self.beta, self.gamma, self.tau = float(beta), float(gamma), float(tau)
+
+    def distill(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        return dist_loss(student, teacher, self.beta, self.gamma, self.tau)

@@ -178,6 +178,11 @@ class DistillationLoss(nn.Module):
     def distill(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def student_adapters(self) -> dict[str, nn.Module]:
+        """Trainable modules the loss needs on the student's side (a feature projection), attached to
+        the student's head by name before the optimizer is built; {} for logit losses."""
+        return {}
+
     def _inputs(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
         return (z_score(student), z_score(teacher)) if self.standardize else (student, teacher)
 

@@ -11,7 +11,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from kdkit.models.names import resolve_model_name
-from kdkit.models.saved import load_student_weights, read_config
+from kdkit.models.saved import head_of, load_student_weights, read_config
 from kdkit.models.student import HEADS, wrap_student
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError
@@ -146,11 +146,9 @@ def _is_model_folder(path: str | Path) -> bool:
 
 def saved_head_name(recorded: str) -> str:
     """The HEADS name of a saved student's head (older runs recorded the class name, e.g. "TokenHead")."""
+    recorded = head_of({"kdkit": {"head": recorded}})
     if recorded in HEADS:
         return recorded
-    for name in HEADS.names():
-        if HEADS.get(name).__name__ == recorded:
-            return name
     raise KdkitError(f"the saved student's head {recorded!r} is not a registered head (a plugin's? load it with "
                      f"--plugin MODULE). Heads: {', '.join(HEADS.names())}")
 

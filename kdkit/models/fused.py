@@ -23,6 +23,7 @@ from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from kdkit.models.student import HEADS
 from kdkit.registry import KdkitError
 
 # largest |plain - fused| accepted, relative to the logits' scale (float32 reordering is ~1e-7)
@@ -37,16 +38,16 @@ def fused_timm_model(student: nn.Module, config: dict) -> tuple[dict[str, Tensor
     label_names, model_args, pretrained_cfg) without the kdkit block, plus `kdkit_export` (where it came
     from; timm ignores it). check: the largest |plain - fused| found by check_fused. Raises KdkitError when the heads cannot be collapsed exactly.
     """
-    head = type(student).__name__
+    head = HEADS.name_of(student)
     state = {k: v.detach().clone().contiguous() for k, v in student.model.state_dict().items()}
     out = {k: v for k, v in config.items() if k != "kdkit"}
     out["kdkit_export"] = {"head": "fused", "from_architecture": config["architecture"],
                            "from_head": head, "kdkit_version": config.get("kdkit", {}).get("version")}
-    if head == "DualHead":
+    if head == "dual":
         _average_into_classifier(student, state)
-    elif head == "TokenHead" and not student.native:
+    elif head == "token" and not student.native:
         out["architecture"], out["model_args"] = _as_distilled(student, state, config)
-    elif head not in ("TokenHead", "SharedHead"):
+    elif head not in ("token", "shared", "native"):  # native: timm averages its own two heads
         raise KdkitError(f"cannot collapse a {head} student into one timm head")
     return state, out, check_fused(student, state, out)
 

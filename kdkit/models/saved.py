@@ -24,7 +24,8 @@ HEAD_FILE = "kdkit_head.safetensors"
 
 def _split_state(student: nn.Module) -> tuple[dict, dict]:
     model_state = {k: v.detach().contiguous() for k, v in student.model.state_dict().items()}
-    extra = {k: v.detach().contiguous() for k, v in student.state_dict().items() if not k.startswith("model.")}
+    extra = {k: v.detach().contiguous() for k, v in student.state_dict().items()
+             if not k.startswith(("model.", "adapters."))}  # a loss's training adapters are not the student
     return model_state, extra
 
 
@@ -77,3 +78,14 @@ def student_folder(path: str | Path) -> Path:
         if (path / "recipe.toml").is_file() else ""
     raise KdkitError(f"{path} holds no saved student{unfinished}: expected {path}/student/ with config.json and "
                      f"model.safetensors")
+
+
+# the class names that runs before the head registry names recorded
+_LEGACY_HEADS = {"TokenHead": "token", "DualHead": "dual", "SharedHead": "shared", "NativeHead": "native"}
+
+
+def head_of(config: dict) -> str:
+    """The head strategy's registry name recorded in a saved student's config.json ("shared" for a
+    folder kdkit did not write)."""
+    recorded = config.get("kdkit", {}).get("head", "shared")
+    return _LEGACY_HEADS.get(recorded, recorded)

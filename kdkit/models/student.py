@@ -56,6 +56,20 @@ class _Wrapped(nn.Module):
 
     model: nn.Module
 
+    def __init__(self):
+        super().__init__()
+        # trainable modules a loss adds (feature projections): StudentOut -> Tensor, run on every
+        # forward so that DDP syncs them; checkpointed, never saved with the student
+        self.adapters = nn.ModuleDict()
+
+    def forward(self, x: Tensor) -> StudentOut:
+        out = self.forward_heads(x)
+        out.adapted = {name: adapter(out) for name, adapter in self.adapters.items()}
+        return out
+
+    def forward_heads(self, x: Tensor) -> StudentOut:
+        raise NotImplementedError
+
     def no_weight_decay(self) -> set[str]:
         own = {"dist_token"} if "dist_token" in self._parameters else set()
         return own | {f"model.{n}" for n in getattr(self.model, "no_weight_decay", set)()}
@@ -111,7 +125,7 @@ class TokenHead(_Wrapped):
         token = self.dist_token.expand(x.shape[0], -1, -1).to(x.dtype)
         return (torch.cat([x[:, :1], token, x[:, 1:]], dim=1), *args[1:])
 
-    def forward(self, x: Tensor) -> StudentOut:
+    def forward_heads(self, x: Tensor) -> StudentOut:
         m = self.model
         feats = m.forward_features(x)
         head_dist = m.head_dist if self.native else self.head_dist
@@ -138,7 +152,7 @@ class DualHead(_Wrapped):
         self.model = model
         self.head_dist = nn.Linear(_num_pooled_features(model), model.num_classes)
 
-    def forward(self, x: Tensor) -> StudentOut:
+    def forward_heads(self, x: Tensor) -> StudentOut:
         feats = self.model.forward_features(x)
         # The class head goes through the model's own forward_head (which may scale or normalise).
         logits = self.model.forward_head(feats)
@@ -158,7 +172,7 @@ class SharedHead(_Wrapped):
             raise KdkitError(f"{type(model).__name__} has its own distillation head: use head 'native'")
         self.model = model
 
-    def forward(self, x: Tensor) -> StudentOut:
+    def forward_heads(self, x: Tensor) -> StudentOut:
         m = self.model
         if not hasattr(m, "forward_head"):  # any classifier
             logits = m(x)
@@ -182,7 +196,7 @@ class NativeHead(_Wrapped):
         self.model = model
         model.set_distilled_training(True)
 
-    def forward(self, x: Tensor) -> StudentOut:
+    def forward_heads(self, x: Tensor) -> StudentOut:
         m = self.model
         feats = m.forward_features(x)
         # timm returns both heads only in training mode; the flag of the top module alone decides

@@ -1,0 +1,137 @@
+"""A loss, a logit source and a head defined outside kdkit, registered by a plugin module, train
+through kdkit.distill and through the CLI (--plugin); their settings are checked by name."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from tests.conftest import run_cli
+
+PLUGIN = textwrap.dedent('''
+    """Toy strategies: nothing of kdkit is edited to add them."""
+    import torch
+    from torch import nn
+
+    from kdkit.losses import LOSSES, DistillationLoss, task_ce
+    from kdkit.models import HEADS
+    from kdkit.teachers import LOGIT_SOURCES, LogitSource
+    from kdkit.types import StudentOut
+
+
+    @LOSSES.register("toy_mse")
+    class ToyMSELoss(DistillationLoss):
+        """CE + scale * MSE(dist head, teacher); logs what it saw of the head and of the source."""
+
+        def __init__(self, scale: float = 1.0, task_weight: float = 0.5):
+            super().__init__(task_weight=task_weight, kd_weight=1.0)
+            self.scale = scale
+
+        def forward(self, out, teacher_logits, target):
+            task = task_ce(out.logits, target)
+            mse = (out.dist_logits.float() - teacher_logits).pow(2).mean()
+            ratio = (out.dist_logits / out.logits).mean()
+            return {"loss": self.task_weight * task + self.scale * mse, "task": task.detach(),
+                    "mse": mse.detach(), "teacher_mean": teacher_logits.mean(), "head_ratio": ratio.detach()}
+
+
+    @LOGIT_SOURCES.register("constant")
+    class ConstantLogits(LogitSource):
+        """Every class gets `value`: no teacher at all."""
+
+        def __init__(self, num_classes: int, value: float):
+            super().__init__()
+            self.num_classes, self.value = num_classes, value
+
+        @classmethod
+        def from_run(cls, run, value: float = 0.0):
+            return cls(run.num_classes, value)
+
+        def forward(self, batch):
+            return torch.full((batch.images.shape[0], self.num_classes), self.value, device=batch.images.device)
+
+
+    @HEADS.register("scaled")
+    class ScaledHead(nn.Module):
+        """The model's one head, and the same logits times `scale` as the distillation head."""
+
+        def __init__(self, model: nn.Module, scale: float = 2.0):
+            super().__init__()
+            self.model, self.scale = model, scale
+
+        def forward(self, x):
+            logits = self.model(x)
+            return StudentOut(logits, logits * self.scale)
+''')
+
+TINY = {"img_size": 32, "patch_size": 8, "kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plugin") / "kdkit_toy_strategies.py"
+    path.write_text(PLUGIN)
+    from kdkit.plugins import load_plugins
+
+    load_plugins([str(path)])
+    return path
+
+
+def _steps(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "step" in x]
+
+
+def test_toy_strategies_train_through_the_python_api(plugin, tiny_data, tmp_path):
+    import kdkit
+
+    summary = kdkit.distill("deit_tiny_patch16_224", "", str(tiny_data), loss="toy_mse", args={"scale": 0.25},
+                            head="scaled", head_args={"scale": 3.0}, logits="constant", logits_args={"value": 1.5},
+                            epochs=1, batch_size=16, workers=0, progress=False, warmup_epochs=0, output=str(tmp_path),
+                            name="api", **TINY)
+    steps = _steps(tmp_path / "api")
+    assert steps and all(x["teacher_mean"] == 1.5 for x in steps)  # the source's value reached the loss
+    assert all(x["head_ratio"] == pytest.approx(3.0, rel=1e-5) for x in steps)  # the head's own setting
+    assert summary["conventions"] == {"loss": "toy_mse", "scale": 0.25, "task_weight": 0.5}
+    assert json.loads((tmp_path / "api" / "student" / "config.json").read_text())["kdkit"]["head"] == "scaled"
+    # the loss term is the formula's: MSE of the distillation head against the constant 1.5 is >= 0, and
+    # loss = 0.5 * task + 0.25 * mse on every logged step
+    for x in steps:
+        assert x["loss"] == pytest.approx(0.5 * x["task"] + 0.25 * x["mse"], rel=1e-5)
+
+
+def test_toy_strategies_train_through_the_cli(plugin, tiny_data, tmp_path):
+    args = ["distill", "--plugin", str(plugin), "--student", "deit_tiny_patch16_224", "--img-size", "32",
+            "--patch-size", "8", "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--data", tiny_data,
+            "--loss", "toy_mse", "--set", "loss.args={scale=0.5}", "--head", "scaled", "--set",
+            "model.logits=constant", "--set", "model.logits_args={value=-2.0}", "--preset", "none", "--epochs", "1",
+            "--batch-size", "16", "--workers", "0", "--no-progress", "--set", "optim.warmup_epochs=0",
+            "--output", tmp_path, "--name", "cli"]
+    assert run_cli(*args) == 0
+    steps = _steps(tmp_path / "cli")
+    assert all(x["teacher_mean"] == -2.0 for x in steps)
+    assert all(x["head_ratio"] == pytest.approx(2.0, rel=1e-5) for x in steps)  # ScaledHead's default
+
+
+@pytest.mark.parametrize("setting, match", [
+    ("loss.args={scael=0.5}", "loss 'toy_mse'.scael. Did you mean 'scale'"),
+    ("model.head_args={sclae=1.0}", "student head 'scaled'.sclae. Did you mean 'scale'"),
+    ("model.logits_args={valeu=1.0}", "logit source 'constant'.valeu. Did you mean 'value'"),
+])
+def test_a_misspelt_strategy_setting_is_one_clear_error(plugin, tiny_data, tmp_path, capsys, setting, match):
+    args = ["distill", "--plugin", str(plugin), "--student", "deit_tiny_patch16_224", "--img-size", "32",
+            "--patch-size", "8", "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--data", tiny_data,
+            "--loss", "toy_mse", "--head", "scaled", "--set", "model.logits=constant", "--set", setting,
+            "--epochs", "1", "--workers", "0", "--no-progress", "--output", tmp_path, "--name", "bad"]
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_a_plugin_that_does_not_import_is_one_clear_error(tmp_path, capsys):
+    assert run_cli("recipes", "--plugin", str(tmp_path / "missing.py")) == 2
+    assert "cannot import plugin" in capsys.readouterr().err
