@@ -16,11 +16,11 @@ import tomllib
 from pathlib import Path
 
 import yaml
+from safetensors.torch import load_file
 
 from kdkit.files import atomic_write_text
-from kdkit.models import load_saved
 from kdkit.models.fused import needs_kdkit
-from kdkit.models.saved import head_of, read_config, student_folder
+from kdkit.models.saved import HEAD_FILE, head_of, read_config, student_folder
 from kdkit.registry import KdkitError
 
 # `kdkit push` rewrites a card that carries this line (and keeps one that does not: your own)
@@ -102,7 +102,13 @@ def teacher_info(summary: dict, recipe: dict) -> dict:
     m = recipe["model"]
     if summary.get("mode") == "train" or summary.get("conventions", {}).get("loss") == "none":
         return {}
-    info: dict = {"name": m.get("teacher") or None, "weights": m.get("teacher_weights") or None}
+    names, weights = m.get("teacher"), m.get("teacher_weights")
+    if isinstance(names, list):
+        if len(names) > 1:  # an ensemble: its members, each as the recipe names them
+            return {"name": f"ensemble({', '.join(names)})", "license": None,
+                    "weights": ", ".join(weights) if isinstance(weights, list) else weights or "hub"}
+        names, weights = names[0], weights[0] if isinstance(weights, list) else weights
+    info: dict = {"name": names or None, "weights": weights or None}
     logits = summary.get("logits")
     if logits:  # outputs read from a logit cache: its manifest says which teacher wrote them
         info["cache"] = logits.get("cache")
@@ -229,8 +235,9 @@ def _plural(n: int, word: str) -> str:
 
 
 def _model_section(folder: Path, config: dict, head: str) -> str:
-    student, _, _ = load_saved(folder)
-    n = sum(p.numel() for p in student.parameters())
+    # counted from the saved tensors: a custom module's folder cannot be rebuilt by name
+    n = sum(t.numel() for f in ("model.safetensors", HEAD_FILE) if (folder / f).is_file()
+            for t in load_file(str(folder / f)).values())
     pcfg = config["pretrained_cfg"]
     labels = config.get("label_names") or []
     shown = ", ".join(labels[:20]) + (f", ... ({len(labels)} in all)" if len(labels) > 20 else "")

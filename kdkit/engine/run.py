@@ -158,10 +158,10 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader, out_dir)
     if acc.is_main_process:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-        write_model_card(out_dir)
         try:
+            write_model_card(out_dir)
             write_curves(out_dir)
-        except KdkitError as e:  # matplotlib missing: the run itself is complete
-            console.print(f"note: no curves.png ({e})")
+        except KdkitError as e:  # matplotlib missing, say: the run itself is complete
+            console.print(f"note: {e}")
     summary["model"] = acc.unwrap_model(student)
     return summary
