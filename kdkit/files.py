@@ -1,15 +1,22 @@
-"""Atomic writes of files and whole folders: readers see the old version or the complete new one.
+"""Atomic writes of files and whole folders (readers see the old version or the complete new one),
+and an exclusive lock on a folder (one writer at a time).
 
 Shared by every package (checkpoints, caches, saved students, reports); it imports nothing of kdkit
-but the error type.
+but the error type (and the console, lazily, for a lock's notes).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +116,139 @@ def remove_stale_temporaries(folder: str | Path) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+LOCK_NAME = ".kdkit.lock"
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a file system without flock
+
+
+@contextmanager
+def exclusive_lock(folder: str | Path, purpose: str) -> Iterator[Path]:
+    """Hold FOLDER/.kdkit.lock for the body: a second holder, in another process or this one, is
+    refused with a KdkitError naming the holder (its purpose, pid, host, start time and command).
+    `folder` is created if needed, and removed again on exit if this call created it and it is
+    empty; the lock file is removed on exit, exception or not. Yields the lock file's path.
+
+    Why fcntl.flock on an open file, not an O_CREAT|O_EXCL file: the kernel releases a flock when
+    the process holding it dies (SIGKILL, OOM, a crashed node's NFS lease), so a killed holder's
+    lock is recovered by the next taker with no guessing from pids, which an O_EXCL file needs and
+    which fails across hosts. The file only carries the holder's description (JSON); one left by a
+    killed process is taken over with a note. Caveats: the lock is per open file, so fork()ed
+    children (DataLoader workers) share it and hold it until they exit; on NFS, Linux maps flock
+    to NFS byte-range locks, which do exclude other hosts (NFSv4, or v3 with lockd), unless the
+    mount uses `nolock`/`local_lock=flock`, where only this host is excluded: a lock file left by
+    another host is then taken over with a warning to make sure nothing runs there. Where the file
+    system has no locks at all, the body runs unlocked, with a warning.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise KdkitError(f"{folder} is a file, not a folder: choose another path")
+    created = not folder.exists()
+    fd = _acquire(folder, purpose)
+    try:
+        yield folder / LOCK_NAME
+    finally:
+        _release(fd, folder, created)
+
+
+def _acquire(folder: Path, purpose: str) -> int | None:
+    path = folder / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows)
+        _note(f"[bold yellow]warning: no file locks on this platform: {folder} is not protected from a second "
+              f"kdkit {purpose}")
+        return None
+    for _ in range(20):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # the folder was removed by a holder releasing it: make it again
+            continue
+        except OSError as e:
+            raise KdkitError(f"cannot create the lock file {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise KdkitError(f"{folder} is in use by {_describe(holder)}: wait for it to finish, or choose another "
+                             f"folder{_hint(holder)}") from None
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                os.close(fd)
+                raise
+            _note(f"[bold yellow]warning: the file system of {folder} does not support file locks: it is not "
+                  f"protected from a second kdkit {purpose}")
+            return fd
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed the file between our open and flock: take the new one
+            os.close(fd)
+            continue
+        previous = _read_holder(fd)
+        if previous:  # a holder that did not release: it was killed (flock is free again)
+            here = previous.get("host") == socket.gethostname()
+            _note(f"{'' if here else '[bold yellow]warning: '}taking over the lock of {folder} left by "
+                  f"{_describe(previous)}" + ("" if here else ": that process has ended, or this file system does "
+                                              "not share locks between hosts; make sure nothing runs there"))
+        me = {"purpose": purpose, "pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        return fd
+    raise KdkitError(f"could not lock {path}: other processes keep replacing it")
+
+
+def _release(fd: int | None, folder: Path, created: bool) -> None:
+    if fd is None:
+        return
+    path = folder / LOCK_NAME
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            path.unlink()  # while still locked, so a waiting taker makes a fresh file
+    except OSError:
+        pass
+    os.close(fd)
+    if created:
+        try:
+            folder.rmdir()  # nothing was written under it: leave nothing behind
+        except OSError:
+            pass
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        holder = json.loads(os.pread(fd, 65536, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another process (starting up: it has not described itself yet)"
+    command = f", `{holder['command']}`" if holder.get("command") else ""
+    return (f"a kdkit {holder.get('purpose', 'process')} (pid {holder.get('pid')} on {holder.get('host')}, started "
+            f"{holder.get('started')}{command})")
+
+
+def _hint(holder: dict) -> str:
+    """When the holder's pid is gone on this host, the lock is held by a child it forked."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return ""
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return f" (pid {holder['pid']} has ended; a child process of it still holds the lock: retry in a few seconds)"
+    except OSError:
+        pass
+    return ""
+
+
+def _note(message: str) -> None:
+    from kdkit.console import console
+
+    console.print(message, soft_wrap=True)  # paths stay whole, one line

@@ -19,19 +19,29 @@ RUN_KEYS = ("format", "data.classes", "data.num_samples", "data.fingerprint", "v
 
 
 class LogitCache:
-    """A finished (or partly written) cache folder, read-only.
+    """A finished cache folder, read-only (`partial=True`: one still being written).
 
     lookup(epoch, views) -> (B, C) float32 teacher log-probabilities of those view ids in that
     epoch; a fixed cache ignores the epoch and the repeat (one record per image).
     A cache written with unlabeled images covers the combined dataset (data/unlabeled.py): labeled
     view ids, then unlabeled ones.
+
+    Opening checks that every shard the manifest promises is on disk (a missing one is a KdkitError
+    before a run writes anything); each shard's sha256 is checked the first time a lookup maps it
+    (`check_shards=False` skips that, for benchmarks). An epoch or view id outside the cache is a
+    KdkitError naming it.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, partial: bool = False, check_shards: bool = True):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        self.store = LogitStore(self.root, self.manifest)
+        self.store = LogitStore(self.root, self.manifest, check=check_shards)
         self._sorted: dict[int, Tensor] = {}
+        if not partial and (missing := self.store.missing()):
+            total = len(self.store.all_shards())
+            raise KdkitError(f"the logit cache {self.root} is incomplete: {len(missing)} of {total} shards missing "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): rerun the same "
+                             f"`kdkit cache` to compute them")
 
     @property
     def mode(self) -> str:
@@ -64,20 +74,31 @@ class LogitCache:
         return self.manifest["repeats"] > 1 or bool(self.manifest.get("unlabeled"))
 
     def positions(self, epoch: int, views: Tensor) -> Tensor:
+        """Storage positions of `views` (view ids) in `epoch`'s records; views the cache does not
+        hold are a KdkitError naming one."""
         views = views.cpu().long()
+        m = self.manifest
+        if views.numel() and views.min() < 0:
+            raise KdkitError(f"view id {views.min().item()} is negative: not a view of the cache {self.root}")
         if self.mode == "fixed":
-            return views % self.manifest["records_per_epoch"]
-        if epoch >= self.epochs:
+            return views % m["records_per_epoch"]  # view id = sample + repeat * N: one record per sample
+        if not 0 <= epoch < self.epochs:
             raise KdkitError(f"the cache holds epochs 0-{self.epochs - 1}, not epoch {epoch}")
         if not self._drawn():
+            if views.numel() and views.max() >= m["records_per_epoch"]:
+                raise KdkitError(f"view id {views.max().item()} is outside the cache {self.root} (view ids "
+                                 f"0-{m['records_per_epoch'] - 1}): a cache of other data or sampler settings?")
             return views
         stored = self.views_of_epoch(epoch)
         pos = torch.searchsorted(stored, views).clamp_max(len(stored) - 1)
-        if not torch.equal(stored[pos], views):
-            raise KdkitError(f"views not in the cache for epoch {epoch}: other sampler settings?")
+        found = stored[pos] == views
+        if not bool(found.all()):
+            raise KdkitError(f"view id {views[~found][0].item()} is not among the cache's views of epoch {epoch}: "
+                             f"other sampler settings?")
         return pos
 
     def lookup(self, epoch: int, views: Tensor) -> Tensor:
+        """(B, C) float32 log-probabilities of the (B,) view ids `views` in `epoch`."""
         return self.store.rows(0 if self.mode == "fixed" else epoch, self.positions(epoch, views))
 
     def check_run(self, expected: dict) -> None:

@@ -11,13 +11,16 @@ other C - K classes, so softmax(x / tau) of the result is a distribution at any 
 is the teacher's top-1 exactly (a tie made by rounding is broken toward the stored top-1).
 
 Every shard is written whole through a temporary file and a rename, and carries in its metadata
-the sha256 of its tensor bytes, checked by `verify`.
+the sha256 of its tensor bytes. A reader checks it (and the shard's layout: names, dtypes, shapes,
+epoch and position) the first time it maps a shard, so a flipped byte is one clear error naming
+the file, not a wrong teacher output; `verify` checks every shard at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import warnings
 from collections import OrderedDict
@@ -80,10 +83,12 @@ def record_bytes(topk: int, num_classes: int, dtype: str) -> int:
 
 
 def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 over the tensors' names and bytes, in name order (a shard's "sha256" metadata)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
-        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # hashed in place (a memory-mapped shard is paged in once, not copied)
+        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -113,13 +118,20 @@ def mmap_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 class LogitStore:
     """The shards of one cache folder: paths, atomic writes, memory-mapped reads, checks.
-    Reads keep the memory maps of the last two epochs' shards open."""
 
-    def __init__(self, root: str | Path, manifest: dict):
+    Reads keep the memory maps of the last two epochs' shards open. With `check` (default), the
+    first read of each shard by this store verifies its sha256 and layout; a shard that fails is a
+    KdkitError naming the file and `kdkit cache --verify`. A shard mapped again later (evicted, or a
+    cycled epoch) is not hashed again.
+    """
+
+    def __init__(self, root: str | Path, manifest: dict, check: bool = True):
         self.root, self.manifest = Path(root), manifest
         self.num_classes = manifest["num_classes"]
         self.shard_size = manifest["shard_size"]
+        self.check = check
         self._loaded: OrderedDict[tuple[int, int], dict[str, Tensor]] = OrderedDict()
+        self._checked: set[tuple[int, int]] = set()
         self.keep = 2 * self.shards_per_epoch()  # an epoch's shuffled batches touch all of its shards
 
     def path(self, epoch: int, shard: int) -> Path:
@@ -131,6 +143,14 @@ class LogitStore:
     def all_shards(self) -> list[tuple[int, int]]:
         return [(e, s) for e in range(self.manifest["epochs"]) for s in range(self.shards_per_epoch())]
 
+    def missing(self) -> list[str]:
+        """File names of the shards the manifest promises that are not in CACHE/shards/ (one listing)."""
+        try:
+            present = {e.name for e in os.scandir(self.root / "shards") if e.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            present = set()
+        return [name for e, s in self.all_shards() if (name := self.path(e, s).name) not in present]
+
     def write(self, epoch: int, shard: int, record: dict[str, Tensor]) -> None:
         meta = {"epoch": str(epoch), "shard": str(shard), "sha256": tensors_sha256(record)}
         try:
@@ -139,27 +159,64 @@ class LogitStore:
             raise KdkitError(f"could not write cache shard {self.path(epoch, shard)}: {e}") from None
 
     def read(self, epoch: int, shard: int, check: bool = False) -> dict[str, Tensor]:
-        """The record tensors of one shard, memory-mapped (rows are paged in when gathered);
-        `check` verifies the shard's sha256."""
+        """The record tensors of one shard, memory-mapped (rows are paged in when gathered). The
+        layout (tensor names, dtypes, shapes, the epoch and shard in its metadata) is always checked;
+        `check` verifies the shard's sha256 too."""
         path = self.path(epoch, shard)
         if not path.is_file():
             raise KdkitError(f"cache shard missing: {path} (resume the cache: rerun the same `kdkit cache`)")
         try:
             record, meta = mmap_safetensors(path)
         except Exception as e:
-            raise KdkitError(f"cache shard {path} is unreadable ({type(e).__name__}: {e})") from None
-        if check and meta.get("sha256") != tensors_sha256(record):
-            raise KdkitError(f"cache shard {path} is corrupt: its checksum does not match its contents")
+            raise self.corrupt(path, f"unreadable: {type(e).__name__}: {str(e)[:200]}") from None
+        problem = self.layout_problem(epoch, shard, record, meta)
+        if problem is None and check and meta.get("sha256") != tensors_sha256(record):
+            problem = "its checksum does not match its contents"
+        if problem:
+            raise self.corrupt(path, problem)
         return record
 
+    def layout_problem(self, epoch: int, shard: int, record: dict[str, Tensor], meta: dict) -> str | None:
+        """What is wrong with a shard's tensors or metadata for its place in this cache (None: nothing)."""
+        m = self.manifest
+        rows = min(self.shard_size, m["records_per_epoch"] - shard * self.shard_size)
+        idt = index_dtype(self.num_classes)
+        if m["topk"] >= self.num_classes:
+            want = {"values": ((rows, self.num_classes), DTYPES[m["dtype"]]), "top1": ((rows,), idt)}
+        else:
+            want = {"values": ((rows, m["topk"]), DTYPES[m["dtype"]]), "indices": ((rows, m["topk"]), idt)}
+        if set(record) != set(want):
+            return f"it holds tensors {sorted(record)}, expected {sorted(want)}"
+        for name, (shape, dtype) in want.items():
+            t = record[name]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                return f"{name} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
+        if (meta.get("epoch"), meta.get("shard")) != (str(epoch), str(shard)):
+            return f"its metadata says epoch {meta.get('epoch')}, shard {meta.get('shard')}"
+        return None
+
+    def corrupt(self, path: Path, why: str) -> KdkitError:
+        return KdkitError(f"cache shard {path} is corrupt ({why}): run `kdkit cache --verify {self.root}` to "
+                          f"check every shard, then delete the bad ones and rerun the same `kdkit cache` to "
+                          f"recompute them")
+
     def rows(self, epoch: int, positions: Tensor) -> Tensor:
-        """(n, C) log-probabilities of the records at `positions` of `epoch`."""
+        """(n, C) log-probabilities of the records at `positions` of `epoch`: positions in
+        [0, records_per_epoch), epoch in [0, epochs); others are a KdkitError."""
+        records = self.manifest["records_per_epoch"]
+        if not 0 <= epoch < self.manifest["epochs"]:
+            raise KdkitError(f"the cache {self.root} holds epochs 0-{self.manifest['epochs'] - 1}, not epoch {epoch}")
+        if positions.numel() and (positions.min() < 0 or positions.max() >= records):
+            bad = positions[(positions < 0) | (positions >= records)][0].item()
+            raise KdkitError(f"record {bad} is outside the cache {self.root} ({records} records per epoch): "
+                             f"a cache of other data?")
         shard_of, row_of = positions // self.shard_size, positions % self.shard_size
         gathered: dict[str, Tensor] = {}
         for shard in shard_of.unique().tolist():
             key = (epoch, shard)
             if key not in self._loaded:
-                self._loaded[key] = self.read(epoch, shard)
+                self._loaded[key] = self.read(epoch, shard, check=self.check and key not in self._checked)
+                self._checked.add(key)
                 if len(self._loaded) > self.keep:
                     self._loaded.popitem(last=False)
             mask = shard_of == shard

@@ -1,6 +1,8 @@
 """Writing a cache: every process runs the teacher over its own shards (shard j of the whole
 list goes to process j mod N), in shard-aligned batches, so the bytes written depend on neither
-the number of processes nor on which shards were already there."""
+the number of processes nor on which shards were already there. One writer at a time: the main
+process holds CACHE/.kdkit.lock (kdkit.files.exclusive_lock) while the cache is written, and a
+second `kdkit cache` on the same folder is refused, naming the first."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ from kdkit.cache.manifest import differences
 from kdkit.cache.store import DTYPES, LogitStore, encode, read_manifest, record_bytes
 from kdkit.console import progress_bar
 from kdkit.data import SeededDataset, collate
-from kdkit.files import atomic_write_text
+from kdkit.files import LOCK_NAME, atomic_write_text, exclusive_lock
 from kdkit.registry import KdkitError
 
 # keys that must match to resume (or extend) an existing cache folder
@@ -44,7 +47,7 @@ def open_for_writing(root: Path, manifest: dict, overwrite: bool, accelerator: A
                 shutil.rmtree(root / "shards", ignore_errors=True)
             elif old["epochs"] > manifest["epochs"]:
                 manifest = {**manifest, "epochs": old["epochs"]}  # keep what is there; compute nothing more
-        elif root.exists() and any(root.iterdir()):
+        elif root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
             raise KdkitError(f"{root} exists and is not a kdkit logit cache: choose another --out")
         (root / "shards").mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2))
@@ -59,12 +62,19 @@ def write_cache(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, roo
     the missing shards. `dataset` must already carry the manifest's views (kdkit.data.apply_views).
 
     Returns {"shards_written", "shards_present", "records", "seconds", "records_per_s", "bytes_per_record"}.
+    Another writer on the same folder is a KdkitError naming it (its lock is held until this returns).
     """
     acc = accelerator or create_accelerator()
     root = Path(root)
+    with exclusive_lock(root, "cache writer") if acc.is_main_process else nullcontext():
+        return _write(teacher, dataset, root, manifest, batch_size, workers, acc, overwrite, progress)
+
+
+def _write(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, root: Path, manifest: dict, batch_size: int,
+           workers: int, acc: Accelerator, overwrite: bool, progress: bool) -> dict:
     store = open_for_writing(root, manifest, overwrite, acc)
     m = store.manifest
-    reader = LogitCache(root)
+    reader = LogitCache(root, partial=True)
     mine = [job for i, job in enumerate(store.all_shards()) if i % acc.num_processes == acc.process_index]
     todo = [job for job in mine if not store.path(*job).is_file()]
     topk, dtype = m["topk"], DTYPES[m["dtype"]]

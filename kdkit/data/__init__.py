@@ -90,7 +90,9 @@ def _open_hf(name: str, split: str, transform, seed: int, strict: bool, local: b
     import datasets
 
     try:
-        ds = datasets.load_from_disk(name) if local else datasets.load_dataset(name)
+        # never run a dataset's loading script: datasets < 4 may run one when the argument is left unset
+        # (HF_DATASETS_TRUST_REMOTE_CODE decides), False refuses it; datasets >= 4 refuses every script
+        ds = datasets.load_from_disk(name) if local else datasets.load_dataset(name, trust_remote_code=False)
     except Exception as e:
         where = "from disk" if local else "from the hub (no internet?)"
         raise KdkitError(f"could not load dataset {name!r} {where}: {type(e).__name__}: {str(e)[:200]}") from None
