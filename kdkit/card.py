@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from kdkit.files import atomic_write_text
+from kdkit.models import load_saved
 from kdkit.models.fused import needs_kdkit
 from kdkit.models.saved import HEAD_FILE, head_of, read_config, student_folder
 from kdkit.registry import KdkitError
@@ -135,8 +136,6 @@ def teacher_info(summary: dict, recipe: dict) -> dict:
 def _weights_sha256(path: Path) -> dict:
     """sha256 of a teacher's weights: over the tensors of a safetensors file (or a timm folder's
     model.safetensors), as kdkit caches record it; over the bytes of any other file."""
-    from safetensors.torch import load_file
-
     from kdkit.cache.manifest import state_sha256
 
     file = path / "model.safetensors" if path.is_dir() else path
@@ -235,9 +234,12 @@ def _plural(n: int, word: str) -> str:
 
 
 def _model_section(folder: Path, config: dict, head: str) -> str:
-    # counted from the saved tensors: a custom module's folder cannot be rebuilt by name
-    n = sum(t.numel() for f in ("model.safetensors", HEAD_FILE) if (folder / f).is_file()
-            for t in load_file(str(folder / f)).values())
+    try:
+        student, _, _ = load_saved(folder)
+        n = sum(p.numel() for p in student.parameters())
+    except KdkitError:  # a custom module's folder cannot be rebuilt by name: its saved tensors (buffers too)
+        n = sum(t.numel() for f in ("model.safetensors", HEAD_FILE) if (folder / f).is_file()
+                for t in load_file(str(folder / f)).values())
     pcfg = config["pretrained_cfg"]
     labels = config.get("label_names") or []
     shown = ", ".join(labels[:20]) + (f", ... ({len(labels)} in all)" if len(labels) > 20 else "")

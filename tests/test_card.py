@@ -78,7 +78,7 @@ def test_card_sections_hold_the_runs_values(tiny_runs, tiny_data, teacher_dir):
     plain = timm.create_model(f"local-dir:{run / 'student'}", pretrained=True)
     n = sum(p.numel() for p in plain.parameters())
     assert f"({n:,})" in model["parameters"]
-    assert model["head"].startswith("TokenHead")
+    assert model["head"].startswith("token")
 
     teacher = table(sec["Teacher"])
     assert teacher["name"] == "`resnet10t`" and str(teacher_dir) in teacher["weights"]

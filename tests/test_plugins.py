@@ -135,3 +135,25 @@ def test_a_misspelt_strategy_setting_is_one_clear_error(plugin, tiny_data, tmp_p
 def test_a_plugin_that_does_not_import_is_one_clear_error(tmp_path, capsys):
     assert run_cli("recipes", "--plugin", str(tmp_path / "missing.py")) == 2
     assert "cannot import plugin" in capsys.readouterr().err
+
+
+def test_the_loss_example_in_the_docs_trains(tiny_data, teacher_dir, tmp_path):
+    """docs/concepts.md's example of a new loss, as written there, through --plugin."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "concepts.md").read_text()
+    block = doc.split("A new loss, complete")[1].split("```python\n")[1].split("```")[0]
+    assert len(block.strip().splitlines()) < 30
+    (tmp_path / "kdkit_doc_cosine_loss.py").write_text(block)
+    args = ["distill", "--plugin", tmp_path / "kdkit_doc_cosine_loss.py", "--loss", "cosine", "--set",
+            "loss.args={margin=0.05}", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--student",
+            "deit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--set",
+            "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--data", tiny_data, "--preset", "none",
+            "--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress", "--set",
+            "optim.warmup_epochs=0", "--set", "aug.mixup=0.8", "--output", tmp_path, "--name", "cos"]
+    assert run_cli(*args) == 0
+    summary = json.loads((tmp_path / "cos" / "summary.json").read_text())
+    assert summary["conventions"] == {"loss": "cosine", "margin": 0.05, "task_weight": 0.5, "kd_weight": 0.5,
+                                      "tau": 1.0, "label_smoothing": 0.0}
+    steps = _steps(tmp_path / "cos")
+    assert steps and all(0.0 <= x["kd"] <= 1.0 for x in steps)  # 1 - cos of two distributions, less the margin

@@ -3,6 +3,7 @@ run directory (recipe.toml, metrics.jsonl, student/, summary.json)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
@@ -35,7 +36,7 @@ from kdkit.engine.build import (
 )
 from kdkit.engine.loop import LoopSettings, fit
 from kdkit.engine.step import DistillationStep
-from kdkit.files import atomic_write_text
+from kdkit.files import atomic_write_text, exclusive_lock
 from kdkit.losses import LOSSES
 from kdkit.models import HEADS
 from kdkit.models.saved import save_student
@@ -130,38 +131,41 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     if r.run.compile:
         student.compile()  # in place: state-dict names stay the student's own
     out_dir = Path(resume) if resume else run_dir_for(r, mode)
-    config = student_config(student, r, classes, data_cfg, loss.conventions())
-    if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "recipe.toml", r.to_toml())
-        console.print(f"{mode}: {config['architecture']} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
-                      f"params, head {HEADS.name_of(student)}) on {summary['train_images']} images"
-                      f"{f' + {len(train_ds.unlabeled)} unlabeled' if semi else ''}, {len(classes)} classes, "
-                      f"loss {kind}, lr {lr:.3g}, {r.optim.epochs} epochs, precision {acc.mixed_precision}"
-                      f"{', compiled' if r.run.compile else ''} -> {out_dir}")
-        note = PRESET_NOTES.get(r.preset, "") if r.preset or not r.description else ""
-        console.print(f"recipe: {r.description or 'command line'}; preset {r.preset or 'none'}{note}")
-    settings = LoopSettings(clip_grad=r.optim.clip_grad, log_every=r.run.log_every, eval_every=r.run.eval_every,
-                            progress=r.run.progress, ema_decay=r.optim.ema_decay,
-                            checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
-                            on_nonfinite=r.run.on_nonfinite)
-    start = time.perf_counter()
-    result = fit(student, DistillationStep(loss, logits), train_loader, optimizer, epochs=r.optim.epochs,
-                 scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, run_dir=out_dir,
-                 save=lambda module, name: save_student(out_dir / name, module, config), settings=settings,
-                 resume=bool(resume))
-    summary.update(eval=result.eval, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
-                   student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
-                   data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images},
-                         "eval": {**eval_ds.issues(), "skipped_images": result.eval.get("skipped", 0)}})
-    if semi:
-        summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader, out_dir)
-    if acc.is_main_process:
-        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-        try:
-            write_model_card(out_dir)
-            write_curves(out_dir)
-        except KdkitError as e:  # matplotlib missing, say: the run itself is complete
-            console.print(f"note: {e}")
-    summary["model"] = acc.unwrap_model(student)
-    return summary
+    # one run at a time in a run directory: a second is refused, naming the first (a killed one's lock is taken over)
+    # one run at a time in a run directory: a second is refused, naming the first (a killed one's lock is taken over)
+    with exclusive_lock(out_dir, "run") if acc.is_main_process else contextlib.nullcontext():
+        config = student_config(student, r, classes, data_cfg, loss.conventions())
+        if acc.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_dir / "recipe.toml", r.to_toml())
+            console.print(f"{mode}: {config['architecture']} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
+                          f"params, head {HEADS.name_of(student)}) on {summary['train_images']} images"
+                          f"{f' + {len(train_ds.unlabeled)} unlabeled' if semi else ''}, {len(classes)} classes, "
+                          f"loss {kind}, lr {lr:.3g}, {r.optim.epochs} epochs, precision {acc.mixed_precision}"
+                          f"{', compiled' if r.run.compile else ''} -> {out_dir}")
+            note = PRESET_NOTES.get(r.preset, "") if r.preset or not r.description else ""
+            console.print(f"recipe: {r.description or 'command line'}; preset {r.preset or 'none'}{note}")
+        settings = LoopSettings(clip_grad=r.optim.clip_grad, log_every=r.run.log_every, eval_every=r.run.eval_every,
+                                progress=r.run.progress, ema_decay=r.optim.ema_decay,
+                                checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
+                                on_nonfinite=r.run.on_nonfinite)
+        start = time.perf_counter()
+        result = fit(student, DistillationStep(loss, logits), train_loader, optimizer, epochs=r.optim.epochs,
+                     scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, run_dir=out_dir,
+                     save=lambda module, name: save_student(out_dir / name, module, config), settings=settings,
+                     resume=bool(resume))
+        summary.update(eval=result.eval, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
+                       student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
+                       data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images},
+                             "eval": {**eval_ds.issues(), "skipped_images": result.eval.get("skipped", 0)}})
+        if semi:
+            summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader, out_dir)
+        if acc.is_main_process:
+            atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+            try:
+                write_model_card(out_dir)
+                write_curves(out_dir)
+            except KdkitError as e:  # matplotlib missing, say: the run itself is complete
+                console.print(f"note: {e}")
+        summary["model"] = acc.unwrap_model(student)
+        return summary
