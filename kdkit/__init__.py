@@ -1,23 +1,29 @@
-"""kdkit: knowledge distillation for image classifiers, the DeiT recipe for any timm teacher and student."""
+"""kdkit: knowledge distillation for image classifiers, the DeiT recipe for any timm teacher and student.
+
+The public names are imported on first use (PEP 562), so that `import kdkit`, `kdkit.__version__`
+and `kdkit --help` do not pay for torch and timm; `from kdkit import distill` works as before.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from kdkit.api import distill, train  # noqa: E402
-from kdkit.config import Recipe, load_recipe  # noqa: E402
-from kdkit.engine import DistillationStep, evaluate, fit  # noqa: E402
-from kdkit.losses import LOSSES, HardDistillationLoss, SoftDistillationLoss, TaskLoss, create_loss  # noqa: E402
-from kdkit.models import (  # noqa: E402
-    HEADS,
-    DualHead,
-    SharedHead,
-    Teacher,
-    TokenHead,
-    create_student,
-    create_teacher,
-)
-from kdkit.registry import KdkitError  # noqa: E402
-from kdkit.teachers import LOGIT_SOURCES, LiveTeacher  # noqa: E402
-from kdkit.types import Batch, StepOut, StudentOut  # noqa: E402
+# public name -> the module that defines it
+_SOURCES: dict[str, str] = {
+    "distill": "kdkit.api", "train": "kdkit.api",
+    "Recipe": "kdkit.config", "load_recipe": "kdkit.config",
+    "DistillationStep": "kdkit.engine", "evaluate": "kdkit.engine", "fit": "kdkit.engine",
+    **dict.fromkeys(("LOSSES", "HardDistillationLoss", "SoftDistillationLoss", "TaskLoss", "create_loss"),
+                    "kdkit.losses"),
+    **dict.fromkeys(("HEADS", "DualHead", "SharedHead", "Teacher", "TokenHead", "create_student",
+                     "create_teacher"), "kdkit.models"),
+    "KdkitError": "kdkit.registry",
+    "LOGIT_SOURCES": "kdkit.teachers", "LiveTeacher": "kdkit.teachers",
+    "Batch": "kdkit.types", "StepOut": "kdkit.types", "StudentOut": "kdkit.types",
+}
 
 __all__ = [
     "HEADS", "LOGIT_SOURCES", "LOSSES", "Batch", "DistillationStep", "DualHead", "HardDistillationLoss",
@@ -25,3 +31,27 @@ __all__ = [
     "TaskLoss", "Teacher", "TokenHead", "__version__", "create_loss", "create_student", "create_teacher",
     "distill", "evaluate", "fit", "load_recipe", "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'kdkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(source), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from kdkit.api import distill, train
+    from kdkit.config import Recipe, load_recipe
+    from kdkit.engine import DistillationStep, evaluate, fit
+    from kdkit.losses import LOSSES, HardDistillationLoss, SoftDistillationLoss, TaskLoss, create_loss
+    from kdkit.models import HEADS, DualHead, SharedHead, Teacher, TokenHead, create_student, create_teacher
+    from kdkit.registry import KdkitError
+    from kdkit.teachers import LOGIT_SOURCES, LiveTeacher
+    from kdkit.types import Batch, StepOut, StudentOut

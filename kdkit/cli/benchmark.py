@@ -20,13 +20,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="parameters, FLOPs and images/s of models (no weights needed)",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME", help="timm names or kdkit short names")
-    p.add_argument("--img-size", type=int, help="input size (default: each model's own, 224 for most)")
-    p.add_argument("--batch-size", type=int, help="throughput batch (default: the largest that fits, "
+    p.add_argument("--img-size", type=int, metavar="N", help="input size (default: each model's own, 224 for most)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="throughput batch (default: the largest that fits, "
                    "doubling from 8 up to 1024 on CUDA; 64 on CPU)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier size (default 1000)")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--warmup", type=int, help="untimed passes before timing (default 3 on CUDA, 1 on CPU)")
-    p.add_argument("--repeats", type=int, help="timed passes, the median is reported (default 10 on CUDA, 3 on CPU)")
+    p.add_argument("--num-classes", type=int, default=1000, metavar="N", help="classifier size (default: 1000)")
+    p.add_argument("--device", metavar="DEVICE", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--warmup", type=int, metavar="N", help="untimed passes before timing (default: 3 on CUDA, 1 on CPU)")
+    p.add_argument("--repeats", type=int, metavar="N",
+                   help="timed passes, the median is reported (default: 10 on CUDA, 3 on CPU)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=run)
 

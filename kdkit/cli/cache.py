@@ -25,25 +25,38 @@ does not match a run is refused, naming the difference. An interrupted cache res
 same command is run again; a larger --epochs extends it.
 """
 
+# the flags that decide the teacher and the views it sees: those of the distillation run to replay
 FLAGS = {k: v for k, v in {**DISTILL_FLAGS, **RUN_FLAGS}.items()
-         if k not in ("--head", "--loss", "--task-weight", "--kd-weight", "--tau", "--lr", "--name", "--output",
-                      "--logits", "--pseudo-label", "--confidence-threshold")}
+         if v.group in ("recipe", "data", "augmentation", "distributed")
+         or k in ("--teacher", "--teacher-weights", "--student", "--img-size", "--patch-size", "--epochs", "--seed",
+                  "--no-progress")}
+MODES = ("replay", "fixed")
+DTYPES = ("float16", "bfloat16", "float32")  # kdkit.cache.store.DTYPES, which imports torch
+
+DESCRIPTION = """Run the teacher once over every view a distillation run will draw and write its outputs to
+disk. Pass the flags of the run that will read the cache; the defaults below are those of a run
+without --recipe (preset deit)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="precompute teacher logits to disk (or --verify a cache)", epilog=EPILOG,
+    p = sub.add_parser("cache", help="precompute teacher logits to disk (or --verify a cache)",
+                       description=DESCRIPTION, epilog=EPILOG,
+                       usage="%(prog)s [--recipe FILE] --teacher NAME [--data DIR] --out DIR [FLAG ...]\n"
+                             "       %(prog)s --verify DIR [--teacher NAME --teacher-weights FILE]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_args(p, FLAGS)
-    p.add_argument("--out", help="cache folder to write (or resume)")
-    p.add_argument("--mode", default="replay", choices=("replay", "fixed"),
-                   help="replay: every augmented view of every epoch; fixed: one clean view per image")
-    p.add_argument("--topk", type=int, default=0, help="values kept per record (default 0: every class)")
-    p.add_argument("--dtype", default="float16", help="float16 | bfloat16 | float32 (default float16)")
-    p.add_argument("--shard-size", type=int, default=4096, help="records per shard file")
-    p.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
-    p.add_argument("--verify", metavar="CACHE", help="check CACHE's shards (and re-run --teacher on a sample)")
-    p.add_argument("--samples", type=int, default=64, help="records re-run by --verify with a teacher")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_recipe_args(p, FLAGS, preset="deit")
+    g = p.add_argument_group("cache", "the cache folder and its records")
+    g.add_argument("--out", metavar="DIR", help="cache folder to write (or resume)")
+    g.add_argument("--mode", default="replay", choices=MODES,
+                   help="replay: every augmented view of every epoch; fixed: one clean view per image (default: replay)")
+    g.add_argument("--topk", type=int, default=0, metavar="N", help="values kept per record (default: 0, every class)")
+    g.add_argument("--dtype", default="float16", choices=DTYPES, help="stored value type (default: float16)")
+    g.add_argument("--shard-size", type=int, default=4096, metavar="N", help="records per shard file (default: 4096)")
+    g.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
+    g.add_argument("--verify", metavar="DIR", help="check the shards of cache DIR (and re-run --teacher on a sample)")
+    g.add_argument("--samples", type=int, default=64, metavar="N",
+                   help="records re-run by --verify with a teacher (default: 64)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
 

@@ -23,11 +23,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
                    help="kdkit student folders, or NAME=PATH (timm name + weights file or folder)")
-    p.add_argument("--data", required=True, help="data source (as for distill)")
-    p.add_argument("--split", default="auto-eval", help="split to compare on (default: val, validation or test)")
-    p.add_argument("--out", default="runs/compare", help="folder for disagreement.csv and .png (default runs/compare)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--data", required=True, metavar="DIR", help="data source (as for distill)")
+    p.add_argument("--split", default="auto-eval", metavar="NAME",
+                   help="split to compare on (default: auto-eval, the first of val, validation, test)")
+    p.add_argument("--out", default="runs/compare", metavar="DIR",
+                   help="folder for disagreement.csv and .png (default: runs/compare)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="evaluation batch size (default: 256)")
+    p.add_argument("-j", "--workers", type=int, default=2, metavar="N", help="data-loading workers (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

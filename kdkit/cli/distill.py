@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 
 from kdkit.cli.common import DISTILL_FLAGS, RUN_FLAGS, add_recipe_args, recipe_from_args
-from kdkit.cli.report import print_summary
+
+DESCRIPTION = """Distil a teacher into a student. Without --recipe the run uses preset deit, DeiT's recipe;
+the defaults below are that run's (a --recipe file's values replace them, flags and --set win over it).
+Every flag sets one recipe key, named after its default."""
 
 EPILOG = """examples:
   kdkit distill --teacher regnety_160 --student deit_tiny --data /data/imagenet
   kdkit distill --recipe deit_tiny_imagenet --data /data/imagenet --batch-size 1024
+  # timm's names: 8 processes x 128 per process = data.batch_size 1024
+  accelerate launch --num_processes 8 -m kdkit distill -c deit_tiny_imagenet --data-dir /data/imagenet -b 128
   kdkit distill --teacher resnet9_cifar_s --teacher-weights runs/teacher/student \\
       --student deit_tiny --img-size 32 --patch-size 4 --data cifar10-sample --epochs 5
   kdkit distill --logits cache/r9 --student deit_tiny --img-size 32 --patch-size 4 --epochs 5
@@ -24,19 +29,21 @@ EPILOG = """examples:
 """
 
 
+FLAGS = {**DISTILL_FLAGS, **RUN_FLAGS}
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill", help="distil a teacher into a student", epilog=EPILOG,
+    p = sub.add_parser("distill", help="distil a teacher into a student", description=DESCRIPTION, epilog=EPILOG,
+                       usage="%(prog)s [--recipe FILE] [--teacher NAME] [--student NAME] [--data DIR] [FLAG ...]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_args(p, {**DISTILL_FLAGS, **RUN_FLAGS})
-    p.add_argument("--logits-cycle", action="store_true",
-                   help="past the cached epochs, replay them again instead of running the teacher")
+    add_recipe_args(p, FLAGS, preset="deit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdkit.cli.report import print_summary
     from kdkit.engine.run import run as run_recipe
 
-    extra = {"model.teacher_logits_cycle": True} if args.logits_cycle else {}
-    recipe = recipe_from_args(args, {**DISTILL_FLAGS, **RUN_FLAGS}, extra)
+    recipe = recipe_from_args(args, FLAGS)
     print_summary(run_recipe(recipe, "distill", resume=args.resume))
     return 0

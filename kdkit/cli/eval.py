@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from kdkit.cli.report import print_eval
-
 EPILOG = """examples:
   kdkit eval --weights runs/distill-x/student --data /data/cifar10
   kdkit eval --model resnet50 --weights resnet50.safetensors --data /data/imagenet
@@ -16,17 +14,19 @@ EPILOG = """examples:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a saved student or any timm model", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="a kdkit student folder, or a weights file")
-    p.add_argument("--model", help="timm name (needed when the weights have no config.json)")
-    p.add_argument("--data", required=True, help="data source (as for distill)")
-    p.add_argument("--split", default="auto-eval", help="split to evaluate (default: val, validation or test)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--weights", required=True, metavar="FILE", help="a kdkit student folder, or a weights file")
+    p.add_argument("--model", metavar="NAME", help="timm name (needed when the weights have no config.json)")
+    p.add_argument("--data", required=True, metavar="DIR", help="data source (as for distill)")
+    p.add_argument("--split", default="auto-eval", metavar="NAME",
+                   help="split to evaluate (default: auto-eval, the first of val, validation, test)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="evaluation batch size (default: 256)")
+    p.add_argument("-j", "--workers", type=int, default=2, metavar="N", help="data-loading workers (default: 2)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdkit.cli.report import print_eval
     from kdkit.engine.evaluate import evaluate_saved
 
     result = evaluate_saved(args.weights, args.data, args.model, args.batch_size, args.workers, args.split,

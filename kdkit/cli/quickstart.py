@@ -10,10 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.table import Table
-
-from kdkit.cli.report import out
-
 EPILOG = """examples:
   kdkit quickstart                     # about 2 minutes on 2 Xeon cores, 4-5 on an AVX2 laptop
   kdkit quickstart --epochs 2          # a smoke run
@@ -29,11 +25,13 @@ def teacher_path() -> Path:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="distil vs. no distillation on the bundled sample, one table",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--output", default="runs/quickstart", help="where the two runs are written")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--epochs", type=int, default=None, metavar="N", help="override the recipe's epochs")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="override the recipe's seed")
+    p.add_argument("--output", default="runs/quickstart", metavar="DIR",
+                   help="where the two runs are written (default: runs/quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any key of recipes/quickstart.toml (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -59,6 +57,7 @@ def run_quickstart(overrides: dict) -> dict:
 
     Returns {"teacher": eval, "no_kd": summary, "distilled": summary} (evals as in kdkit.evaluate).
     """
+    from kdkit.cli.report import out
     from kdkit.config import _merge, load_recipe
     from kdkit.engine.evaluate import evaluate_saved
     from kdkit.engine.run import run as run_recipe
@@ -78,6 +77,10 @@ def run_quickstart(overrides: dict) -> dict:
 
 
 def print_table(t: dict, base_summary: dict, kd_summary: dict) -> None:
+    from rich.table import Table
+
+    from kdkit.cli.report import out
+
     base, kd = base_summary["eval"], kd_summary["eval"]
     ref = base["fused_top1"]
     table = Table(title=f"kdkit quickstart: top-1 on {kd['n']} held-out CIFAR-10 images")

@@ -9,8 +9,15 @@ from kdkit.registry import KdkitError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipes", help="list bundled recipes or print one")
-    p.add_argument("name", nargs="?", help="print this recipe")
+    name = p.add_argument("name", nargs="?", metavar="NAME", help="print this bundled recipe")
+    name.complete = _names
     p.set_defaults(func=run)
+
+
+def _names() -> list[str]:
+    from kdkit.config import list_recipes
+
+    return list_recipes()
 
 
 def run(args: argparse.Namespace) -> int:
