@@ -166,7 +166,9 @@ def test_new_losses_distil_through_the_cli(tiny_data, teacher_dir, tmp_path, los
 def test_a_two_teacher_ensemble_distils_live_and_into_a_cache_naming_every_member(tiny_data, teacher_dir, tmp_path):
     ensemble = ["--set", 'model.teacher=["resnet10t", "resnet10t"]', "--set",
                 f'model.teacher_weights=["{teacher_dir}", "{teacher_dir}"]', "--set", 'model.logits_args={combine="logits"}']
-    assert run_cli("distill", *STUDENT, *ensemble, "--data", tiny_data, "--loss", "soft", *FAST, "--output", tmp_path,
+    repeated = ["--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--teacher", "resnet10t",
+                "--teacher-weights", teacher_dir, *ensemble[4:]]  # the flags repeated, as a user types them
+    assert run_cli("distill", *STUDENT, *repeated, "--data", tiny_data, "--loss", "soft", *FAST, "--output", tmp_path,
                    "--name", "ens") == 0
     summary = json.loads((tmp_path / "ens" / "summary.json").read_text())
     assert len(summary["teacher_check"]["members"]) == 2

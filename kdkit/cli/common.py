@@ -49,6 +49,7 @@ class Flag:
     nargs: values taken (default 1). const: for a value flag, also allowed bare, meaning `const`.
     default: what the help says of the default where the recipe's value says little.
     per_process: the value is per process; the recipe gets value x WORLD_SIZE.
+    repeat: the flag may be given several times (a list; one value stays a plain value).
     """
 
     key: str
@@ -63,6 +64,7 @@ class Flag:
     const: object = None
     default: str | None = None
     per_process: bool = False
+    repeat: bool = False
 
 
 RUN_FLAGS: dict[str, Flag] = {
@@ -163,9 +165,11 @@ DISTILL_FLAGS: dict[str, Flag] = {
                      "file: the file's own keys win", "recipe", choices=PRESET_NAMES,
                      default="deit without --recipe, else the recipe's"),
     "--teacher": Flag("model.teacher", str, "teacher: a timm name or kdkit short name (regnety_160 = DeiT's "
-                      "RegNetY-16GF)", "model", aliases=("--kd-model-name",)),
+                      "RegNetY-16GF); repeat it for an ensemble (--teacher a --teacher b)", "model",
+                      aliases=("--kd-model-name",), repeat=True),
     "--teacher-weights": Flag("model.teacher_weights", str, "local teacher weights: a file or a kdkit student "
-                              "folder; not set = timm's hub weights", "model", metavar="FILE"),
+                              "folder; not set = timm's hub weights; one per --teacher, in order ('' for the hub's)",
+                              "model", metavar="FILE", repeat=True),
     "--logits": Flag("model.teacher_logits", str, "read the teacher's outputs from a `kdkit cache` folder (the "
                      "teacher is not loaded, unless the run is longer than the cache)", "model", metavar="DIR"),
     "--logits-cycle": Flag("model.teacher_logits_cycle", bool, "past the cached epochs, replay them again instead "
@@ -282,6 +286,8 @@ def add_flag(group: argparse._ActionsContainer, name: str, flag: Flag, preset: s
             kwargs.update(nargs="?", const=flag.const)
         elif flag.nargs:
             kwargs["nargs"] = flag.nargs
+        if flag.repeat:
+            kwargs["action"] = "append"
         action = group.add_argument(*options, type=_choice_type(flag.choices) if flag.choices else flag.type,
                                     choices=flag.choices, metavar=_metavar(flag), **kwargs)
     if flag.names:
@@ -327,6 +333,8 @@ def recipe_from_args(args: argparse.Namespace, flags: dict[str, Flag], extra: di
             continue
         if flag.per_process:
             value *= world_size()
+        if flag.repeat:
+            value = value[0] if len(value) == 1 else list(value)
         if flag.key in given:
             raise KdkitError(f"{given[flag.key][0]} and {name} both set {flag.key}: give one of them")
         given[flag.key] = (name, value)

@@ -36,7 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="distil a teacher into a student", description=DESCRIPTION, epilog=EPILOG,
                        usage="%(prog)s [--recipe FILE] [--teacher NAME] [--student NAME] [--data DIR] [FLAG ...]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_args(p, FLAGS, preset="deit")
+    groups = add_recipe_args(p, FLAGS, preset="deit")
+    groups["run"].add_argument("--dry-run", action="store_true",
+                               help="resolve the recipe, build the models, check the teacher, print parameters, "
+                                    "FLOPs per image, the teacher's share of a step and a logit cache's size, and "
+                                    "exit without training or writing anything")
     p.set_defaults(func=run)
 
 
@@ -45,5 +49,11 @@ def run(args: argparse.Namespace) -> int:
     from kdkit.engine.run import run as run_recipe
 
     recipe = recipe_from_args(args, FLAGS)
+    if args.dry_run:
+        from kdkit.cli.report import print_plan
+        from kdkit.engine.plan import plan
+
+        print_plan(plan(recipe, "distill"))
+        return 0
     print_summary(run_recipe(recipe, "distill", resume=args.resume))
     return 0

@@ -28,3 +28,34 @@ def print_summary(summary: dict) -> None:
     if summary.get("skipped_steps") or any(skipped.values()):
         out.print(f"skipped: {summary.get('skipped_steps', 0)} steps with a non-finite loss, "
                   f"{skipped.get('train', 0)} unreadable training images (see summary.json)")
+
+
+def _si(n: float, unit: str = "") -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def print_plan(plan: dict) -> None:
+    """The dry run's table: the models, their cost, the teacher's share of a step, a cache's size."""
+    table = Table(title=f"dry run: {plan['mode']}, loss {plan['loss']}, preset {plan['preset']} (nothing written)")
+    for col in ("model", "params", "input", "FLOPs / image"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    s = plan["student"]
+    table.add_row(f"student {s['name']}", _si(s["params"]), "x".join(map(str, s["input_size"][1:])),
+                  _si(s["flops_per_image"]))
+    for t in plan["teachers"]:
+        table.add_row(f"teacher {t['name']}", _si(t["params"]), "x".join(map(str, t["input_size"][1:])),
+                      _si(t["flops_per_image"]))
+    out.print(table)
+    check = plan.get("teacher_check") or {}
+    if plan["teachers"]:
+        out.print(f"teacher's share of a training step's compute: {100 * plan['teacher_share_of_step']:.1f}% "
+                  f"(its forward against the student's forward + backward)"
+                  + (f"; teacher check top-1 {check['teacher_top1_slice']:.1f}%" if check else ""))
+    out.print(f"{plan['train_images']} training images, {plan['classes']} classes, {plan['steps_per_epoch']} steps "
+              f"of {plan['global_batch_size']} per epoch, {plan['epochs']} epochs, {plan['processes']} process(es), "
+              f"precision {plan['precision']}, logit source {plan['logit_source']}")
+    out.print(f"a `kdkit cache` of this run (replay, float16, every class): {plan['cache_records_per_epoch']} records "
+              f"per epoch, {_si(plan['cache_bytes'], 'B')} for {plan['epochs']} epochs")

@@ -6,14 +6,16 @@ their own settings checked against their constructors."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from kdkit.accelerator import create_accelerator
+from kdkit.accelerator import create_accelerator, set_deterministic
 from kdkit.cache import build_manifest, data_identity
 from kdkit.config import Recipe
 from kdkit.console import console
@@ -307,3 +309,60 @@ def attach_adapters(student: nn.Module, loss: DistillationLoss) -> None:
                          f"{type(student).__name__} has no adapters (use a kdkit head: token, dual, shared, native)")
     for name, module in adapters.items():
         student.adapters[name] = module
+
+
+@dataclass
+class RunParts:
+    """A run's pieces, built from the recipe, before the optimizer: what `run` trains and `plan` reports."""
+
+    acc: Accelerator
+    kind: str  # the loss's name ("none" for kdkit train)
+    train_ds: object
+    eval_ds: object
+    student: nn.Module
+    data_cfg: dict
+    train_loader: object
+    eval_loader: object
+    logits: LogitSource | None
+    loss: DistillationLoss
+    summary: dict
+    semi: bool
+
+
+def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None,
+              teacher: nn.Module | None = None) -> RunParts:
+    """Check the recipe's strategies, then build the accelerator, data, student, logit source (the
+    teachers, checked on the evaluation split) and loss, as `mode` ("distill" or "train") needs them."""
+    kind = "none" if mode == "train" else r.loss.kind
+    if r.data.unlabeled and (mode == "train" or r.loss.kind == "none"):
+        raise KdkitError("unlabeled images (data.unlabeled) learn from the teacher only: use kdkit distill with "
+                         "a distillation loss (soft, hard, dkd, ...)")
+    check_strategies(r, mode)
+    set_seed(r.run.seed)
+    if r.run.deterministic:
+        set_deterministic()
+    acc = make_accelerator(r)
+    train_ds, eval_ds = open_data(r)
+    classes = train_ds.classes
+    student = build_student(r, mode, student, len(classes))
+    data_cfg = student_data_config(student, r.model.img_size)
+    check_student_classes(student, len(classes), data_cfg)
+    empty = train_ds.issues().get("empty_classes")
+    if empty and acc.is_main_process:
+        console.print(f"[bold yellow]warning: class folders without images, kept as classes with no samples "
+                      f"(the label space has {len(classes)} classes): {', '.join(empty[:10])}; remove them, or "
+                      f"--strict to stop")
+    train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
+    semi = isinstance(train_ds, SemiSupervisedDataset)
+    summary: dict = {"mode": mode, "classes": len(classes), "precision": str(acc.mixed_precision),
+                     "teacher_precision": teacher_precision(r, acc),
+                     "train_images": train_ds.num_labeled if semi else len(train_ds),
+                     "eval_images": len(eval_ds), "processes": acc.num_processes,
+                     "global_batch_size": r.data.batch_size}
+    logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
+        if LOSSES.get(kind).needs_teacher else None
+    loss = build_loss(r, mode, train_ds.mixup is not None, **provided_features(student, logits))
+    summary["conventions"] = loss.conventions()
+    attach_adapters(student, loss)
+    return RunParts(acc, kind, train_ds, eval_ds, student, data_cfg, train_loader, eval_loader, logits, loss,
+                    summary, semi)

@@ -9,35 +9,17 @@ import json
 import time
 from pathlib import Path
 
-from accelerate.utils import set_seed
 from torch import nn
 
 from kdkit import __version__
-from kdkit.accelerator import set_deterministic
 from kdkit.card import write_model_card
 from kdkit.config import PRESET_NOTES, Recipe
 from kdkit.console import console
 from kdkit.curves import write_curves
-from kdkit.data import SemiSupervisedDataset
-from kdkit.engine.build import (
-    attach_adapters,
-    build_data,
-    build_logit_source,
-    build_loss,
-    build_optimizer,
-    build_student,
-    check_strategies,
-    check_student_classes,
-    make_accelerator,
-    open_data,
-    provided_features,
-    student_data_config,
-    teacher_precision,
-)
+from kdkit.engine.build import build_optimizer, build_run
 from kdkit.engine.loop import LoopSettings, fit
 from kdkit.engine.step import DistillationStep
 from kdkit.files import atomic_write_text, exclusive_lock
-from kdkit.losses import LOSSES
 from kdkit.models import HEADS
 from kdkit.models.saved import save_student
 from kdkit.registry import KdkitError
@@ -94,44 +76,17 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     replace the recipe's model names. `resume`: a run directory whose newest valid checkpoint the
     run continues from (same recipe). Returns the summary (also written to RUN/summary.json)."""
     r = recipe
-    kind = "none" if mode == "train" else r.loss.kind
-    if r.data.unlabeled and (mode == "train" or r.loss.kind == "none"):
-        raise KdkitError("unlabeled images (data.unlabeled) learn from the teacher only: use kdkit distill with "
-                         "a distillation loss (soft, hard, dkd, ...)")
-    check_strategies(r, mode)
-    set_seed(r.run.seed)
-    if r.run.deterministic:
-        set_deterministic()
-    acc = make_accelerator(r)
-    train_ds, eval_ds = open_data(r)
-    classes = train_ds.classes
-    student = build_student(r, mode, student, len(classes))
-    data_cfg = student_data_config(student, r.model.img_size)
-    check_student_classes(student, len(classes), data_cfg)
-    empty = train_ds.issues().get("empty_classes")
-    if empty and acc.is_main_process:
-        console.print(f"[bold yellow]warning: class folders without images, kept as classes with no samples "
-                      f"(the label space has {len(classes)} classes): {', '.join(empty[:10])}; remove them, or "
-                      f"--strict to stop")
-    train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
-    semi = isinstance(train_ds, SemiSupervisedDataset)
-    summary: dict = {"mode": mode, "classes": len(classes), "precision": str(acc.mixed_precision),
-                     "teacher_precision": teacher_precision(r, acc),
-                     "train_images": train_ds.num_labeled if semi else len(train_ds),
-                     "eval_images": len(eval_ds), "processes": acc.num_processes,
-                     "global_batch_size": r.data.batch_size}
-    logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
-        if LOSSES.get(kind).needs_teacher else None
-    loss = build_loss(r, mode, train_ds.mixup is not None, **provided_features(student, logits))
-    summary["conventions"] = loss.conventions()
-    attach_adapters(student, loss)
+    parts = build_run(r, mode, student, teacher)
+    acc, student, train_ds, eval_ds, semi = parts.acc, parts.student, parts.train_ds, parts.eval_ds, parts.semi
+    train_loader, eval_loader, logits, loss, summary = (parts.train_loader, parts.eval_loader, parts.logits,
+                                                        parts.loss, parts.summary)
+    data_cfg, kind, classes = parts.data_cfg, parts.kind, train_ds.classes
     if semi:
         summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader)
     optimizer, scheduler, lr = build_optimizer(r, student, len(train_loader), acc.device)
     if r.run.compile:
         student.compile()  # in place: state-dict names stay the student's own
     out_dir = Path(resume) if resume else run_dir_for(r, mode)
-    # one run at a time in a run directory: a second is refused, naming the first (a killed one's lock is taken over)
     # one run at a time in a run directory: a second is refused, naming the first (a killed one's lock is taken over)
     with exclusive_lock(out_dir, "run") if acc.is_main_process else contextlib.nullcontext():
         config = student_config(student, r, classes, data_cfg, loss.conventions())
