@@ -190,3 +190,24 @@ def test_feature_distillation_from_a_cache_is_refused_clearly(tiny_data, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "features are not cached" in err[0]
     assert not (tmp_path / "fc").exists()
+
+
+def test_feature_distillation_under_two_processes_is_the_one_process_run(tmp_path, tiny_data, teacher_dir):
+    """The feature projections live in the head, so data parallelism syncs them: two processes train
+    what one process trains (the all-reduce order aside)."""
+    from tests.test_cache import step_terms
+    from tests.test_distributed import kdkit
+
+    args = [*STUDENT, "--data", tiny_data, "--batch-size", "16", "--epochs", "1", "--workers", "0", "--seed", "5",
+            "--no-progress", "--set", "run.log_every=1", "--set", "optim.warmup_epochs=0", "--set", "optim.lr=1e-3",
+            "--set", "aug.mixup=0.8", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--preset", "none",
+            "--loss", "feature", "--set", "loss.args={tokens=true}"]
+    for n in (1, 2):
+        kdkit(n, "distill", *args, "--output", tmp_path, "--name", f"p{n}")
+    one, two = step_terms(tmp_path / "p1"), step_terms(tmp_path / "p2")
+    assert len(one) == len(two) == 7
+    for a, b in zip(one, two, strict=True):
+        for term in ("loss", "feature", "tokens"):
+            assert abs(a[term] - b[term]) <= 1e-5, (a["step"], term)
+    w1, w2 = (load_file(tmp_path / p / "student" / "model.safetensors") for p in ("p1", "p2"))
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0) for k in w1)
