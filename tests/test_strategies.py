@@ -211,3 +211,31 @@ def test_feature_distillation_under_two_processes_is_the_one_process_run(tmp_pat
             assert abs(a[term] - b[term]) <= 1e-5, (a["step"], term)
     w1, w2 = (load_file(tmp_path / p / "student" / "model.safetensors") for p in ("p1", "p2"))
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0) for k in w1)
+
+
+@pytest.mark.parametrize("loss, args", [("dkd", "{beta=2.0}"), ("dist", "{gamma=1.0}")])
+def test_new_losses_learn_from_unlabeled_images(tiny_data, teacher_dir, tmp_path, loss, args):
+    """DKD takes the teacher's class where there is no label; DIST's batch term runs over the samples
+    that count (labeled + kept unlabeled)."""
+    from tests.test_semi import semi_args
+
+    root = tmp_path / "u"
+    root.mkdir()
+    for f in sorted((tiny_data / "test").rglob("*.jpg"))[:24]:
+        (root / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
+    assert run_cli("distill", *semi_args(tiny_data, root, 1), "--teacher", "resnet10t", "--teacher-weights",
+                   teacher_dir, "--loss", loss, "--set", f"loss.args={args}", "--confidence-threshold", "0.0",
+                   "--preset", "none", "--output", tmp_path, "--name", loss) == 0
+    steps = _steps(tmp_path / loss)
+    assert steps and all(math.isfinite(x["kd_unlabeled"]) and x["unlabeled_kept"] == 1.0 for x in steps)
+
+
+def test_feature_distillation_with_unlabeled_images_is_refused_clearly(tiny_data, teacher_dir, tmp_path, capsys):
+    from tests.test_semi import semi_args
+
+    capsys.readouterr()
+    assert run_cli("distill", *semi_args(tiny_data, tiny_data / "test", 1), "--teacher", "resnet10t",
+                   "--teacher-weights", teacher_dir, "--loss", "feature", "--preset", "none", "--output", tmp_path,
+                   "--name", "fu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unlabeled" in err[0]

@@ -162,6 +162,9 @@ def check_strategies(r: Recipe, mode: str) -> None:
     """Every strategy name and setting of the recipe checked before anything is built or written."""
     if mode == "distill":
         check_settings(LOSSES.get(r.loss.kind), r.loss.args, f"loss {r.loss.kind!r}", LOSS_PROVIDED)
+        if r.data.unlabeled and LOSSES.get(r.loss.kind).needs_features:
+            raise KdkitError(f"loss {r.loss.kind!r} matches the teacher's features on labeled batches; unlabeled "
+                             f"images (data.unlabeled) work with the logit losses (soft, hard, dkd, dist)")
     elif r.loss.args:
         raise KdkitError("loss.args: kdkit train has no distillation loss to give them to")
     if r.model.head != "auto":
