@@ -10,50 +10,15 @@ short timeout (the name lookup included), and HF_HUB_OFFLINE is honoured before 
 
 from __future__ import annotations
 
-import os
-import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from kdkit.card import MARKER, write_model_card
 from kdkit.models.saved import student_folder
+from kdkit.network import TIMEOUT_S, endpoint, offline, reachable
 from kdkit.registry import KdkitError
 
-TIMEOUT_S = 5.0
 # files of a student folder that are never uploaded: atomic writes' temporaries, editors' and OS's files
 IGNORE = [".*", "*.tmp", "__pycache__/*"]
-
-
-def endpoint() -> str:
-    """The Hub's address: HF_ENDPOINT (read now, not at import) or huggingface.co."""
-    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def reachable(url: str, timeout: float = TIMEOUT_S) -> str | None:
-    """None when `url` answers an HTTP request (any status) within `timeout` seconds, else why not.
-    The request runs in a daemon thread, so that a resolver or a server that hangs cannot hold the
-    caller (huggingface_hub's own client has no timeout)."""
-    result: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-            result.append(None)
-        except urllib.error.HTTPError:  # it answered
-            result.append(None)
-        except (OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            result.append(f"{type(reason).__name__}: {reason}")
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1)
-    return result[0] if result else f"no answer within {timeout:.0f} s"
 
 
 def push(run: str | Path, repo_id: str, private: bool = False, token: str | None = None,
@@ -77,7 +42,7 @@ def push(run: str | Path, repo_id: str, private: bool = False, token: str | None
     if not card.is_file() or MARKER in card.read_text(errors="replace"):
         write_model_card(folder, repo_id)
     kept = f"nothing uploaded; the folder to upload, with its model card, is {folder}"
-    if _offline():
+    if offline():
         raise KdkitError(f"HF_HUB_OFFLINE is set: {kept} (unset it, or upload the folder later)")
     url = endpoint()
     why = reachable(url, timeout)

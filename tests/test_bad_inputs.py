@@ -102,3 +102,22 @@ def test_cache_prints_its_table_to_stdout(tiny_data, teacher_dir, tmp_path, caps
                    "--no-progress", "--preset", "none", "--out", tmp_path / "c") == 0
     out = capsys.readouterr().out
     assert "kdkit cache" in out and "records_per_epoch" in out
+
+
+def test_hub_weights_offline_fail_at_once_with_one_line(tiny_data, tmp_path, capsys, monkeypatch):
+    """HF_HUB_OFFLINE (or an unreachable Hub) is one line before any download is tried, not minutes of retries."""
+    import huggingface_hub
+
+    tried = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: tried.append(a) or 1 / 0)
+    args = ["distill", "--teacher", "regnety_160", "--student", "deit_tiny", "--data", tiny_data, "--epochs", "1",
+            "--workers", "0", "--batch-size", "16", "--output", tmp_path, "--name", "off"]
+    for env, says in ((("HF_HUB_OFFLINE", "1"), "HF_HUB_OFFLINE is set"),
+                      (("HF_ENDPOINT", "http://127.0.0.1:9"), "cannot be reached (http://127.0.0.1:9")):
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv(*env)
+        capsys.readouterr()
+        assert run_cli(*args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and "regnety_160" in err[0] and "--teacher-weights" in err[0]
+    assert tried == [] and not (tmp_path / "off").exists()

@@ -14,6 +14,7 @@ from kdkit.models.names import resolve_model_name
 from kdkit.models.saved import head_of, load_student_weights, read_config
 from kdkit.models.student import HEADS, wrap_student
 from kdkit.models.teacher import Teacher
+from kdkit.network import require_hub
 from kdkit.registry import KdkitError
 
 
@@ -25,6 +26,8 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
     size (ConvNets), and a patch_size the model does not take is an error that says so. Pretrained weights come from the hub; offline that is a clear error.
     """
     full = resolve_model_name(name)
+    if pretrained:
+        check_weights_reachable(full)
     extra = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size).items() if v is not None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -50,6 +53,32 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
                              f"{str(e)[:200]}). Without internet pass a local file with --teacher-weights "
                              f"or --student-weights.") from None
         raise
+
+
+def check_weights_reachable(name: str) -> None:
+    """Fail in seconds, with one line, when timm would download `name`'s pretrained weights and the
+    Hub cannot be reached (or HF_HUB_OFFLINE is set); weights already in the local cache pass."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):
+        return
+    if cfg is None:
+        return
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        if any(isinstance(try_to_load_from_cache(repo, f), str)
+               for f in (cfg.hf_hub_filename or "open_clip_pytorch_model.bin", "model.safetensors",
+                         "pytorch_model.bin")):
+            return
+    elif cfg.url:
+        if (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name).is_file():
+            return
+    else:
+        return  # no weights anywhere: timm says so, and create_model turns it into one line
+    require_hub(f"downloading the pretrained weights of {name!r}",
+                "without internet pass local weights with --teacher-weights FILE or --student-weights FILE")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
