@@ -16,20 +16,23 @@ _SOURCES: dict[str, str] = {
     "distill": "kdkit.api", "train": "kdkit.api",
     "Recipe": "kdkit.config", "load_recipe": "kdkit.config",
     "DistillationStep": "kdkit.engine", "evaluate": "kdkit.engine", "fit": "kdkit.engine",
-    **dict.fromkeys(("LOSSES", "HardDistillationLoss", "SoftDistillationLoss", "TaskLoss", "create_loss"),
-                    "kdkit.losses"),
-    **dict.fromkeys(("HEADS", "DualHead", "SharedHead", "Teacher", "TokenHead", "create_student",
+    **dict.fromkeys(("LOSSES", "DISTLoss", "DecoupledKDLoss", "DistillationLoss", "FeatureDistillationLoss",
+                     "HardDistillationLoss", "SoftDistillationLoss", "TaskLoss", "create_loss"), "kdkit.losses"),
+    **dict.fromkeys(("HEADS", "DualHead", "NativeHead", "SharedHead", "Teacher", "TokenHead", "create_student",
                      "create_teacher"), "kdkit.models"),
     "KdkitError": "kdkit.registry",
-    "LOGIT_SOURCES": "kdkit.teachers", "LiveTeacher": "kdkit.teachers",
-    "Batch": "kdkit.types", "StepOut": "kdkit.types", "StudentOut": "kdkit.types",
+    "load_plugins": "kdkit.plugins",
+    **dict.fromkeys(("LOGIT_SOURCES", "CachedLogits", "LiveTeacher", "LogitSource", "TeacherEnsemble"),
+                    "kdkit.teachers"),
+    "Batch": "kdkit.types", "StepOut": "kdkit.types", "StudentOut": "kdkit.types", "TeacherOut": "kdkit.types",
 }
 
 __all__ = [
-    "HEADS", "LOGIT_SOURCES", "LOSSES", "Batch", "DistillationStep", "DualHead", "HardDistillationLoss",
-    "KdkitError", "LiveTeacher", "Recipe", "SharedHead", "SoftDistillationLoss", "StepOut", "StudentOut",
-    "TaskLoss", "Teacher", "TokenHead", "__version__", "create_loss", "create_student", "create_teacher",
-    "distill", "evaluate", "fit", "load_recipe", "train",
+    "HEADS", "LOGIT_SOURCES", "LOSSES", "Batch", "CachedLogits", "DISTLoss", "DecoupledKDLoss", "DistillationLoss",
+    "DistillationStep", "DualHead", "FeatureDistillationLoss", "HardDistillationLoss", "KdkitError", "LiveTeacher",
+    "LogitSource", "NativeHead", "Recipe", "SharedHead", "SoftDistillationLoss", "StepOut", "StudentOut", "TaskLoss",
+    "Teacher", "TeacherEnsemble", "TeacherOut", "TokenHead", "__version__", "create_loss", "create_student",
+    "create_teacher", "distill", "evaluate", "fit", "load_plugins", "load_recipe", "train",
 ]
 
 
@@ -50,8 +53,28 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from kdkit.api import distill, train
     from kdkit.config import Recipe, load_recipe
     from kdkit.engine import DistillationStep, evaluate, fit
-    from kdkit.losses import LOSSES, HardDistillationLoss, SoftDistillationLoss, TaskLoss, create_loss
-    from kdkit.models import HEADS, DualHead, SharedHead, Teacher, TokenHead, create_student, create_teacher
+    from kdkit.losses import (
+        LOSSES,
+        DecoupledKDLoss,
+        DistillationLoss,
+        DISTLoss,
+        FeatureDistillationLoss,
+        HardDistillationLoss,
+        SoftDistillationLoss,
+        TaskLoss,
+        create_loss,
+    )
+    from kdkit.models import (
+        HEADS,
+        DualHead,
+        NativeHead,
+        SharedHead,
+        Teacher,
+        TokenHead,
+        create_student,
+        create_teacher,
+    )
+    from kdkit.plugins import load_plugins
     from kdkit.registry import KdkitError
-    from kdkit.teachers import LOGIT_SOURCES, LiveTeacher
-    from kdkit.types import Batch, StepOut, StudentOut
+    from kdkit.teachers import LOGIT_SOURCES, CachedLogits, LiveTeacher, LogitSource, TeacherEnsemble
+    from kdkit.types import Batch, StepOut, StudentOut, TeacherOut
