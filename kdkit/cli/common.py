@@ -14,7 +14,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from kdkit.config import CHANNELS_LAST, PRECISIONS, PRESETS, Recipe, load_recipe
+from kdkit.config import CHANNELS_LAST, PRECISIONS, PRESETS, TRACKERS, Recipe, load_recipe
 from kdkit.registry import KdkitError, suggest
 
 # argument groups, in the order --help shows them: title -> what the group holds
@@ -142,6 +142,10 @@ RUN_FLAGS: dict[str, Flag] = {
                                aliases=("--checkpoint-hist",)),
     "--on-nonfinite": Flag("run.on_nonfinite", str, "what a NaN/inf loss does: stop the run, or skip the step",
                            "run", choices=ON_NONFINITE),
+    "--log-with": Flag("run.log_with", str, "experiment trackers that mirror metrics.jsonl, comma-separated: "
+                       "tensorboard (RUN/kdkit/), wandb, mlflow, aim, or all installed; each is a pip extra, "
+                       'pip install "kdkit[tensorboard]"', "run", names=(*TRACKERS, "all"), metavar="NAMES",
+                       default="none"),
     # distributed
     "--precision": Flag("run.precision", str, "mixed precision; auto lets Accelerate decide (accelerate launch "
                         "--mixed_precision, ACCELERATE_MIXED_PRECISION, accelerate config)", "distributed",

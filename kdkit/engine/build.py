@@ -6,6 +6,7 @@ their own settings checked against their constructors."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +28,7 @@ from kdkit.data import (
     view_settings,
 )
 from kdkit.engine.evaluate import check_teacher
+from kdkit.engine.metrics import resolve_trackers
 from kdkit.losses import LOSSES, DistillationLoss, semi_supervised
 from kdkit.models import HEADS, create_student, create_teacher, model_data_config, resolve_model_name
 from kdkit.models.teacher import Teacher
@@ -34,9 +36,12 @@ from kdkit.registry import KdkitError, Lazy, call_with, check_settings, paramete
 from kdkit.teachers import LOGIT_SOURCES, LogitSource, RunPieces
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
-    """The run's Accelerator: run.precision (auto = Accelerate decides) and gradient accumulation."""
-    return create_accelerator(recipe.run.precision, recipe.optim.grad_accum)
+def make_accelerator(recipe: Recipe, run_dir: Path | None = None) -> Accelerator:
+    """The run's Accelerator: run.precision (auto = Accelerate decides), gradient accumulation and,
+    given the `run_dir` they write under, the trackers of run.log_with (one not installed is an
+    error). Without a run_dir (kdkit cache), no trackers."""
+    trackers = resolve_trackers(recipe.run.trackers()) if run_dir is not None else None
+    return create_accelerator(recipe.run.precision, recipe.optim.grad_accum, log_with=trackers, project_dir=run_dir)
 
 def amp_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a mixed precision ("no": None, full precision)."""

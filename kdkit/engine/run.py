@@ -35,6 +35,7 @@ from kdkit.engine.build import (
     teacher_precision,
 )
 from kdkit.engine.loop import LoopSettings, fit
+from kdkit.engine.metrics import RunTrackers
 from kdkit.engine.step import DistillationStep
 from kdkit.files import atomic_write_text, exclusive_lock
 from kdkit.losses import LOSSES
@@ -102,7 +103,8 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     set_seed(r.run.seed)
     if r.run.deterministic:
         set_deterministic()
-    acc = make_accelerator(r)
+    out_dir = Path(resume) if resume else run_dir_for(r, mode)
+    acc = make_accelerator(r, out_dir)
     train_ds, eval_ds = open_data(r)
     classes = train_ds.classes
     student = build_student(r, mode, student, len(classes))
@@ -130,7 +132,6 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     optimizer, scheduler, lr = build_optimizer(r, student, len(train_loader), acc.device)
     if r.run.compile:
         student.compile()  # in place: state-dict names stay the student's own
-    out_dir = Path(resume) if resume else run_dir_for(r, mode)
     # one run at a time in a run directory: a second is refused, naming the first (a killed one's lock is taken over)
     # one run at a time in a run directory: a second is refused, naming the first (a killed one's lock is taken over)
     with exclusive_lock(out_dir, "run") if acc.is_main_process else contextlib.nullcontext():
@@ -150,10 +151,12 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                                 checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
                                 on_nonfinite=r.run.on_nonfinite)
         start = time.perf_counter()
+        trackers = RunTrackers(acc, out_dir, r.to_dict())  # run.log_with: started by fit as it opens metrics.jsonl
         result = fit(student, DistillationStep(loss, logits), train_loader, optimizer, epochs=r.optim.epochs,
                      scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, run_dir=out_dir,
                      save=lambda module, name: save_student(out_dir / name, module, config), settings=settings,
                      resume=bool(resume))
+        trackers.finish()
         summary.update(eval=result.eval, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
                        student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
                        data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images},
