@@ -63,6 +63,8 @@ def main() -> None:
                 rows.append(run(loss, seed, Path(tmp)))
                 r = rows[-1]
                 print(f"{loss:18s} seed {seed}: fused {r['fused_top1']:.2f}  ({r['wall_s']:.0f} s)", file=sys.stderr)
+                # written after every run, so that a long comparison stopped half-way keeps what it measured
+                Path(args.out).write_text(json.dumps({"cpu": cpu_model(), "seeds": args.seeds, "rows": rows}, indent=2))
     by = {loss: [r["fused_top1"] for r in rows if r["loss"] == loss] for loss in args.only}
     print(f"| loss | fused top-1 % (seeds {' '.join(map(str, args.seeds))}) | mean | wall s (mean) |")
     print("|---|---|---|---|")

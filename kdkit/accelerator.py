@@ -11,10 +11,13 @@ from accelerate.state import AcceleratorState
 from kdkit.registry import KdkitError
 
 
-def create_accelerator(precision: str = "auto", grad_accum: int = 1) -> Accelerator:
+def create_accelerator(precision: str = "auto", grad_accum: int = 1, log_with: list[str] | None = None,
+                       project_dir: str | os.PathLike | None = None) -> Accelerator:
     """An Accelerator on the GPU when there is one. Precision "auto" leaves it to Accelerate's own
     resolution (the `accelerate launch --mixed_precision` flag, ACCELERATE_MIXED_PRECISION, an
-    `accelerate config` file through the launcher); "no", "bf16" or "fp16" win over those."""
+    `accelerate config` file through the launcher); "no", "bf16" or "fp16" win over those.
+    log_with: Accelerate's tracker names (installed ones: engine.metrics.resolve_trackers), which
+    write under `project_dir` (the run directory) where they write files."""
     chosen = None if precision == "auto" else precision
     wanted = chosen or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
@@ -23,7 +26,8 @@ def create_accelerator(precision: str = "auto", grad_accum: int = 1) -> Accelera
         AcceleratorState._reset_state()
     try:
         return Accelerator(mixed_precision=chosen, gradient_accumulation_steps=grad_accum,
-                           cpu=not torch.cuda.is_available())
+                           cpu=not torch.cuda.is_available(), log_with=log_with or None,
+                           project_dir=None if project_dir is None else str(project_dir))
     except ValueError as e:
         raise KdkitError(f"cannot set up precision {wanted!r}: {e}") from None
 

@@ -23,6 +23,7 @@ from kdkit.registry import KdkitError, suggest
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 FUSED = ("auto", "fused", "foreach", "off")
 CHANNELS_LAST = ("auto", "on", "off")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")  # run.log_with: Accelerate's trackers kdkit installs as extras
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -173,8 +174,10 @@ class RunConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints; 0 = write none
     deterministic: bool = False  # deterministic kernels (CUDA); CPU runs are reproducible anyway
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    log_with: str | list[str] = ""  # trackers mirroring metrics.jsonl: tensorboard, wandb, mlflow, aim, all; "a,b" or a list
 
     def __post_init__(self) -> None:
+        self.trackers()
         _choice("run.precision", self.precision, PRECISIONS)
         _choice("run.teacher_precision", self.teacher_precision, PRECISIONS)
         _choice("run.channels_last", self.channels_last, CHANNELS_LAST)
@@ -185,6 +188,14 @@ class RunConfig:
                 raise KdkitError(f"run.{key} must be >= 0, got {getattr(self, key)}")
         if self.log_every < 1:
             raise KdkitError(f"run.log_every must be >= 1, got {self.log_every}")
+
+    def trackers(self) -> list[str]:
+        """run.log_with as a list of names ([] = none), "all" kept as given; an unknown name is an error."""
+        items = self.log_with.split(",") if isinstance(self.log_with, str) else self.log_with
+        names = [n.strip().lower() for n in items if n.strip()]
+        for n in names:
+            _choice("run.log_with", n, (*TRACKERS, "all"))
+        return list(dict.fromkeys(names))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from kdkit.config import CHANNELS_LAST, PRECISIONS, PRESETS, Recipe, load_recipe
+from kdkit.config import CHANNELS_LAST, PRECISIONS, PRESETS, TRACKERS, Recipe, load_recipe
 from kdkit.registry import KdkitError, suggest
 
 # argument groups, in the order --help shows them: title -> what the group holds
@@ -144,6 +144,10 @@ RUN_FLAGS: dict[str, Flag] = {
                                aliases=("--checkpoint-hist",)),
     "--on-nonfinite": Flag("run.on_nonfinite", str, "what a NaN/inf loss does: stop the run, or skip the step",
                            "run", choices=ON_NONFINITE),
+    "--log-with": Flag("run.log_with", str, "experiment trackers that mirror metrics.jsonl, comma-separated: "
+                       "tensorboard (RUN/kdkit/), wandb, mlflow, aim, or all installed; each is a pip extra, "
+                       'pip install "kdkit[tensorboard]"', "run", names=(*TRACKERS, "all"), metavar="NAMES",
+                       default="none"),
     # distributed
     "--precision": Flag("run.precision", str, "mixed precision; auto lets Accelerate decide (accelerate launch "
                         "--mixed_precision, ACCELERATE_MIXED_PRECISION, accelerate config)", "distributed",
@@ -359,7 +363,7 @@ def recipe_from_args(args: argparse.Namespace, flags: dict[str, Flag], extra: di
 
 # recipe keys a resumed run may change: they cannot change its results
 RESUME_SAFE = ("data.workers", "data.strict", "run.progress", "run.checkpoint_every", "run.keep_checkpoints",
-               "run.on_nonfinite", "run.teacher_check_batches")
+               "run.on_nonfinite", "run.teacher_check_batches", "run.log_with")
 
 
 def resumed_recipe(run_dir: str | Path, over: dict, recipe: str | None = None) -> Recipe:

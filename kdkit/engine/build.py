@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -29,6 +30,7 @@ from kdkit.data import (
     view_settings,
 )
 from kdkit.engine.evaluate import check_teacher
+from kdkit.engine.metrics import resolve_trackers
 from kdkit.losses import LOSSES, DistillationLoss, semi_supervised
 from kdkit.models import HEADS, create_student, create_teacher, model_data_config, resolve_model_name
 from kdkit.models.teacher import Teacher
@@ -36,9 +38,13 @@ from kdkit.registry import KdkitError, Lazy, call_with, check_settings, paramete
 from kdkit.teachers import LOGIT_SOURCES, LogitSource, RunPieces
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
-    """The run's Accelerator: run.precision (auto = Accelerate decides) and gradient accumulation."""
-    return create_accelerator(recipe.run.precision, recipe.optim.grad_accum)
+def make_accelerator(recipe: Recipe, run_dir: Path | None = None) -> Accelerator:
+    """The run's Accelerator: run.precision (auto = Accelerate decides), gradient accumulation and,
+    given the `run_dir` they write under, the trackers of run.log_with (one not installed is an
+    error). Without a run_dir (kdkit cache), no trackers."""
+    trackers = resolve_trackers(recipe.run.trackers()) if run_dir is not None else None
+    return create_accelerator(recipe.run.precision, recipe.optim.grad_accum, log_with=trackers, project_dir=run_dir)
+
 
 def amp_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a mixed precision ("no": None, full precision)."""
@@ -333,9 +339,10 @@ class RunParts:
 
 
 def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None,
-              teacher: nn.Module | None = None) -> RunParts:
-    """Check the recipe's strategies, then build the accelerator, data, student, logit source (the
-    teachers, checked on the evaluation split) and loss, as `mode` ("distill" or "train") needs them."""
+              teacher: nn.Module | None = None, run_dir: Path | None = None) -> RunParts:
+    """Check the recipe's strategies, then build the accelerator (with run.log_with's trackers under
+    `run_dir`, when given), data, student, logit source (the teachers, checked on the evaluation
+    split) and loss, as `mode` ("distill" or "train") needs them."""
     kind = "none" if mode == "train" else r.loss.kind
     if r.data.unlabeled and (mode == "train" or r.loss.kind == "none"):
         raise KdkitError("unlabeled images (data.unlabeled) learn from the teacher only: use kdkit distill with "
@@ -344,7 +351,7 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
     set_seed(r.run.seed)
     if r.run.deterministic:
         set_deterministic()
-    acc = make_accelerator(r)
+    acc = make_accelerator(r, run_dir)
     train_ds, eval_ds = open_data(r)
     classes = train_ds.classes
     student = build_student(r, mode, student, len(classes))

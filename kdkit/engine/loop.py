@@ -127,7 +127,7 @@ class Trainer:
             self.scheduler.step(epoch + 1)
         last = epoch + 1 == epochs
         if self.eval_loader is not None and (last or (s.eval_every > 0 and (epoch + 1) % s.eval_every == 0)):
-            result = self.evaluate(epoch)
+            result = self.evaluate(epoch, pos.updates)
         if acc.is_main_process and self.save is not None and (last or self.eval_loader is not None):
             self.save(acc.unwrap_model(self.student), "student")
             if self.ema is not None:
@@ -135,13 +135,13 @@ class Trainer:
         pos.epoch, pos.step, pos.eval = epoch + 1, 0, result
         self.ckpt.save(pos, self.log)
 
-    def evaluate(self, epoch: int) -> dict:
+    def evaluate(self, epoch: int, updates: int) -> dict:
         acc, progress = self.acc, self.s.progress
         result = evaluate(self.student, self.eval_loader, acc, f"eval {epoch + 1}", progress)
         if self.ema is not None:
             ema_result = evaluate(self.ema.module, self.eval_loader, acc, f"eval EMA {epoch + 1}", progress)
             result.update({f"ema_{k}": v for k, v in ema_result.items() if "_top" in k})
-        self.log.write(epoch=epoch, eval=result)
+        self.log.write(epoch=epoch, update=updates, eval=result)
         if acc.is_main_process and progress:
             ema_fused = f"  EMA fused {result['ema_fused_top1']:.2f}%" if self.ema is not None else ""
             console.print(f"epoch {epoch + 1}: class {result['class_top1']:.2f}%  dist {result['dist_top1']:.2f}%  "

@@ -18,6 +18,7 @@ from kdkit.console import console
 from kdkit.curves import write_curves
 from kdkit.engine.build import build_optimizer, build_run
 from kdkit.engine.loop import LoopSettings, fit
+from kdkit.engine.metrics import RunTrackers
 from kdkit.engine.step import DistillationStep
 from kdkit.files import atomic_write_text, exclusive_lock
 from kdkit.models import HEADS
@@ -76,7 +77,8 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     replace the recipe's model names. `resume`: a run directory whose newest valid checkpoint the
     run continues from (same recipe). Returns the summary (also written to RUN/summary.json)."""
     r = recipe
-    parts = build_run(r, mode, student, teacher)
+    out_dir = Path(resume) if resume else run_dir_for(r, mode)
+    parts = build_run(r, mode, student, teacher, out_dir)
     acc, student, train_ds, eval_ds, semi = parts.acc, parts.student, parts.train_ds, parts.eval_ds, parts.semi
     train_loader, eval_loader, logits, loss, summary = (parts.train_loader, parts.eval_loader, parts.logits,
                                                         parts.loss, parts.summary)
@@ -86,7 +88,6 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     optimizer, scheduler, lr = build_optimizer(r, student, len(train_loader), acc.device)
     if r.run.compile:
         student.compile()  # in place: state-dict names stay the student's own
-    out_dir = Path(resume) if resume else run_dir_for(r, mode)
     # one run at a time in a run directory: a second is refused, naming the first (a killed one's lock is taken over)
     with exclusive_lock(out_dir, "run") if acc.is_main_process else contextlib.nullcontext():
         config = student_config(student, r, classes, data_cfg, loss.conventions())
@@ -105,10 +106,12 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                                 checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
                                 on_nonfinite=r.run.on_nonfinite)
         start = time.perf_counter()
+        trackers = RunTrackers(acc, out_dir, r.to_dict())  # run.log_with: started by fit as it opens metrics.jsonl
         result = fit(student, DistillationStep(loss, logits), train_loader, optimizer, epochs=r.optim.epochs,
                      scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, run_dir=out_dir,
                      save=lambda module, name: save_student(out_dir / name, module, config), settings=settings,
                      resume=bool(resume))
+        trackers.finish()
         summary.update(eval=result.eval, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
                        student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
                        data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images},
