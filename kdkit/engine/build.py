@@ -299,6 +299,9 @@ def provided_features(student: nn.Module, source: LogitSource | None) -> dict:
     """What a feature loss may ask for: the student's and the teacher's feature sizes (lazily)."""
     def teacher_features() -> int:
         teacher = getattr(source, "teacher", None)
+        if hasattr(source, "teachers"):
+            raise KdkitError("feature distillation matches one teacher's features: an ensemble has no one feature "
+                             "space (give one --teacher)")
         if teacher is None:
             raise KdkitError("feature distillation needs a live teacher (features are not cached): drop --logits "
                              "and pass --teacher")
