@@ -14,6 +14,7 @@ import dataclasses
 from torch import nn
 
 from kdkit.config import Recipe, _merge, load_recipe
+from kdkit.engine.run import run
 from kdkit.registry import KdkitError, suggest
 
 # Bare names that differ from the recipe's field names.
@@ -42,8 +43,6 @@ def recipe_from_settings(recipe: Recipe | None = None, **settings: object) -> Re
 def distill(student: str | nn.Module, teacher: str | nn.Module, data: str, *, recipe: Recipe | None = None,
             **settings: object) -> dict:
     """Distil `teacher` into `student` on `data`. See the module docstring for `settings`."""
-    from kdkit.engine.run import run
-
     names = {"student": student, "teacher": teacher}
     r = recipe_from_settings(recipe, data=data, **{k: v for k, v in names.items() if isinstance(v, str)},
                              **settings)
@@ -53,8 +52,6 @@ def distill(student: str | nn.Module, teacher: str | nn.Module, data: str, *, re
 
 def train(model: str | nn.Module, data: str, *, recipe: Recipe | None = None, **settings: object) -> dict:
     """Supervised training of `model` on `data` (no teacher)."""
-    from kdkit.engine.run import run
-
     extra = {"student": model} if isinstance(model, str) else {}
     r = recipe_from_settings(recipe, data=data, loss="none", **extra, **settings)
     return run(r, "train", student=model if isinstance(model, nn.Module) else None)

@@ -122,6 +122,7 @@ class LossConfig:
         return {k: getattr(self, k) for k in self.SHARED}
 
     def __post_init__(self) -> None:
+        # imported here, not at the top: `kdkit VERB --help` reads this module without loading torch
         from kdkit.losses.distillation import check_loss_settings
         from kdkit.losses.semi import PSEUDO_LABELS, check_threshold
 

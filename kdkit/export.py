@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from kdkit import __version__
 from kdkit.console import console
 from kdkit.files import atomic_folder, atomic_write
 from kdkit.models import load_saved
@@ -84,8 +85,6 @@ def _need_onnx() -> None:
 
 def onnx_metadata(config: dict, head: str) -> dict[str, str]:
     """The metadata_props of an exported student: its preprocessing, labels and head, as JSON strings."""
-    from kdkit import __version__
-
     pcfg = config["pretrained_cfg"]
     values = {k: pcfg[k] for k in ("mean", "std", "input_size", "interpolation", "crop_pct")}
     values.update(label_names=config.get("label_names"), head=head, architecture=config["architecture"],

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kdkit.console import console
 from kdkit.registry import KdkitError
 
 
@@ -249,6 +250,4 @@ def _hint(holder: dict) -> str:
 
 
 def _note(message: str) -> None:
-    from kdkit.console import console
-
     console.print(message, soft_wrap=True)  # paths stay whole, one line

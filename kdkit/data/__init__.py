@@ -6,24 +6,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from timm.data import auto_augment as _auto_augment
-from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset, load_rgb
 from kdkit.data.mixup import SampleMixup
 from kdkit.data.sampler import EpochSampler, MixedSampler, epoch_views, mixed_epoch_views
 from kdkit.data.seeding import sample_seed
+from kdkit.data.transforms import ToNormalizedTensor, create_transforms, fuse_to_tensor
 from kdkit.data.unlabeled import SemiSupervisedDataset, UnlabeledFolderDataset, check_readable
-from kdkit.data.views import apply_views, is_augmented, view_settings, view_transform
+from kdkit.data.views import apply_views, eval_transform, is_augmented, view_settings, view_transform
 from kdkit.registry import KdkitError
 
 __all__ = [
     "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "MixedSampler", "SampleMixup",
-    "SeededDataset", "SemiSupervisedDataset", "UnlabeledFolderDataset", "collate", "create_loader",
+    "SeededDataset", "SemiSupervisedDataset", "ToNormalizedTensor", "UnlabeledFolderDataset", "collate",
+    "create_loader", "fuse_to_tensor",
     "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
     "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
 ]
@@ -31,17 +29,6 @@ __all__ = [
 EMBEDDED_SAMPLE = "cifar10-sample"
 
 
-def _posterize_keep_zero_bits(img, bits_to_keep, **kwargs):
-    # timm's "inc1" RandAugment (DeiT's rand-m9-mstd0.5-inc1) keeps 0 bits at its top magnitude;
-    # recent Pillow refuses posterize(0) where it used to return the all-black image the policy means.
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return _timm_posterize(img, bits_to_keep, **kwargs)
-
-
-_timm_posterize = _auto_augment.NAME_TO_OP["PosterizeIncreasing"]
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    _auto_augment.NAME_TO_OP[_name] = _posterize_keep_zero_bits
 EVAL_SPLITS = ("val", "validation", "test")
 
 
@@ -127,55 +114,12 @@ def open_unlabeled(data: str | Path, classes: list[str], seed: int = 0, strict: 
     return ds
 
 
-def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, ...], is_training: bool,
-                      scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, color_jitter: float = 0.0,
-                      auto_augment: str = "", reprob: float = 0.0, interpolation: str = "bicubic",
-                      crop_pct: float | None = None) -> Callable:
-    """timm's create_transform: RandomResizedCrop/flip/RandAugment/random erasing when training,
-    resize + centre crop otherwise."""
-    if is_training:
-        t = create_transform(img_size, is_training=True, scale=tuple(scale), hflip=hflip,
-                             color_jitter=color_jitter or None, auto_augment=auto_augment or None,
-                             re_prob=reprob, re_mode="pixel", interpolation=interpolation, mean=mean, std=std)
-    else:
-        t = create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
-                             crop_pct=crop_pct if crop_pct is not None else (1.0 if img_size <= 64 else 0.875))
-    return fuse_to_tensor(t, mean, std)
 
 
-class ToNormalizedTensor:
-    """PIL RGB image -> (3, H, W) float32 (x / 255 - mean) / std, in one pass over the pixels:
-    timm's ToTensor + Normalize, which cost more than the crop and flip of a small image."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-        self.scale = (1.0 / (255.0 * std_t)).view(-1, 1, 1)
-        self.shift = (-mean_t / std_t).view(-1, 1, 1)
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-        # written into a contiguous tensor: random erasing and the batch's stack are faster on it
-        return torch.addcmul(self.shift, x, self.scale, out=torch.empty(x.shape, dtype=torch.float32))
-
-    def __repr__(self) -> str:
-        return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
 
 
-def fuse_to_tensor(transform: Callable, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
-    """Replace the ToTensor + Normalize steps of a timm transform with one ToNormalizedTensor."""
-    steps = getattr(transform, "transforms", None)
-    names = [type(t).__name__ for t in steps or []]
-    for i in range(len(names) - 1):
-        if names[i] in ("MaybeToTensor", "ToTensor") and names[i + 1] == "Normalize":
-            steps[i : i + 2] = [ToNormalizedTensor(mean, std)]
-            break
-    return transform
 
 
-def eval_transform(data_cfg: dict) -> Callable:
-    """The evaluation transform of a timm data config (input_size, mean, std, interpolation, crop_pct)."""
-    return view_transform(view_settings(data_cfg))
 
 
 def collate(samples: list[dict]) -> dict:

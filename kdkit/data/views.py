@@ -10,6 +10,7 @@ from timm.data import Mixup
 
 from kdkit.data.dataset import SeededDataset
 from kdkit.data.mixup import SampleMixup
+from kdkit.data.transforms import create_transforms
 
 AUG_KEYS = ("scale", "hflip", "color_jitter", "auto_augment", "reprob", "mixup", "cutmix", "mixup_prob",
             "mixup_switch_prob", "label_smoothing", "repeated_aug")
@@ -39,8 +40,6 @@ def is_augmented(views: dict) -> bool:
 def view_transform(views: dict) -> Callable:
     """timm's create_transform for `views`: RandomResizedCrop/flip/RandAugment/random erasing for
     training views, resize + centre crop for evaluation views."""
-    from kdkit.data import create_transforms
-
     v = views
     if not v["train"]:
         return create_transforms(v["img_size"], v["mean"], v["std"], False, interpolation=v["interpolation"],
@@ -60,3 +59,8 @@ def apply_views(dataset: SeededDataset, views: dict, num_classes: int) -> Seeded
                                       num_classes=num_classes)) if v["train"] and (v["mixup"] > 0 or v["cutmix"] > 0) \
         else None
     return dataset
+
+
+def eval_transform(data_cfg: dict) -> Callable:
+    """The evaluation transform of a timm data config (input_size, mean, std, interpolation, crop_pct)."""
+    return view_transform(view_settings(data_cfg))
