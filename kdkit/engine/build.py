@@ -287,6 +287,7 @@ def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dic
         train_ds.view_cycle = epochs
 
     pieces = RunPieces(num_classes=num_classes, epochs=r.optim.epochs, teachers=teachers,
+                       has_teachers=teacher is not None or bool(r.model.teachers()),
                        cache=r.model.teacher_logits, cache_cycle=r.model.teacher_logits_cycle,
                        expected_manifest=lambda mode: expected_manifest(r, train_ds, data_cfg, mode),
                        augmented=is_augmented(view_settings(data_cfg, dataclasses.asdict(r.aug))),

@@ -37,6 +37,7 @@ class RunPieces:
     num_classes: int
     epochs: int
     teachers: Callable[[], list[Teacher]]
+    has_teachers: bool = True  # whether the run names a teacher (or was given one) for teachers() to build
     cache: str = ""
     cache_cycle: bool = False
     expected_manifest: Callable[[str], dict] | None = None
@@ -125,12 +126,10 @@ class CachedLogits(LogitSource):
         if cycle:
             run.set_view_cycle(cache.epochs)
         elif cache.mode == "replay" and run.epochs > cache.epochs:
-            try:
-                fallback = LiveTeacher(single_teacher(run))
-            except KdkitError:
+            if not run.has_teachers:
                 raise KdkitError(f"the cache holds {cache.epochs} epochs and the run has {run.epochs}: pass "
-                                 f"--teacher to compute the rest live, or --logits-cycle to replay the cached ones") \
-                    from None
+                                 f"--teacher to compute the rest live, or --logits-cycle to replay the cached ones")
+            fallback = LiveTeacher(single_teacher(run))
         run.info.update(logits={"cache": str(cache.root), "mode": cache.mode, "epochs": cache.epochs,
                                 "topk": cache.manifest["topk"], "dtype": cache.manifest["dtype"], "cycle": cycle,
                                 "live_after": cache.epochs if fallback else None})
