@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kdkit.losses.distillation import LOSSES, DistillationLoss, _wide
+from kdkit.losses.distillation import LOSSES, DistillationLoss, _wide, check_loss_settings
 from kdkit.registry import KdkitError
 
 PEARSON_EPS = 1e-8  # the reference code's
@@ -102,8 +102,7 @@ class DISTLoss(DistillationLoss):
         super().__init__(task_weight, kd_weight, label_smoothing, standardize)
         if beta < 0 or gamma < 0:
             raise KdkitError(f"dist beta and gamma must be >= 0, got beta={beta}, gamma={gamma}")
-        if not tau > 0:
-            raise KdkitError(f"tau must be > 0, got {tau}")
+        check_loss_settings(tau=tau)
         self.beta, self.gamma, self.tau = float(beta), float(gamma), float(tau)
 
     def distill(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:

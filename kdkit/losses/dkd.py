@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdkit.losses.distillation import LOSSES, DistillationLoss, _wide, gt_index
+from kdkit.losses.distillation import LOSSES, DistillationLoss, _wide, check_loss_settings, gt_index
 from kdkit.registry import KdkitError
 
 
@@ -126,8 +126,7 @@ class DecoupledKDLoss(DistillationLoss):
         super().__init__(task_weight, kd_weight, label_smoothing, standardize)
         if alpha < 0 or beta < 0:
             raise KdkitError(f"dkd alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
-        if not tau > 0:
-            raise KdkitError(f"tau must be > 0, got {tau}")
+        check_loss_settings(tau=tau)
         self.alpha, self.beta, self.tau = float(alpha), float(beta), float(tau)
 
     def distill(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
