@@ -4,7 +4,10 @@ TensorBoard's own reader, after a plain run and after a run killed with SIGKILL 
 import importlib.util
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 import tomllib
 from collections import defaultdict
 from pathlib import Path
@@ -78,6 +81,32 @@ def test_tensorboard_mirrors_every_line_and_the_recipe(tiny_data, teacher_dir, t
         assert got == value, (section, key)
     assert hparams["model.kwargs.depth"].number_value == 2
     assert hparams["aug.scale"].string_value == json.dumps(recipe["aug"]["scale"])
+
+
+def test_a_resumed_run_has_each_step_once_across_its_event_files(tiny_data, teacher_dir, tmp_path):
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "kdkit", *map(str, distill_args(teacher_dir, tiny_data, run_dir,
+                                                                                    epochs=3))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
+    # killed in its second epoch, past the first epoch's checkpoint: its events after it are orphans
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and '"epoch": 1, "step": 2,' in metrics.read_text():
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    before = tensorboard_scalars(run_dir / "kdkit")
+    assert run_cli("distill", "--resume", run_dir, "--no-progress", "--workers", "0") == 0
+
+    assert len(list((run_dir / "kdkit").glob("events.out.tfevents.*"))) == 2
+    raw, want = tensorboard_scalars(run_dir / "kdkit", purge=False), expected_scalars(run_dir)
+    assert len(raw["loss"]) > len(want["loss"]) == 21  # the killed run's steps after its checkpoint, twice
+    assert len(before["loss"]) >= 7 + 2
+    assert tensorboard_scalars(run_dir / "kdkit") == want
+    steps = [s for s, _ in want["loss"]]
+    assert steps == sorted(set(steps)) == list(range(1, 22))
 
 
 def test_two_processes_log_once(tiny_data, teacher_dir, tmp_path):

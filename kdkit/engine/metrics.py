@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -164,6 +165,14 @@ def resolve_trackers(names: list[str]) -> list[str]:
     return chosen
 
 
+def _after_event_files(log_dir: Path) -> None:
+    """Wait until the clock's second is past every events.out.tfevents.SECOND.* file in `log_dir`."""
+    seconds = [int(f.name.split(".")[3]) for f in log_dir.glob("events.out.tfevents.*")
+               if f.name.split(".")[3].isdigit()]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(max(seconds) + 1 - time.time() + 0.01)
+
+
 class RunTrackers:
     """The accelerator's trackers (Accelerator(log_with=..., project_dir=RUN)) as the mirror of
     RUN/metrics.jsonl, with the recipe (flattened, `flat_config`) as each tracker's run config.
@@ -174,6 +183,12 @@ class RunTrackers:
     of the earlier event files in RUN/kdkit/ from that step on (what the stopped run wrote after
     its checkpoint), and the kept lines at that very step are sent again, so that each line is
     there once. The other trackers start a new run, which gets the lines after the checkpoint.
+
+    TensorBoard reads a folder's event files in the order of their names, whose first field is
+    the second they were opened in and whose next are host and pid: a resume in the same second as
+    the stopped run's start would sort by pid, maybe before it, and its purge would drop its own
+    lines instead of the orphans. So a writer waits for a later second than any file there (rarely
+    more than a moment, and only when a run resumes within a second of its first start).
     """
 
     def __init__(self, acc: Accelerator, run_dir: Path, recipe: dict):
@@ -184,6 +199,7 @@ class RunTrackers:
     def start(self, kept: list[tuple[int, dict]]) -> None:
         purge = kept[-1][0] if kept else 0
         name = self.run_dir.name
+        _after_event_files(self.run_dir / PROJECT)
         self.acc.init_trackers(PROJECT, config=self.config,
                                init_kwargs={"tensorboard": {"purge_step": purge},
                                             "wandb": {"name": name, "dir": str(self.run_dir)},
