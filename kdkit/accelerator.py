@@ -95,20 +95,28 @@ def peer_failure(e: BaseException, process: int, processes: int, resume_hint: st
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
     cause = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo prefixes its source file and line
-    cause = re.sub(r"\s*(This is typically caused|Check the logs).*$", "", cause)[:160]
+    cause = re.sub(r"\s*(This is typically caused|Check the logs).*$", "", cause)[:160].rstrip(". ")
     if _TIMED_OUT.search(text):
         what = (f"waited {dist_timeout():g} s ({TIMEOUT_ENV}) for the other processes in a collective, in vain "
                 f"({cause}): one of them hangs or has died")
     else:
         what = f"lost contact with the other processes ({cause}): one of them has died (killed, out of memory?)"
-    hint = resume_hint or "the checkpoints written so far are intact"
-    return KdkitError(f"process {process} of {processes} {what}; stopped. {hint} (the failed process's own log "
-                      f"and the launcher's report name the first failure)")
+    hint = resume_hint or _HINT["text"]
+    return KdkitError(f"process {process} of {processes} {what}; stopped. {hint} (the other processes' logs, or "
+                      f"the launcher's report, name the first failure)")
+
+
+# what to do next, said by a process stopped by a failure (peers_watched sets it for its body)
+_HINT = {"text": "what was written so far is intact: run the same command again (with --resume RUN_DIR for a "
+                 "training run)"}
 
 
 @contextmanager
 def peers_watched(acc: Accelerator, resume_hint: str = "") -> Iterator[None]:
-    """Turn a collective failing on a dead or hung peer into peer_failure's one line (see there)."""
+    """Turn a collective failing on a dead or hung peer into peer_failure's one line (see there);
+    `resume_hint` (how to continue) is said by that line and by a SIGTERM's."""
+    previous = _HINT["text"]
+    _HINT["text"] = resume_hint or previous
     try:
         yield
     except RuntimeError as e:
@@ -116,6 +124,8 @@ def peers_watched(acc: Accelerator, resume_hint: str = "") -> Iterator[None]:
         if error is None:
             raise
         raise error from None
+    finally:
+        _HINT["text"] = previous
 
 
 _SIGTERM = {"pid": None}
@@ -142,9 +152,8 @@ def stop_on_sigterm(process: int, processes: int) -> None:
         import sys
 
         print(f"kdkit: process {process} of {processes} stopped by SIGTERM (a launcher sends it to every process "
-              f"when one fails: the first failure is in that process's log and the launcher's report). The "
-              f"checkpoints written so far are intact: --resume RUN_DIR continues from the newest",
-              file=sys.stderr, flush=True)
+              f"when one fails, a scheduler at its time limit; the first failure is in the other processes' logs "
+              f"or the launcher's report). {_HINT['text'][0].upper()}{_HINT['text'][1:]}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

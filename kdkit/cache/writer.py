@@ -42,21 +42,27 @@ def open_for_writing(root: Path, manifest: dict, overwrite: bool, accelerator: A
     """Create the cache folder, or resume one written with the same settings (a larger `epochs`
     extends it). Anything else is refused, naming the differences, unless `overwrite`."""
     if accelerator.is_main_process:
-        # a killed writer's half-written shard or manifest (we hold the lock: no writer is running)
-        remove_stale_temporaries(root)
-        remove_stale_temporaries(root / "shards")
+        # what a killed writer leaves half-written: a manifest (at the very start) or one shard per
+        # process. We hold the lock, so no writer is running; a folder that is not a cache keeps its files.
+        torn_manifest = list(root.glob(".manifest.json.*.tmp"))
         if (root / "manifest.json").is_file():
             old = read_manifest(root)
             diffs = differences(old, manifest, RESUME_KEYS)
             if diffs and not overwrite:
                 raise KdkitError(f"{root} holds a different cache ({'; '.join(diffs)}): pass --overwrite to "
                                  f"replace it, or choose another --out")
+            remove_stale_temporaries(root / "shards")
+            # safetensors' save_file writes through its own hidden temporary (.tmpXXXXXX) too
+            for p in (root / "shards").glob(".tmp*") if (root / "shards").is_dir() else ():
+                p.unlink(missing_ok=True) if p.is_file() else None
             if diffs:
                 shutil.rmtree(root / "shards", ignore_errors=True)
             elif old["epochs"] > manifest["epochs"]:
                 manifest = {**manifest, "epochs": old["epochs"]}  # keep what is there; compute nothing more
-        elif root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
+        elif root.exists() and any(p.name != LOCK_NAME and p not in torn_manifest for p in root.iterdir()):
             raise KdkitError(f"{root} exists and is not a kdkit logit cache: choose another --out")
+        for p in torn_manifest:
+            p.unlink(missing_ok=True)
         # the manifest first: a folder with shards/ but no manifest would not be taken for this cache again
         atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2))
         (root / "shards").mkdir(parents=True, exist_ok=True)
