@@ -82,13 +82,13 @@ def test_resume_refuses_a_changed_recipe_naming_every_difference_and_leaves_the_
     shutil.copytree(two_process_run, run)
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
-    # epochs and logging may change; the lr and Mixup may not
+    # epochs, logging and evaluation cadence may change; the lr and Mixup may not
     assert run_cli("distill", "--resume", run, "--lr", "0.1", "--set", "aug.mixup=0.5", "--epochs", "3",
-                   "--log-every", "2", "--no-progress") == 2
+                   "--log-every", "2", "--eval-every", "2", "--no-progress") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "optim.lr (0.001 -> 0.1)" in err and "aug.mixup (0.8 -> 0.5)" in err
-    assert "optim.epochs (" not in err and "run.log_every (" not in err
+    assert "optim.epochs (" not in err and "run.log_every (" not in err and "run.eval_every (" not in err
     # a recipe.toml edited by hand is caught by the recipe each checkpoint records
     text = (run / "recipe.toml").read_text()
     assert "weight_decay = 0.05\n" in text and "seed = 5\n" in text

@@ -75,13 +75,14 @@ class Position:
 # Recipe keys a resume may change: they do not change the steps the resumed run shares with the
 # recorded one. optim.epochs only moves where the run stops: the learning-rate schedule is the
 # checkpoint's, fixed at the start (fewer epochs end the recorded run early, step for step; more run
-# past the schedule's end at its final lr, like timm's cool-down epochs). run.log_every changes
-# which steps metrics.jsonl records, not the training. Not here, and why: run.eval_every (an
-# evaluation draws its data loader's seed from the run's RNG, so dropout and drop-path after it
-# change), run.precision, run.seed and everything that shapes the model, data or loss.
-RESUME_SAFE = ("optim.epochs", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.progress",
-               "run.on_nonfinite", "run.teacher_check_batches", "data.workers", "data.persistent_workers",
-               "data.prefetch_factor", "data.strict")
+# past the schedule's end, with cosine at optim.min_lr, like timm's cool-down epochs).
+# run.log_every and run.eval_every change what metrics.jsonl records and when student/ is saved,
+# not the training (the loaders draw from private generators, not the run's RNG); the rest is
+# speed and reporting. Not here: run.precision, run.seed and everything that shapes the model, the
+# data, the augmentation, the loss or the optimizer.
+RESUME_SAFE = ("optim.epochs", "run.log_every", "run.eval_every", "run.checkpoint_every", "run.keep_checkpoints",
+               "run.progress", "run.on_nonfinite", "run.teacher_check_batches", "data.workers",
+               "data.persistent_workers", "data.prefetch_factor", "data.strict")
 # where the run directory is: a run may be moved or renamed between a stop and its resume
 RESUME_IGNORED = ("run.output", "run.name")
 
