@@ -108,8 +108,11 @@ def distill_args(data: Path, teacher: Path, run_dir: Path, workers: int, drop_pa
             "--set", "optim.warmup_epochs=1", "--set", "aug.mixup=0.8",
             "--set", "run.checkpoint_every=1", "--set", "run.keep_checkpoints=2",
             "--set", "run.log_every=1", "--set", "run.teacher_check_batches=1", "--set", "run.deterministic=true"]
-    if drop_path:
-        args += ["--set", "model.drop_path=0.1", "--set", "optim.ema_decay=0.9"]
+    # preset deit (RandAugment, random erasing, Mixup/CutMix, repeated augmentation, label smoothing:
+    # all seeded per image or batch), with drop_path 0.1 and an EMA, or without drop-path, whose draws
+    # are per process
+    args += ["--set", "model.drop_path=0.1", "--set", "optim.ema_decay=0.9"] if drop_path else \
+        ["--set", "model.drop_path=0.0"]
     return args
 
 
@@ -214,6 +217,12 @@ def kdkit_traceback(text: str) -> bool:
     return bool(re.search(r'File "[^"]*/kdkit/', text))
 
 
+def resumed_from(stderr: str) -> int | None:
+    """The update count of the checkpoint a resume says it started from (the console wraps lines)."""
+    m = re.search(r"resuming from \S*?step-(\d+):", stderr.replace("\n", ""))
+    return int(m.group(1)) if m else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -239,10 +248,9 @@ def single_trial(data: Path, teacher: Path, run_dir: Path, after_step: int, frac
     torn = [p.name for p in folder.glob(".step-*")]  # a checkpoint write the kill interrupted
     resumed = subprocess.run([*KDKIT, "distill", "--resume", str(run_dir), "--no-progress", "--workers", str(workers)],
                              capture_output=True, text=True)
-    line = next((x for x in resumed.stderr.splitlines() if x.startswith("resuming from")), "")
     return {"after_step": after_step, "in_write": in_write, "fraction": round(fraction, 3),
             "finished_before_kill": finished, "checkpoints_on_disk": checkpoints, "interrupted_write": torn,
-            "resumed_from": int(line.split("step-")[-1].split(":")[0]) if line else None,
+            "resumed_from": resumed_from(resumed.stderr),
             "resume_rc": resumed.returncode, "error": resumed.stderr.strip().splitlines()[-1:] if resumed.returncode
             else []}
 
@@ -325,13 +333,12 @@ def multi_trial(data: Path, teacher: Path, run_dir: Path, how: str, victim: int,
     torn = [p.name for p in folder.glob(".step-*")]
     resumed = subprocess.run([*LAUNCH, "distill", "--resume", str(run_dir), "--no-progress", "--workers", "0"],
                              capture_output=True, text=True)
-    line = next((x for x in resumed.stderr.splitlines() if x.startswith("resuming from")), "")
     lines = kdkit_lines(said)
     return {"how": how, "victim_rank": victim, "after_step": after_step, "in_write": in_write,
             "fraction": round(fraction, 3), "finished_before_kill": finished, "survivor_exit_s": survivor_s and
             round(survivor_s, 2), "all_exited_s": round(all_s, 2), "survivor_lines": lines,
             "kdkit_traceback": kdkit_traceback(said), "interrupted_write": torn,
-            "resumed_from": int(line.split("step-")[-1].split(":")[0]) if line else None,
+            "resumed_from": resumed_from(resumed.stderr),
             "resume_rc": resumed.returncode,
             "resume_error": resumed.stderr.strip().splitlines()[-3:] if resumed.returncode else []}
 
@@ -371,14 +378,15 @@ def run_multi(args, root: Path, data: Path, teacher: Path, rng: random.Random) -
                 "resumed from", "max |Δ loss|", "max |Δ w|", "ok"):
         table.add_column(col, justify="right")
     for r in rows:
-        said = r["survivor_lines"][0][:60] + "..." if r["survivor_lines"] else "-"
+        said = ", ".join("SIGTERM" if "SIGTERM" in x else "waited (timeout)" if " waited " in x else
+                         "lost contact" if "lost contact" in x else x[:30] for x in r["survivor_lines"]) or "-"
         table.add_row(str(r["trial"]), r["how"], str(r["victim_rank"]), str(r["after_step"]),
                       "in write" if r["in_write"] else f"+{r['fraction']:.2f}",
                       "finished" if r["finished_before_kill"] else f"{r['survivor_exit_s']} s", said,
                       "yes" if r["interrupted_write"] else "", str(r["resumed_from"] or "-"),
                       f"{r['loss_diff']:.1e}" if r["loss_diff"] is not None else "-",
                       f"{r['weight_diff']:.1e}" if r["weight_diff"] is not None else "-", str(r["survived"]))
-    Console(width=180).print(table)
+    Console(width=150).print(table)
     by_how = {}
     for r in rows:
         k = by_how.setdefault(r["how"], {"tried": 0, "survived": 0, "bit_for_bit": 0, "survivor_exit_s_max": 0.0})
@@ -487,19 +495,21 @@ def run_elastic(args, root: Path, data: Path, teacher: Path, rng: random.Random)
         before, after = (2, 1) if i % 2 == 0 else (1, 2)
         run_dir = root / "runs" / f"elastic{i:02d}"
         proc = subprocess.Popen([*(LAUNCH if before == 2 else KDKIT), *distill_args(data, teacher, run_dir, 0, False)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         step = rng.randrange(1, STEPS_PER_EPOCH * EPOCHS - 1)
         wait_for_steps(proc, run_dir / "metrics.jsonl", step, time.monotonic() + 300)
         finished = proc.poll() is not None
-        if not finished:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers: the whole run stops
+        if not finished:  # the workers first (torchrun starts them in sessions of their own), then the launcher
+            import psutil
+
+            for pid in [c.pid for c in psutil.Process(proc.pid).children(recursive=True)] + [proc.pid]:
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
         resumed = subprocess.run([*(LAUNCH if after == 2 else KDKIT), "distill", "--resume", str(run_dir),
                                   "--no-progress", "--workers", "0"], capture_output=True, text=True)
-        line = next((x for x in resumed.stderr.splitlines() if x.startswith("resuming from")), "")
         got = records(run_dir) if resumed.returncode == 0 else []
         row = {"trial": i, "processes": f"{before} -> {after}", "after_step": step, "finished_before_kill": finished,
-               "resumed_from": int(line.split("step-")[-1].split(":")[0]) if line else None,
+               "resumed_from": resumed_from(resumed.stderr),
                "resume_rc": resumed.returncode,
                "loss_diff": loss_diff(got, records(refs[before])) if got else None,
                "weight_diff": weight_diff(run_dir, refs[before]) if got else None,

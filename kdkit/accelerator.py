@@ -123,6 +123,10 @@ def peers_watched(acc: Accelerator, resume_hint: str = "") -> Iterator[None]:
         error = peer_failure(e, acc.process_index, acc.num_processes, resume_hint)
         if error is None:
             raise
+        # this process is on its way out with its own line: the launcher's SIGTERM, which follows
+        # the first failure, must not replace that line with its own
+        if _SIGTERM["pid"] == os.getpid() and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise error from None
     finally:
         _HINT["text"] = previous
