@@ -7,9 +7,11 @@ an uninterrupted run's.
     python bench/fault_injection.py elastic [--kills 4]     # stop under 2 processes, resume under 1, and back
 
 Inputs: 12 training and 6 test images per class of the bundled CIFAR-10 sample (120 + 60), a
-fixed random resnet10t teacher, a 2-block, 32-wide DeiT student at 32x32, global batch 16 (7 steps
-an epoch), 3 epochs, Mixup, AdamW with a cosine schedule, a checkpoint after every update (the
-newest 2 kept), a metrics line every step.
+fixed random resnet10t teacher (single: a weights file, run at resnet10t's default 176x176; the
+others: a timm folder whose config says 32x32), a 2-block, 32-wide DeiT student at 32x32, global
+batch 16 (7 steps an epoch), 3 epochs, preset deit (RandAugment, random erasing, Mixup/CutMix,
+repeated augmentation, label smoothing) with Mixup 0.8, AdamW with a cosine schedule, a checkpoint
+after every update (the newest 2 kept), a metrics line every step, run.deterministic.
 
 single: drop_path, EMA; SIGKILL after a random step, the even-numbered kills a random fraction of
 a step later, the odd-numbered ones as soon as the next checkpoint's temporary folder appears
@@ -31,7 +33,7 @@ of shards, half of the kills a random fraction of a shard later, half while a sh
 file exists (mid-write). Resumed by running the same command again; equal = the same manifest, the
 same shard files, every tensor and header equal to an uninterrupted cache's, no temporary left.
 
-elastic: no drop_path (its draws are per process); a two-process run killed at a random step is
+elastic: drop_path 0 (its draws are per process) and no EMA; a two-process run killed at a random step is
 resumed by one process, a one-process run by two; each is compared with the uninterrupted run of
 the process count it started with (losses and weights to 1e-5).
 
