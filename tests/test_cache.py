@@ -142,6 +142,49 @@ def _value(v: str):
         return v
 
 
+def test_what_a_killed_writer_leaves_is_removed_and_the_cache_completed(tmp_path, tiny_data, teacher_dir, capsys):
+    import shutil
+
+    from kdkit.cache.store import mmap_safetensors
+
+    args = [*common(tiny_data, epochs=1), *teacher_args(teacher_dir), "--shard-size", "32"]
+    assert run_cli("cache", *args, "--out", tmp_path / "whole") == 0
+    names = sorted(p.name for p in (tmp_path / "whole" / "shards").iterdir())
+    assert len(names) == 4 and sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["manifest.json", "shards"]
+    # SIGKILL while shard 2 was written: two shards done, kdkit's temporary half-written, safetensors'
+    # own temporary beside it, the lock file of the dead writer
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    shards = cut / "shards"
+    data = (shards / names[2]).read_bytes()
+    for name in names[2:]:
+        (shards / name).unlink()
+    (shards / f".{names[2]}.k5uvl9e7.tmp").write_bytes(data[: len(data) // 2])
+    (shards / ".tmpa6MquK").write_bytes(data[:100])
+    (cut / ".kdkit.lock").write_text(json.dumps({"purpose": "cache writer", "pid": 999999, "host": "elsewhere"}))
+    # SIGKILL at the very start: the lock and a half-written manifest, nothing else
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / ".kdkit.lock").write_text("{}")
+    (start / ".manifest.json.x1y2z3.tmp").write_text('{"form')
+    for out in (cut, start):
+        assert run_cli("cache", *args, "--out", out) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shards"]
+        assert sorted(p.name for p in (out / "shards").iterdir()) == names
+        assert (out / "manifest.json").read_text() == (tmp_path / "whole" / "manifest.json").read_text()
+        for name in names:
+            (ta, ha), (tb, hb) = (mmap_safetensors(x / "shards" / name) for x in (tmp_path / "whole", out))
+            assert ha == hb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    # a folder that is not a cache keeps its hidden temporaries: they are not kdkit's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".draft.tmp").write_text("mine")
+    capsys.readouterr()
+    assert run_cli("cache", *args, "--out", other) == 2
+    assert "is not a kdkit logit cache" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == [".draft.tmp"]
+
+
 def test_mismatched_cache_is_refused_naming_the_difference(tmp_path, tiny_data, teacher_dir, capsys):
     assert run_cli("cache", *common(tiny_data, epochs=2), *teacher_args(teacher_dir), "--out", tmp_path / "c") == 0
     capsys.readouterr()

@@ -1,8 +1,13 @@
-"""Writing a cache: every process runs the teacher over its own shards (shard j of the whole
-list goes to process j mod N), in shard-aligned batches, so the bytes written depend on neither
-the number of processes nor on which shards were already there. One writer at a time: the main
-process holds CACHE/.kdkit.lock (kdkit.files.exclusive_lock) while the cache is written, and a
-second `kdkit cache` on the same folder is refused, naming the first."""
+"""Writing a cache: every process runs the teacher over its share of the shards still missing
+(missing shard j goes to process j mod N), in shard-aligned batches, so the bytes written depend
+on neither the number of processes nor on which shards were already there, and a resumed cache
+keeps every process busy. One writer at a time: the main process holds CACHE/.kdkit.lock
+(kdkit.files.exclusive_lock) while the cache is written, and a second `kdkit cache` on the same
+folder is refused, naming the first.
+
+A killed writer leaves complete shards (each written through a temporary file and a rename), at
+most one hidden temporary file per process, and the manifest; the same command again removes
+the temporaries and computes the missing shards."""
 
 from __future__ import annotations
 
@@ -18,13 +23,13 @@ from accelerate import Accelerator
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from kdkit.accelerator import create_accelerator
+from kdkit.accelerator import create_accelerator, peers_watched
 from kdkit.cache import LogitCache
 from kdkit.cache.manifest import differences
 from kdkit.cache.store import DTYPES, LogitStore, encode, read_manifest, record_bytes
 from kdkit.console import progress_bar
 from kdkit.data import SeededDataset, collate
-from kdkit.files import LOCK_NAME, atomic_write_text, exclusive_lock
+from kdkit.files import LOCK_NAME, atomic_write_text, exclusive_lock, remove_stale_temporaries
 from kdkit.registry import KdkitError
 
 # keys that must match to resume (or extend) an existing cache folder
@@ -37,20 +42,30 @@ def open_for_writing(root: Path, manifest: dict, overwrite: bool, accelerator: A
     """Create the cache folder, or resume one written with the same settings (a larger `epochs`
     extends it). Anything else is refused, naming the differences, unless `overwrite`."""
     if accelerator.is_main_process:
+        # what a killed writer leaves half-written: a manifest (at the very start) or one shard per
+        # process. We hold the lock, so no writer is running; a folder that is not a cache keeps its files.
+        torn_manifest = list(root.glob(".manifest.json.*.tmp"))
         if (root / "manifest.json").is_file():
             old = read_manifest(root)
             diffs = differences(old, manifest, RESUME_KEYS)
             if diffs and not overwrite:
                 raise KdkitError(f"{root} holds a different cache ({'; '.join(diffs)}): pass --overwrite to "
                                  f"replace it, or choose another --out")
+            remove_stale_temporaries(root / "shards")
+            # safetensors' save_file writes through its own hidden temporary (.tmpXXXXXX) too
+            for p in (root / "shards").glob(".tmp*") if (root / "shards").is_dir() else ():
+                p.unlink(missing_ok=True) if p.is_file() else None
             if diffs:
                 shutil.rmtree(root / "shards", ignore_errors=True)
             elif old["epochs"] > manifest["epochs"]:
                 manifest = {**manifest, "epochs": old["epochs"]}  # keep what is there; compute nothing more
-        elif root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
+        elif root.exists() and any(p.name != LOCK_NAME and p not in torn_manifest for p in root.iterdir()):
             raise KdkitError(f"{root} exists and is not a kdkit logit cache: choose another --out")
-        (root / "shards").mkdir(parents=True, exist_ok=True)
+        for p in torn_manifest:
+            p.unlink(missing_ok=True)
+        # the manifest first: a folder with shards/ but no manifest would not be taken for this cache again
         atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2))
+        (root / "shards").mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return LogitStore(root, read_manifest(root))
 
@@ -66,7 +81,8 @@ def write_cache(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, roo
     """
     acc = accelerator or create_accelerator()
     root = Path(root)
-    with exclusive_lock(root, "cache writer") if acc.is_main_process else nullcontext():
+    hint = "the shards written so far are complete: rerun the same `kdkit cache` to compute the others"
+    with exclusive_lock(root, "cache writer") if acc.is_main_process else nullcontext(), peers_watched(acc, hint):
         return _write(teacher, dataset, root, manifest, batch_size, workers, acc, overwrite, progress)
 
 
@@ -75,8 +91,14 @@ def _write(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, root: Pa
     store = open_for_writing(root, manifest, overwrite, acc)
     m = store.manifest
     reader = LogitCache(root, partial=True)
-    mine = [job for i, job in enumerate(store.all_shards()) if i % acc.num_processes == acc.process_index]
-    todo = [job for job in mine if not store.path(*job).is_file()]
+    # one listing, by the main process, shared: a process listing later would see shards the others
+    # have begun writing and skip its own
+    missing = [job for job in store.all_shards() if not store.path(*job).is_file()] if acc.is_main_process else None
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        missing = broadcast_object_list([missing])[0]
+    todo = missing[acc.process_index::acc.num_processes]
     topk, dtype = m["topk"], DTYPES[m["dtype"]]
     if isinstance(teacher, torch.nn.Module):
         teacher.to(acc.device)
@@ -101,6 +123,7 @@ def _write(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, root: Pa
             bar(records=records)
     acc.wait_for_everyone()
     seconds = time.perf_counter() - start
-    return {"shards_written": len(todo), "shards_present": len(mine) - len(todo), "records": records,
+    present = len(store.all_shards()) - len(missing)
+    return {"shards_written": len(todo), "shards_present": present, "records": records,
             "seconds": seconds, "records_per_s": records / seconds if seconds else 0.0,
             "bytes_per_record": record_bytes(topk, m["num_classes"], m["dtype"])}

@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KdkitError as e:
         print(f"kdkit {args.verb}: error: {one_line(e)}", file=sys.stderr)
+        accelerator = sys.modules.get("kdkit.accelerator")  # loaded by then if the error is its
+        if accelerator is not None and isinstance(e, accelerator.PeerFailure):  # the group is broken
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print(f"kdkit {args.verb}: interrupted", file=sys.stderr)

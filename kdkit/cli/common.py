@@ -361,30 +361,27 @@ def recipe_from_args(args: argparse.Namespace, flags: dict[str, Flag], extra: di
     return load_recipe(args.recipe, over)
 
 
-# recipe keys a resumed run may change: they cannot change its results
-RESUME_SAFE = ("data.workers", "data.strict", "run.progress", "run.checkpoint_every", "run.keep_checkpoints",
-               "run.on_nonfinite", "run.teacher_check_batches", "run.log_with")
-
-
 def resumed_recipe(run_dir: str | Path, over: dict, recipe: str | None = None) -> Recipe:
-    """RUN/recipe.toml with the command line's overrides, which may only touch RESUME_SAFE keys."""
+    """RUN/recipe.toml with the command line's overrides, which may only touch the keys a resume may
+    change (kdkit.engine.checkpoint.RESUME_SAFE); any other is refused, naming each key."""
     run_dir = Path(run_dir)
     saved = run_dir / "recipe.toml"
     if recipe:
         raise KdkitError("--resume reads the run's own recipe.toml: drop --recipe")
     if not saved.is_file():
         raise KdkitError(f"{run_dir} is not a kdkit run directory (it has no recipe.toml)")
-    before, after = _flat(load_recipe(saved)), load_recipe(saved, over)
-    changed = [f"{k} ({before[k]!r} -> {v!r})" for k, v in _flat(after).items()
-               if v != before[k] and k not in RESUME_SAFE and k not in ("run.output", "run.name")]
+    from kdkit.engine.checkpoint import RESUME_SAFE, recipe_changes  # torch: a verb is running anyway
+
+    before, after = load_recipe(saved), load_recipe(saved, over)
+    changed = recipe_changes(before.to_dict(), after.to_dict())
     if changed:
         raise KdkitError(f"--resume continues {run_dir} with its recorded recipe, and these would change it: "
                          f"{', '.join(changed)}. Only {', '.join(RESUME_SAFE)} may change on resume")
+    if after.optim.epochs != before.optim.epochs:
+        from kdkit.console import console
+
+        console.print(f"note: optim.epochs {before.optim.epochs} -> {after.optim.epochs}: the learning-rate schedule "
+                      f"stays the one the run started with (it does not stretch; with cosine, epochs past its end "
+                      f"train at optim.min_lr)")
     after.run.output, after.run.name = str(run_dir.parent), run_dir.name
     return after
-
-
-def _flat(recipe: Recipe) -> dict[str, object]:
-    return {f"{section}.{k}" if isinstance(values, dict) else section: v
-            for section, values in recipe.to_dict().items()
-            for k, v in (values.items() if isinstance(values, dict) else [(section, values)])}

@@ -8,13 +8,22 @@ A checkpoint is a folder, written whole (atomic_folder: temporary folder, fsync,
       state.safetensors      every other tensor: optimizer moments, torch RNG states (uint8), ...
       state.json             the rest, as data: position (epoch, step, updates, ...), optimizer
                              param_groups, scheduler, gradient scaler, numpy/python RNG states
-                             per process; tensors appear as {"__tensor__": key}
+                             per process, the run's recipe; tensors appear as {"__tensor__": key}
       manifest.json          sha256 and size of every other file, written last
 
 A folder with no manifest, a missing file or a wrong checksum is skipped (with a warning) in
 favour of the previous checkpoint. Data-loader workers need no saved state: every view is a
 function of (seed, epoch, view id) and the sampler's order of (seed, epoch), so (epoch, step)
 is the data state (see data/sampler.py).
+
+A checkpoint resumes under another number of processes (elastic): the global batch, the data
+order and the views do not depend on it, so the run continues as it would have. What is per
+process is the RNG state (dropout, drop-path) and the unreadable-image count: the count is
+summed onto process 0; each process takes its own RNG state where the checkpoint has one, else
+process 0's (as at a fresh start, where every process is seeded alike).
+
+A resume must run the recipe that wrote the checkpoint: anything but RESUME_SAFE differing is
+refused, naming each key (recipe_changes).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from kdkit.console import console
 from kdkit.engine.metrics import MetricsLog
 from kdkit.files import (
     atomic_folder,
+    atomic_write_text,
     remove_stale_temporaries,
 )
 from kdkit.registry import KdkitError
@@ -60,6 +70,36 @@ class Position:
     skipped_images: int = 0  # unreadable training images met by this process, over the run
     metrics_lines: int = 0  # lines of metrics.jsonl written up to here
     eval: dict = field(default_factory=dict)  # the last evaluation
+
+
+# Recipe keys a resume may change: they do not change the steps the resumed run shares with the
+# recorded one. optim.epochs only moves where the run stops: the learning-rate schedule is the
+# checkpoint's, fixed at the start (fewer epochs end the recorded run early, step for step; more run
+# past the schedule's end, with cosine at optim.min_lr, like timm's cool-down epochs).
+# run.log_every and run.eval_every change what metrics.jsonl records and when student/ is saved,
+# not the training (the loaders draw from private generators, not the run's RNG); the rest is
+# speed and reporting. Not here: run.precision, run.seed and everything that shapes the model, the
+# data, the augmentation, the loss or the optimizer.
+RESUME_SAFE = ("optim.epochs", "run.log_every", "run.eval_every", "run.checkpoint_every", "run.keep_checkpoints",
+               "run.progress", "run.on_nonfinite", "run.teacher_check_batches", "data.workers",
+               "data.persistent_workers", "data.prefetch_factor", "data.strict", "run.log_with")
+# where the run directory is: a run may be moved or renamed between a stop and its resume
+RESUME_IGNORED = ("run.output", "run.name")
+
+
+def recipe_changes(before: dict, after: dict, safe: tuple[str, ...] = RESUME_SAFE) -> list[str]:
+    """The recipe keys ("section.key", as Recipe.to_dict() nests them) whose values differ between
+    `before` and `after`, outside `safe` and RESUME_IGNORED, each as "key (old -> new)"; [] if none."""
+    a, b = _flat(before), _flat(after)
+    return [f"{k} ({a.get(k, 'not set')!r} -> {b.get(k, 'not set')!r})" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k not in safe and k not in RESUME_IGNORED]
+
+
+def _flat(recipe: dict) -> dict[str, Any]:
+    """{"section.key": value}, values in JSON's form (tuples as lists), as a recipe.toml reads back."""
+    plain = json.loads(json.dumps(recipe))
+    return {f"{section}.{k}" if isinstance(values, dict) else section: v for section, values in plain.items()
+            for k, v in (values.items() if isinstance(values, dict) else [(section, values)])}
 
 
 # --- a state tree <-> (tensors, JSON) --------------------------------------------------------------
@@ -188,16 +228,17 @@ class Checkpointer:
     """Saves a run's whole training state to RUN/checkpoints/ and restores it (module docstring).
 
     every: save after every `every` optimizer updates (0: only at the end of each epoch, which the
-    loop always asks for); keep: how many checkpoints to keep (0: none are written).
+    loop always asks for); keep: how many checkpoints to keep (0: none are written); recipe: the
+    run's recipe (Recipe.to_dict()), saved in every checkpoint and compared on restore.
     """
 
     def __init__(self, run_dir: str | Path | None, accelerator: Accelerator, student: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any = None, ema: nn.Module | None = None,
-                 every: int = 0, keep: int = 2):
+                 every: int = 0, keep: int = 2, recipe: dict | None = None):
         self.run_dir = Path(run_dir) if run_dir else None
         self.folder = self.run_dir / "checkpoints" if self.run_dir and keep > 0 else None
         self.acc, self.student, self.optimizer, self.scheduler, self.ema = accelerator, student, optimizer, scheduler, ema
-        self.every, self.keep = every, keep
+        self.every, self.keep, self.recipe = every, keep, recipe
         self.last: Path | None = None
 
     def due(self, pos: Position) -> bool:
@@ -246,9 +287,18 @@ class Checkpointer:
         self.last = path
         return path
 
+    def write_recipe(self) -> None:
+        """RUN/recipe.toml from the run's recipe (main process): at a fresh start, and on a resume once
+        the checkpoint has accepted it, so that a refused resume leaves the recorded recipe as it was."""
+        if self.run_dir is None or self.recipe is None or not self.acc.is_main_process:
+            return
+        from kdkit.config import dumps_toml
+
+        atomic_write_text(self.run_dir / "recipe.toml", dumps_toml(self.recipe))
+
     def _write(self, path: Path, pos: Position, processes: list[dict]) -> None:
         """Write one checkpoint folder (main process) and drop the ones past `keep`."""
-        tree = {"position": dataclasses.asdict(pos), "processes": processes,
+        tree = {"position": dataclasses.asdict(pos), "processes": processes, "recipe": self.recipe,
                 "optimizer": self.optimizer.state_dict(), "accelerator_step": self.acc.step,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
@@ -288,6 +338,11 @@ class Checkpointer:
         path, files = found
         tensors = load_tensors(files["state.safetensors"])
         tree = decode(json.loads(files["state.json"]), tensors)
+        if self.recipe is not None and tree.get("recipe") is not None:
+            changed = recipe_changes(tree["recipe"], self.recipe)
+            if changed:
+                raise KdkitError(f"{path} was written by another recipe; resuming would change {', '.join(changed)}. "
+                                 f"Resume with the recorded recipe (only {', '.join(RESUME_SAFE)} may change)")
         try:
             self.acc.unwrap_model(self.student).load_state_dict(load_tensors(files["model.safetensors"]))
             if self.ema is not None:
@@ -305,14 +360,20 @@ class Checkpointer:
         if self.acc.scaler is not None and tree["scaler"] is not None:
             self.acc.scaler.load_state_dict(tree["scaler"])
         self.acc.step = tree["accelerator_step"]
-        processes = tree["processes"]
-        mine = processes[self.acc.process_index] if len(processes) == self.acc.num_processes else processes[0]
-        set_rng_state(mine["rng"])
+        processes, index = tree["processes"], self.acc.process_index
+        set_rng_state(processes[index if index < len(processes) else 0]["rng"])
         pos = Position(**tree["position"])
-        pos.skipped_images = mine["skipped_images"]
+        # the run's total stays right under any number of processes (fit sums the processes' counts)
+        pos.skipped_images = processes[index]["skipped_images"] if len(processes) == self.acc.num_processes else \
+            sum(p["skipped_images"] for p in processes) if self.acc.is_main_process else 0
         self.last = path
         if self.acc.is_main_process:
             console.print(f"resuming from {path}: epoch {pos.epoch + 1}, step {pos.step}, {pos.updates} updates")
+            if len(processes) != self.acc.num_processes:
+                console.print(f"note: the checkpoint was written by {len(processes)} process"
+                              f"{'es' if len(processes) > 1 else ''}, this run has {self.acc.num_processes}: the "
+                              f"global batch and data order are the same, so the run continues as before "
+                              f"(dropout and drop-path draws, which are per process, aside)")
         return pos
 
 

@@ -15,7 +15,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdkit.accelerator import create_accelerator
+from kdkit.accelerator import create_accelerator, peers_watched
 from kdkit.console import console, progress_bar
 from kdkit.data.sampler import seek
 from kdkit.engine.checkpoint import Checkpointer, Position
@@ -153,39 +153,60 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
         optimizer: torch.optim.Optimizer, *, epochs: int, scheduler=None, eval_loader: DataLoader | None = None,
         accelerator: Accelerator | None = None, run_dir: str | Path | None = None,
         save: Callable[[nn.Module, str], None] | None = None, settings: LoopSettings | None = None,
-        resume: bool = False) -> FitResult:
+        resume: bool = False, recipe: dict | None = None) -> FitResult:
     """Train `student` for `epochs`; returns the last evaluation ({} without an eval loader) and the counters.
 
     Logs per-step loss terms, lr and images/s, and per-epoch evaluations, to RUN/metrics.jsonl.
     `save(module, name)` ("student", and "student_ema" with an EMA) is called by the main process
     after every epoch that has an eval loader, and at the end. With a `run_dir`, the whole training
-    state is checkpointed to RUN/checkpoints/ (engine/checkpoint.py); `resume` continues from the
-    newest valid checkpoint. `train_loader` must come from kdkit.data.create_loader (its sampler
-    seeks to any (epoch, step)).
+    state is checkpointed to RUN/checkpoints/ (engine/checkpoint.py), and `recipe` written to
+    RUN/recipe.toml once the run has started (or a resume been accepted); `resume` continues from the
+    newest valid checkpoint, under any number of processes; `recipe` (Recipe.to_dict()) is saved
+    in each checkpoint, and a resume whose recipe differs from it outside
+    kdkit.engine.checkpoint.RESUME_SAFE is refused, naming each key. `train_loader` must come from
+    kdkit.data.create_loader (its sampler seeks to any (epoch, step)).
     """
     s = settings or LoopSettings()
     acc = accelerator or create_accelerator()
+    hint = f"--resume {run_dir} continues from its newest checkpoint" if run_dir and s.keep_checkpoints else ""
+    # a collective failing on a dead or hung process is one line (kdkit.accelerator.peer_failure)
+    with peers_watched(acc, hint):
+        return _fit(acc, student, step_fn, train_loader, optimizer, epochs, scheduler, eval_loader, run_dir, save,
+                    s, resume, recipe)
+
+
+def _fit(acc: Accelerator, student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
+         optimizer: torch.optim.Optimizer, epochs: int, scheduler, eval_loader: DataLoader | None,
+         run_dir: str | Path | None, save: Callable[[nn.Module, str], None] | None, s: LoopSettings,
+         resume: bool, recipe: dict | None) -> FitResult:
     # prepare: the student and optimizer for the devices; the teacher is moved, never wrapped
     student, optimizer = acc.prepare(student, optimizer)
     step_fn.to(acc.device)
     eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
     ema = ModelEmaV3(acc.unwrap_model(student), decay=s.ema_decay) if s.ema_decay else None
     ckpt = Checkpointer(run_dir, acc, student, optimizer, scheduler, ema, every=s.checkpoint_every,
-                        keep=s.keep_checkpoints)
+                        keep=s.keep_checkpoints, recipe=recipe)
     pos = ckpt.restore() if resume else ckpt.start()
+    if pos.epoch > epochs or (pos.epoch == epochs and pos.step):
+        done = f"{pos.epoch} epochs" + (f" and {pos.step} steps" if pos.step else "")
+        raise KdkitError(f"the checkpoint is {done} into the run, past the {epochs} epochs asked for: resume with "
+                         f"--epochs {pos.epoch + bool(pos.step)} or more")
+    ckpt.write_recipe()
     log = MetricsLog(Path(run_dir) / "metrics.jsonl" if run_dir and acc.is_main_process else None, pos.metrics_lines)
     trainer = Trainer(acc, student, optimizer, scheduler, step_fn, eval_loader, ema, ckpt, log, s, save)
-    # loop: each epoch's batches (from the saved step on a resume), then the epoch's end
-    for epoch in range(pos.epoch, epochs):
-        seek(train_loader, epoch, pos.step)  # mid-epoch on resume: the batches before are not read
-        pos.epoch, end = epoch, pos.step + len(train_loader)
-        student.train()
-        with progress_bar(acc, f"epoch {epoch + 1}/{epochs}", len(train_loader), s.progress) as bar:
-            meter = EpochMeter(bar)
-            for raw in train_loader:
-                trainer.step(raw, pos, end, epoch, meter)
-        trainer.end_of_epoch(pos, epoch, epochs)
-    log.close()
+    try:
+        # loop: each epoch's batches (from the saved step on a resume), then the epoch's end
+        for epoch in range(pos.epoch, epochs):
+            seek(train_loader, epoch, pos.step)  # mid-epoch on resume: the batches before are not read
+            pos.epoch, end = epoch, pos.step + len(train_loader)
+            student.train()
+            with progress_bar(acc, f"epoch {epoch + 1}/{epochs}", len(train_loader), s.progress) as bar:
+                meter = EpochMeter(bar)
+                for raw in train_loader:
+                    trainer.step(raw, pos, end, epoch, meter)
+            trainer.end_of_epoch(pos, epoch, epochs)
+    finally:
+        log.close()  # on an error too: a long-lived process (the Python API) keeps no open file
     skipped = acc.reduce(torch.tensor(pos.skipped_images, device=acc.device), "sum").item()
     acc.wait_for_everyone()
     return FitResult(pos.eval, pos.updates, pos.skipped_steps, int(skipped))

@@ -93,7 +93,6 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         config = student_config(student, r, classes, data_cfg, loss.conventions())
         if acc.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out_dir / "recipe.toml", r.to_toml())
             console.print(f"{mode}: {config['architecture']} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
                           f"params, head {HEADS.name_of(student)}) on {summary['train_images']} images"
                           f"{f' + {len(train_ds.unlabeled)} unlabeled' if semi else ''}, {len(classes)} classes, "
@@ -110,7 +109,7 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         result = fit(student, DistillationStep(loss, logits), train_loader, optimizer, epochs=r.optim.epochs,
                      scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, run_dir=out_dir,
                      save=lambda module, name: save_student(out_dir / name, module, config), settings=settings,
-                     resume=bool(resume))
+                     resume=bool(resume), recipe=r.to_dict())
         trackers.finish()
         summary.update(eval=result.eval, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
                        student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
