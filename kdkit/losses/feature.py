@@ -26,31 +26,24 @@ from kdkit.registry import KdkitError
 from kdkit.types import StudentOut, TeacherOut
 
 
-class FeatureProjection(nn.Module):
-    """Adapter: StudentOut -> (B, D_t), a linear map of the pooled features."""
+class Projection(nn.Module):
+    """Adapter: StudentOut -> a linear map D_s -> D_t of its pooled `features` (B, D_s) -> (B, D_t),
+    or of each of its patch `tokens` (B, N, D_s) -> (B, N, D_t)."""
 
-    def __init__(self, student_features: int, teacher_features: int):
+    _MISSING = {"features": "feature distillation needs the head's pooled features: use head token, dual, "
+                            "shared or native on a timm model",
+                "tokens": "loss 'feature' with tokens = true needs a ViT student (patch tokens)"}
+
+    def __init__(self, student_features: int, teacher_features: int, source: str = "features"):
         super().__init__()
+        self.source = source
         self.proj = nn.Linear(student_features, teacher_features)
 
     def forward(self, out: StudentOut) -> Tensor:
-        if out.features is None:
-            raise KdkitError("feature distillation needs the head's pooled features: use head token, dual, "
-                             "shared or native on a timm model")
-        return self.proj(out.features)
-
-
-class TokenProjection(nn.Module):
-    """Adapter: StudentOut -> (B, N, C), a linear map of each patch token."""
-
-    def __init__(self, student_features: int, teacher_channels: int):
-        super().__init__()
-        self.proj = nn.Linear(student_features, teacher_channels)
-
-    def forward(self, out: StudentOut) -> Tensor:
-        if out.tokens is None:
-            raise KdkitError("loss 'feature' with tokens = true needs a ViT student (patch tokens)")
-        return self.proj(out.tokens)
+        x = getattr(out, self.source)
+        if x is None:
+            raise KdkitError(self._MISSING[self.source])
+        return self.proj(x)
 
 
 @LOSSES.register("feature")
@@ -78,9 +71,9 @@ class FeatureDistillationLoss(DistillationLoss):
         self.student_features, self.teacher_features = int(student_features), int(teacher_features)
 
     def student_adapters(self) -> dict[str, nn.Module]:
-        adapters = {"features": FeatureProjection(self.student_features, self.teacher_features)}
+        adapters = {"features": Projection(self.student_features, self.teacher_features)}
         if self.tokens:
-            adapters["tokens"] = TokenProjection(self.student_features, self.teacher_features)
+            adapters["tokens"] = Projection(self.student_features, self.teacher_features, "tokens")
         return adapters
 
     def forward(self, out: StudentOut, teacher: TeacherOut | None, target: Tensor) -> dict[str, Tensor]:
