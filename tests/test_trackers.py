@@ -17,6 +17,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import kdkit
 from kdkit.accelerator import create_accelerator
 from kdkit.config import load_recipe
 from kdkit.engine.metrics import MetricsLog, RunTrackers
@@ -164,3 +165,17 @@ def test_log_with_takes_a_list_or_comma_separated_names(capsys, tmp_path):
         load_recipe(overrides={"run": {"log_with": "tensorbord"}})
     assert run_cli("train", "--data", tmp_path, "--log-with", "wandb,nope") == 2
     assert "run.log_with must be one of tensorboard, wandb, mlflow, aim, all, got 'nope'" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_closes_its_trackers_with_every_line_written(tiny_data, tmp_path):
+    from kdkit.engine import metrics
+
+    from .test_faults import RUN, NaNTeacher, TinyConvNet
+
+    with pytest.raises(KdkitError, match="non-finite loss at epoch 0 step 3"):
+        kdkit.distill(TinyConvNet(), NaNTeacher(bad=3), str(tiny_data), output=str(tmp_path), name="failed",
+                      checkpoint_every=100, log_every=1, log_with="tensorboard", **RUN)
+    assert metrics._MIRRORS == {}  # no stale mirror for a later run of this process
+    want = expected_scalars(tmp_path / "failed")
+    assert [s for s, _ in want["loss"]] == [1, 2, 3]  # the lines before the non-finite step
+    assert tensorboard_scalars(tmp_path / "failed" / "kdkit") == want  # flushed by the close
