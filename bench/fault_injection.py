@@ -173,6 +173,25 @@ def wait_for(proc: subprocess.Popen, folder: Path, pattern: str, deadline: float
         pass
 
 
+def wait_for_kill_point(proc: subprocess.Popen, in_write: bool, folder: Path, pattern: str, delay: float,
+                        deadline: float) -> None:
+    """After the chosen step or shard: as soon as a write's temporary `pattern` appears in `folder`
+    (in_write, a kill mid-write), else `delay` seconds later (a kill at a random point of the next)."""
+    if in_write:
+        wait_for(proc, folder, pattern, deadline)
+    else:
+        time.sleep(delay)
+
+
+def kill_unless_finished(proc: subprocess.Popen) -> bool:
+    """SIGKILL `proc` unless it has already ended; waits for it. True if it had ended by itself."""
+    finished = proc.poll() is not None
+    if not finished:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return finished
+
+
 def worker_pids(launcher: int, deadline: float) -> dict[int, int]:
     """rank -> pid of the launcher's worker processes (their RANK variable)."""
     import psutil
@@ -239,13 +258,8 @@ def single_trial(data: Path, teacher: Path, run_dir: Path, after_step: int, frac
                             stderr=subprocess.DEVNULL)
     folder, deadline = run_dir / "checkpoints", time.monotonic() + 300
     wait_for_steps(proc, run_dir / "metrics.jsonl", after_step, deadline)
-    if in_write:
-        wait_for(proc, folder, ".step-*", deadline)
-    else:
-        time.sleep(fraction * step_s)
-    finished = proc.poll() is not None
-    os.kill(proc.pid, signal.SIGKILL) if not finished else None
-    proc.wait()
+    wait_for_kill_point(proc, in_write, folder, ".step-*", fraction * step_s, deadline)
+    finished = kill_unless_finished(proc)
     checkpoints = sorted(int(p.name[5:]) for p in folder.glob("step-*")) if not finished else []
     torn = [p.name for p in folder.glob(".step-*")]  # a checkpoint write the kill interrupted
     resumed = subprocess.run([*KDKIT, "distill", "--resume", str(run_dir), "--no-progress", "--workers", str(workers)],
@@ -310,10 +324,7 @@ def multi_trial(data: Path, teacher: Path, run_dir: Path, how: str, victim: int,
         procs, watched = [launcher], launcher
         pids = worker_pids(launcher.pid, deadline)
     wait_for_steps(watched, run_dir / "metrics.jsonl", after_step, deadline)
-    if in_write:
-        wait_for(watched, run_dir / "checkpoints", ".step-*", deadline)
-    else:
-        time.sleep(fraction * step_s)
+    wait_for_kill_point(watched, in_write, run_dir / "checkpoints", ".step-*", fraction * step_s, deadline)
     finished = any(p.poll() is not None for p in procs)
     t0 = time.monotonic()
     if not finished:
@@ -445,13 +456,8 @@ def run_cache(args, root: Path, data: Path, teacher: Path, rng: random.Random) -
             if shards.is_dir() and sum(1 for e in os.scandir(shards) if not e.name.startswith(".")) >= after:
                 break
             time.sleep(0.002)
-        if in_write:
-            wait_for(proc, shards, ".e*.tmp", deadline)
-        else:
-            time.sleep(fraction * shard_s)
-        finished = proc.poll() is not None
-        os.kill(proc.pid, signal.SIGKILL) if not finished else None
-        proc.wait()
+        wait_for_kill_point(proc, in_write, shards, ".e*.tmp", fraction * shard_s, deadline)
+        finished = kill_unless_finished(proc)
         present = sum(1 for p in shards.glob("e*.safetensors")) if shards.is_dir() else 0
         torn = sorted(p.name for p in shards.glob(".*.tmp")) if shards.is_dir() else []
         resumed = subprocess.run([*KDKIT, *cache_args(data, teacher, out, args.workers), "--json"],
