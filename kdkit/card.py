@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from kdkit.files import atomic_write_text
 from kdkit.models import load_saved
 from kdkit.models.fused import needs_kdkit
-from kdkit.models.saved import HEAD_FILE, head_of, read_config, student_folder
+from kdkit.models.saved import HEAD_FILE, TWO_HEADED, head_of, is_two_headed, read_config, student_folder
 from kdkit.registry import KdkitError
 
 # `kdkit push` rewrites a card that carries this line (and keeps one that does not: your own)
@@ -201,7 +201,7 @@ def front_matter(name: str, config: dict, summary: dict, recipe: dict, teacher: 
         meta["datasets"] = [source[3:]]
     meta["metrics"] = ["accuracy"]
     ev = summary.get("eval") or {}
-    heads = ("fused", "class", "dist") if _two_headed(config) else ("class",)
+    heads = ("fused", "class", "dist") if is_two_headed(config) else ("class",)
     metrics = [{"type": "accuracy", "name": f"top-{k} ({h})" if len(heads) > 1 else f"top-{k}",
                 "value": round(float(ev[f"{h}_top{k}"]), 2)}
                for h in heads for k in (1, 5) if f"{h}_top{k}" in ev]
@@ -213,10 +213,6 @@ def front_matter(name: str, config: dict, summary: dict, recipe: dict, teacher: 
                         "split": data["eval_split"]},
             "metrics": metrics}]}]
     return meta
-
-
-def _two_headed(config: dict) -> bool:
-    return head_of(config) in ("token", "dual", "native")
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -300,7 +296,7 @@ def _results_section(summary: dict, head: str) -> str:
     ev = summary.get("eval") or {}
     if "class_top1" not in ev:
         return "## Results\n\nNot evaluated (the run has no evaluation result)."
-    two = head in ("token", "dual", "native")
+    two = head in TWO_HEADED
     heads = [("class", "class head"), ("dist", "distillation head"), ("fused", "fused: (class + dist) / 2")] \
         if two else [("class", "the one head")]
     prefixes = ("", "ema_") if "ema_class_top1" in ev else ("",)

@@ -21,6 +21,7 @@ import yaml
 from kdkit.registry import KdkitError, suggest
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+NONFINITE = ("stop", "skip")  # run.on_nonfinite: what a non-finite loss does
 FUSED = ("auto", "fused", "foreach", "off")
 CHANNELS_LAST = ("auto", "on", "off")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")  # run.log_with: Accelerate's trackers kdkit installs as extras
@@ -182,7 +183,7 @@ class RunConfig:
         _choice("run.precision", self.precision, PRECISIONS)
         _choice("run.teacher_precision", self.teacher_precision, PRECISIONS)
         _choice("run.channels_last", self.channels_last, CHANNELS_LAST)
-        if self.on_nonfinite not in ("stop", "skip"):
+        if self.on_nonfinite not in NONFINITE:
             raise KdkitError(f"run.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for key in ("checkpoint_every", "keep_checkpoints", "eval_every"):
             if getattr(self, key) < 0:

@@ -24,19 +24,13 @@ from kdkit.console import console
 from kdkit.files import atomic_folder, atomic_write
 from kdkit.models import load_saved
 from kdkit.models.fused import fused_timm_model, needs_kdkit
-from kdkit.models.saved import head_of, read_config, student_folder
+from kdkit.models.saved import is_two_headed, read_config, student_folder
 from kdkit.registry import KdkitError, suggest
 from kdkit.types import StudentOut
 
 EXPORT_HEADS = ("fused", "class", "dist")
-TWO_HEADED = ("token", "dual", "native")
 EXPORT_EXTRA = 'pip install "kdkit[export]"'
 MIN_OPSET = 18  # the oldest opset torch's (dynamo) exporter writes
-
-
-def is_two_headed(config: dict) -> bool:
-    """Whether a saved student has a class and a distillation head (token or dual)."""
-    return head_of(config) in TWO_HEADED
 
 
 def resolve_head(config: dict, head: str) -> str:

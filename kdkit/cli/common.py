@@ -14,7 +14,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from kdkit.config import CHANNELS_LAST, PRECISIONS, PRESETS, TRACKERS, Recipe, load_recipe
+from kdkit.config import CHANNELS_LAST, NONFINITE, PRECISIONS, PRESETS, TRACKERS, Recipe, load_recipe
 from kdkit.registry import KdkitError, suggest
 
 # argument groups, in the order --help shows them: title -> what the group holds
@@ -35,7 +35,6 @@ BUILTIN_LOSSES = ("none", "soft", "hard", "dkd", "dist", "feature")
 BUILTIN_HEADS = ("auto", "token", "dual", "shared", "native")
 # fixed sets (argparse refuses anything else); kdkit.losses.semi.PSEUDO_LABELS, which imports torch
 PSEUDO_LABELS = ("auto", "soft", "hard")
-ON_NONFINITE = ("stop", "skip")
 PRESET_NAMES = (*PRESETS, "none")
 
 
@@ -143,7 +142,7 @@ RUN_FLAGS: dict[str, Flag] = {
     "--keep-checkpoints": Flag("run.keep_checkpoints", int, "newest checkpoints kept, 0 = write none", "run",
                                aliases=("--checkpoint-hist",)),
     "--on-nonfinite": Flag("run.on_nonfinite", str, "what a NaN/inf loss does: stop the run, or skip the step",
-                           "run", choices=ON_NONFINITE),
+                           "run", choices=NONFINITE),
     "--log-with": Flag("run.log_with", str, "experiment trackers that mirror metrics.jsonl, comma-separated: "
                        "tensorboard (RUN/kdkit/), wandb, mlflow, aim, or all installed; each is a pip extra, "
                        'pip install "kdkit[tensorboard]"', "run", names=(*TRACKERS, "all"), metavar="NAMES",
@@ -309,7 +308,7 @@ def add_recipe_args(p: argparse.ArgumentParser, flags: dict[str, Flag],
     g = groups["recipe"]
     recipe = g.add_argument("-c", "--recipe", "--config", dest="recipe", metavar="FILE",
                             help="TOML/YAML recipe file, or a bundled recipe's name (see `kdkit recipes`)")
-    recipe.complete = _bundled_recipes
+    recipe.complete = bundled_recipes
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe key, e.g. --set optim.weight_decay=0.1 (repeatable, wins over the flags)")
     g.add_argument("--resume", metavar="RUN_DIR",
@@ -321,7 +320,8 @@ def add_recipe_args(p: argparse.ArgumentParser, flags: dict[str, Flag],
     return groups
 
 
-def _bundled_recipes() -> list[str]:
+def bundled_recipes() -> list[str]:
+    """The bundled recipes' names (for shell completion; config is imported only when asked)."""
     from kdkit.config import list_recipes
 
     return list_recipes()

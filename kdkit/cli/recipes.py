@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from kdkit.cli.common import bundled_recipes
 from kdkit.registry import KdkitError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipes", help="list bundled recipes or print one")
     name = p.add_argument("name", nargs="?", metavar="NAME", help="print this bundled recipe")
-    name.complete = _names
+    name.complete = bundled_recipes
     p.set_defaults(func=run)
-
-
-def _names() -> list[str]:
-    from kdkit.config import list_recipes
-
-    return list_recipes()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 
 from kdkit.accelerator import create_accelerator, set_deterministic
 from kdkit.cache import build_manifest, data_identity
-from kdkit.config import Recipe
+from kdkit.config import LossConfig, Recipe
 from kdkit.console import console
 from kdkit.data import (
     SemiSupervisedDataset,
@@ -33,6 +33,7 @@ from kdkit.engine.evaluate import check_teacher
 from kdkit.engine.metrics import resolve_trackers
 from kdkit.losses import LOSSES, DistillationLoss, semi_supervised
 from kdkit.models import HEADS, create_student, create_teacher, model_data_config, resolve_model_name
+from kdkit.models.student import num_pooled_features
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError, Lazy, call_with, check_settings, parameters
 from kdkit.teachers import LOGIT_SOURCES, LogitSource, RunPieces
@@ -160,8 +161,7 @@ def expected_manifest(r: Recipe, train_ds, data_cfg: dict, mode: str, teacher: d
 
 
 # what the run gives the strategies' constructors (never strategy settings of their own)
-LOSS_PROVIDED = ("task_weight", "kd_weight", "tau", "kl_reduction", "hard_smoothing", "label_smoothing",
-                 "student_features", "teacher_features", "num_classes")
+LOSS_PROVIDED = (*LossConfig.SHARED, "label_smoothing", "student_features", "teacher_features", "num_classes")
 
 
 def check_strategies(r: Recipe, mode: str) -> None:
@@ -309,7 +309,7 @@ def provided_features(student: nn.Module, source: LogitSource | None) -> dict:
         return teacher.num_features
 
     model = student.model
-    return {"student_features": Lazy(lambda: int(getattr(model, "head_hidden_size", None) or model.num_features)),
+    return {"student_features": Lazy(lambda: num_pooled_features(model)),
             "teacher_features": Lazy(teacher_features), "num_classes": Lazy(lambda: int(model.num_classes))}
 
 

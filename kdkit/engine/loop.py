@@ -16,13 +16,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kdkit.accelerator import create_accelerator, peers_watched
+from kdkit.config import NONFINITE
 from kdkit.console import console, progress_bar
 from kdkit.data.sampler import seek
 from kdkit.engine.checkpoint import Checkpointer, Position
 from kdkit.engine.evaluate import evaluate
 from kdkit.engine.metrics import MetricsLog
 from kdkit.engine.step import (
-    NONFINITE,
     DistillationStep,
     global_terms,
     make_batch,

@@ -17,8 +17,6 @@ from kdkit.losses import DistillationLoss
 from kdkit.registry import KdkitError
 from kdkit.types import Batch, StepOut
 
-NONFINITE = ("stop", "skip")
-
 
 class DistillationStep:
     """One step's forward: the teacher's answer for the (mixed) batch, the student's heads, the loss terms.

@@ -89,3 +89,11 @@ def head_of(config: dict) -> str:
     folder kdkit did not write)."""
     recorded = config.get("kdkit", {}).get("head", "shared")
     return _LEGACY_HEADS.get(recorded, recorded)
+
+
+TWO_HEADED = ("token", "dual", "native")  # heads with a class and a distillation head
+
+
+def is_two_headed(config: dict) -> bool:
+    """Whether a saved student has a class and a distillation head (token, dual or native)."""
+    return head_of(config) in TWO_HEADED

@@ -46,7 +46,9 @@ def _patch_tokens(model: nn.Module, feats: Tensor) -> Tensor | None:
     return feats[:, n:] if n is not None and feats.ndim == 3 else None
 
 
-def _num_pooled_features(model: nn.Module) -> int:
+def num_pooled_features(model: nn.Module) -> int:
+    """D of a timm model's pooled pre-logit features (forward_head(pre_logits=True)): its
+    head_hidden_size where a head layer widens them, else num_features."""
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
@@ -150,7 +152,7 @@ class DualHead(_Wrapped):
             raise KdkitError(f"head 'dual' needs timm's forward_features/forward_head on {type(model).__name__}: "
                              "use head 'shared'")
         self.model = model
-        self.head_dist = nn.Linear(_num_pooled_features(model), model.num_classes)
+        self.head_dist = nn.Linear(num_pooled_features(model), model.num_classes)
 
     def forward_heads(self, x: Tensor) -> StudentOut:
         feats = self.model.forward_features(x)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.models.student import num_pooled_features
 from kdkit.registry import KdkitError
 from kdkit.types import TeacherOut
 
@@ -94,8 +95,7 @@ class Teacher(nn.Module):
     @property
     def num_features(self) -> int:
         """D of the pooled pre-logit features."""
-        m = self.model
-        return int(getattr(m, "head_hidden_size", None) or m.num_features)
+        return num_pooled_features(self.model)
 
     def _input(self, images: Tensor) -> Tensor:
         x = self.prepare_input(images)

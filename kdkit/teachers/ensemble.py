@@ -8,10 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from kdkit.cache import weights_sha256
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError
-from kdkit.teachers.sources import LOGIT_SOURCES, LogitSource, RunPieces
+from kdkit.teachers.sources import LOGIT_SOURCES, LogitSource, RunPieces, teacher_identity
 from kdkit.types import Batch
 
 COMBINE = ("probs", "logits")
@@ -49,8 +48,7 @@ class TeacherEnsemble(LogitSource):
         return torch.logsumexp(logits.log_softmax(dim=-1), dim=0) - math.log(len(self.teachers))
 
     def identity(self) -> dict:
-        members = [{"name": t.name, "weights": t.weights_source, "weights_sha256": weights_sha256(t.model)}
-                   for t in self.teachers]
+        members = [teacher_identity(t) for t in self.teachers]
         return {"name": "ensemble(" + ",".join(m["name"] for m in members) + ")", "combine": self.combine,
                 "members": members,
                 "weights_sha256": "+".join(m["weights_sha256"] for m in members)}

@@ -63,6 +63,11 @@ class LogitSource(nn.Module):
         raise KdkitError(f"the logit source {type(self).__name__} cannot be written to a cache")
 
 
+def teacher_identity(teacher: Teacher) -> dict:
+    """A teacher as a cache's manifest records it: name, where its weights came from, their sha256."""
+    return {"name": teacher.name, "weights": teacher.weights_source, "weights_sha256": weights_sha256(teacher.model)}
+
+
 def single_teacher(run: RunPieces) -> Teacher:
     teachers = run.teachers()
     if len(teachers) != 1:
@@ -89,8 +94,7 @@ class LiveTeacher(LogitSource):
         return self.teacher.forward_features(batch.images)
 
     def identity(self) -> dict:
-        return {"name": self.teacher.name, "weights": self.teacher.weights_source,
-                "weights_sha256": weights_sha256(self.teacher.model)}
+        return teacher_identity(self.teacher)
 
 
 @LOGIT_SOURCES.register("cache")
