@@ -171,9 +171,13 @@ def data_info(summary: dict, recipe: dict) -> dict:
     info["identities"].update({k: v for k, v in recorded.items() if v})
     if str(d["path"]).startswith("hf:"):
         return info  # a hub dataset is named by its id; opening it here could need the network
+    ids = info["identities"]
+    wanted = {"train", "eval"} | ({"unlabeled"} if d.get("unlabeled") and not str(d["unlabeled"]).startswith("hf:")
+                                  else set())
+    if wanted <= set(ids):
+        return info  # all recorded by the run (or its cache)
     try:
         train = open_dataset(d["path"], d["train_split"])
-        ids = info["identities"]
         ids.setdefault("train", data_identity(train, d["path"], d["train_split"]))
         ids.setdefault("eval", data_identity(open_dataset(d["path"], d["eval_split"], classes=train.classes),
                                              d["path"], d["eval_split"]))

@@ -151,13 +151,23 @@ def expected_manifest(r: Recipe, train_ds, data_cfg: dict, mode: str, teacher: d
     if teacher is None:
         names = [resolve_model_name(n) for n, _ in r.model.teachers()]
         teacher = {"name": (names[0] if len(names) == 1 else f"ensemble({','.join(names)})") if names else None}
+    ids = data_identities(r, train_ds)
+    return build_manifest(mode=mode, teacher=teacher, data=ids["train"], views=views_for(r, data_cfg, mode),
+                          seed=r.run.seed, epochs=r.optim.epochs, topk=topk, dtype=dtype, shard_size=shard_size,
+                          unlabeled=ids.get("unlabeled"),
+                          unlabeled_ratio=train_ds.unlabeled_ratio if "unlabeled" in ids else None)
+
+
+def data_identities(r: Recipe, train_ds, eval_ds=None) -> dict:
+    """kdkit.cache.data_identity of the run's splits, as opened: "train" (the labeled images),
+    "eval" when eval_ds is given, "unlabeled" when train_ds is a SemiSupervisedDataset."""
     semi = isinstance(train_ds, SemiSupervisedDataset)
-    labeled = train_ds.labeled if semi else train_ds
-    return build_manifest(mode=mode, teacher=teacher, data=data_identity(labeled, r.data.path, r.data.train_split),
-                          views=views_for(r, data_cfg, mode), seed=r.run.seed, epochs=r.optim.epochs, topk=topk,
-                          dtype=dtype, shard_size=shard_size,
-                          unlabeled=data_identity(train_ds.unlabeled, r.data.unlabeled, "") if semi else None,
-                          unlabeled_ratio=train_ds.unlabeled_ratio if semi else None)
+    ids = {"train": data_identity(train_ds.labeled if semi else train_ds, r.data.path, r.data.train_split)}
+    if eval_ds is not None:
+        ids["eval"] = data_identity(eval_ds, r.data.path, r.data.eval_split)
+    if semi:
+        ids["unlabeled"] = data_identity(train_ds.unlabeled, r.data.unlabeled, "")
+    return ids
 
 
 # what the run gives the strategies' constructors (never strategy settings of their own)

@@ -16,7 +16,7 @@ from kdkit.card import write_model_card
 from kdkit.config import PRESET_NOTES, Recipe
 from kdkit.console import console
 from kdkit.curves import write_curves
-from kdkit.engine.build import build_optimizer, build_run
+from kdkit.engine.build import build_optimizer, build_run, data_identities
 from kdkit.engine.loop import LoopSettings, fit
 from kdkit.engine.metrics import RunTrackers
 from kdkit.engine.step import DistillationStep
@@ -120,6 +120,9 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
         if semi:
             summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader, out_dir)
         if acc.is_main_process:
+            # the splits' fingerprints from the datasets in memory, for the model card (which
+            # would otherwise list and stat every file again)
+            summary["data_identity"] = data_identities(r, train_ds, eval_ds)
             atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
             try:
                 write_model_card(out_dir)
