@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,16 +108,17 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
     return c
 
 
-def write_curves(run_dir: str | Path, out: str | Path | None = None, label: str | None = None) -> Path:
+def write_curves(run_dir: str | Path | RunCurves, out: str | Path | None = None, label: str | None = None) -> Path:
     """Draw one run's curves to `out` (default RUN/curves.png, 1400 x 600 px) and return its path;
-    `label` names the run in the title (default: its directory's name).
+    `label` names the run in the title (default: its directory's name). `run_dir` may be a run
+    already read (read_run).
 
     Left: loss and its named terms against optimizer updates, the learning rate below (and the
     fraction of unlabeled images kept, where logged). Right: top-1 of the class, distillation and
     fused heads against epochs, the teacher's top-1 as a horizontal line where known. Needs
     matplotlib (KdkitError naming the `plot` extra without it)."""
     make_figure = _matplotlib()
-    c = read_run(run_dir, label)
+    c = run_dir if isinstance(run_dir, RunCurves) else read_run(run_dir, label)
     fig, (ax_loss, ax_lr, ax_top1) = _figure(make_figure, c.title)
     colors = _colors()
     losses = [k for k in c.terms if k not in FRACTIONS]
@@ -146,16 +147,16 @@ def write_curves(run_dir: str | Path, out: str | Path | None = None, label: str 
                         hollow=bool(prefix))
     _teacher(ax_top1, [c], "0.35")
     _finish(ax_loss, ax_lr, ax_top1, [c])
-    return _save(fig, Path(out) if out else Path(run_dir) / "curves.png")
+    return _save(fig, Path(out) if out else c.run_dir / "curves.png")
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+def plot_runs(run_dirs: list[str | Path | RunCurves], out: str | Path) -> Path:
     """Overlay several runs in one figure at `out` (1400 x 600 px) and return its path: the loss and
     the learning rate against updates, top-1 against epochs (fused solid; class dashed and
     distillation dotted for two-headed runs), one colour per run. An entry may be LABEL=RUN to
-    name the run in the legend (default: the run directory's name)."""
+    name the run in the legend (default: the run directory's name), or a run already read (read_run)."""
     make_figure = _matplotlib()
-    runs = [read_run(path, label) for label, path in map(split_label, run_dirs)]
+    runs = [_run_of(item) for item in run_dirs]
     names = [r.label for r in runs]
     for r in runs:  # two runs of the same name from different folders: name them by their parent too
         if names.count(r.label) > 1 and r.label == r.run_dir.resolve().name:
@@ -179,6 +180,14 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     if ax_lr.get_legend():
         ax_lr.get_legend().remove()  # the loss panel's legend names the same colours
     return _save(fig, Path(out))
+
+
+def _run_of(item: str | Path | RunCurves) -> RunCurves:
+    """A plot_runs entry as a RunCurves of its own (plot_runs may rename it)."""
+    if isinstance(item, RunCurves):
+        return replace(item)
+    label, path = split_label(item)
+    return read_run(path, label)
 
 
 def split_label(item: str | Path) -> tuple[str | None, Path]:

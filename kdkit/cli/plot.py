@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     pairs = [split_label(r) for r in args.runs]
     runs = [read_run(path, label) for label, path in pairs]  # every run checked before drawing
     if len(runs) == 1:
-        png = write_curves(runs[0].run_dir, args.out, runs[0].label)
+        png = write_curves(runs[0], args.out)
     else:
-        png = plot_runs(args.runs, args.out or "curves.png")
+        png = plot_runs(runs, args.out or "curves.png")
     table = Table(title="runs (last logged loss, last evaluation's fused top-1)")
     for col in ("run", "updates", "loss", "evaluations", "top-1 %", "teacher top-1 %"):
         table.add_column(col, justify="left" if col == "run" else "right")
