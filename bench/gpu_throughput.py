@@ -316,7 +316,7 @@ def run_config(s: Setup, mode: str, compiled: bool, teachers: dict) -> dict:
         for _ in range(n):
             raw = s.batches[i % len(s.batches)]
             i += 1
-            _out, bad = train_step(acc, student, optimizer, step_fn, make_batch(raw, s.device), clip)
+            _out, _values, bad = train_step(acc, student, optimizer, step_fn, make_batch(raw, s.device), clip)
             if bad:
                 raise RuntimeError(f"non-finite loss in the benchmark ({bad})")
         sync(s.device)

@@ -95,8 +95,8 @@ class Trainer:
         acc, s = self.acc, self.s
         step, updated = pos.step, False
         if raw["images"] is not None:
-            out, bad = train_step(acc, self.student, self.optimizer, self.step_fn, make_batch(raw, acc.device),
-                                  s.clip_grad)
+            out, values, bad = train_step(acc, self.student, self.optimizer, self.step_fn,
+                                          make_batch(raw, acc.device), s.clip_grad)
             if bad:
                 nonfinite_step(s.on_nonfinite, self.ckpt, pos, self.log, bad)
             updated = acc.sync_gradients and not bad
@@ -110,7 +110,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.student), step=pos.updates)
         meter.seen += raw["images"].shape[0] * acc.num_processes
-        meter.bar(loss=out.loss.item(), **{k: v.item() for k, v in out.terms.items()})
+        meter.bar(**values)
         if step % s.log_every == 0:
             loss, terms = global_terms(acc, out)
             self.log.write(epoch=epoch, step=step, update=pos.updates, loss=loss, **terms,

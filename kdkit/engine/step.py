@@ -56,20 +56,22 @@ def make_batch(raw: dict, device: torch.device) -> Batch:
 
 
 def train_step(acc: Accelerator, student: nn.Module, optimizer: torch.optim.Optimizer, step_fn: DistillationStep,
-               batch: Batch, clip_grad: float = 0.0) -> tuple[StepOut, dict[str, float]]:
+               batch: Batch, clip_grad: float = 0.0) -> tuple[StepOut, dict[str, float], dict[str, float]]:
     """Forward; then, when the loss and every term are finite, backward and (at an accumulation
-    boundary) the optimizer step. Returns the step's output and its non-finite terms: a step with
-    any is not applied, and at a boundary its accumulated gradients are dropped."""
+    boundary) the optimizer step. Returns the step's output, its loss and terms as floats (read
+    once, before the backward, for the finite check and the progress bar) and its non-finite terms:
+    a step with any is not applied, and at a boundary its accumulated gradients are dropped."""
     with acc.accumulate(student):
         out = step_fn(student, batch)
-        bad = nonfinite_terms(out, acc)
+        values = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()}}
+        bad = nonfinite_terms(values, acc)
         if not bad:
             acc.backward(out.loss)
             if clip_grad and acc.sync_gradients:
                 acc.clip_grad_norm_(student.parameters(), clip_grad)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return out, bad
+    return out, values, bad
 
 
 def global_terms(acc: Accelerator, out: StepOut) -> tuple[float, dict[str, float]]:
@@ -97,10 +99,10 @@ def nonfinite_step(policy: str, ckpt: Checkpointer, pos: Position, log: MetricsL
     raise KdkitError(f"non-finite loss at {where}: {parts}; {hint} (run.on_nonfinite = \"skip\" skips such steps)")
 
 
-def nonfinite_terms(out: StepOut, accelerator: Accelerator | None = None) -> dict[str, float]:
-    """The loss and named terms of a step that are NaN or infinite ({} when all are finite). With
-    several processes every one gets the same answer, so that they all skip or stop together."""
-    values = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()}}
+def nonfinite_terms(values: dict[str, float], accelerator: Accelerator | None = None) -> dict[str, float]:
+    """Those of a step's loss and named terms (`values`) that are NaN or infinite ({} when all are
+    finite). With several processes every one gets the same answer, so that they all skip or stop
+    together."""
     bad = {k: v for k, v in values.items() if not np.isfinite(v)}
     if accelerator is not None and accelerator.num_processes > 1:
         anywhere = accelerator.reduce(torch.tensor(float(bool(bad)), device=accelerator.device), "max")
