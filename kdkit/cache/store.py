@@ -143,13 +143,17 @@ class LogitStore:
     def all_shards(self) -> list[tuple[int, int]]:
         return [(e, s) for e in range(self.manifest["epochs"]) for s in range(self.shards_per_epoch())]
 
-    def missing(self) -> list[str]:
-        """File names of the shards the manifest promises that are not in CACHE/shards/ (one listing)."""
+    def missing_shards(self) -> list[tuple[int, int]]:
+        """(epoch, shard) of the shards the manifest promises that are not in CACHE/shards/ (one listing)."""
         try:
             present = {e.name for e in os.scandir(self.root / "shards") if e.is_file()}
         except (FileNotFoundError, NotADirectoryError):
             present = set()
-        return [name for e, s in self.all_shards() if (name := self.path(e, s).name) not in present]
+        return [(e, s) for e, s in self.all_shards() if self.path(e, s).name not in present]
+
+    def missing(self) -> list[str]:
+        """File names of the missing shards (missing_shards)."""
+        return [self.path(e, s).name for e, s in self.missing_shards()]
 
     def write(self, epoch: int, shard: int, record: dict[str, Tensor]) -> None:
         meta = {"epoch": str(epoch), "shard": str(shard), "sha256": tensors_sha256(record)}

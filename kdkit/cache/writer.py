@@ -93,7 +93,7 @@ def _write(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, root: Pa
     reader = LogitCache(root, partial=True)
     # one listing, by the main process, shared: a process listing later would see shards the others
     # have begun writing and skip its own
-    missing = [job for job in store.all_shards() if not store.path(*job).is_file()] if acc.is_main_process else None
+    missing = store.missing_shards() if acc.is_main_process else None
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
