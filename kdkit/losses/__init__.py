@@ -11,13 +11,14 @@ from kdkit.losses.distillation import (
     gt_index,
     hard_kd,
     hard_kd_per_sample,
+    has_label,
     soft_kd,
     soft_kd_per_sample,
     task_ce,
 )
 from kdkit.losses.dkd import DecoupledKDLoss, dkd, dkd_per_sample
 from kdkit.losses.feature import FeatureDistillationLoss
-from kdkit.losses.semi import PSEUDO_LABELS, SemiSupervisedLoss, has_label, semi_supervised
+from kdkit.losses.semi import PSEUDO_LABELS, SemiSupervisedLoss, semi_supervised
 from kdkit.losses.standardize import z_score
 
 __all__ = [

@@ -133,13 +133,17 @@ def check_loss_settings(task_weight: float = 0.5, kd_weight: float = 0.5, tau: f
             raise KdkitError(f"{name} must be in [0, 1), got {value}")
 
 
+def has_label(target: Tensor) -> Tensor:
+    """(B,) bool: which samples carry a label. target: (B,) indices (-1: none) or (B, K) soft rows
+    (all zero: none, as Mixup/CutMix leaves an unlabeled sample)."""
+    return target >= 0 if target.ndim == 1 else target.sum(dim=1) > 0
+
+
 def gt_index(target: Tensor, teacher: Tensor) -> Tensor:
     """(B,) the ground-truth class of every sample for losses that need one (DKD): the label; the
     argmax of a soft (Mixup/CutMix) row; the teacher's argmax where a sample has no label."""
-    fallback = teacher.argmax(dim=1)
-    if target.ndim == 1:
-        return torch.where(target >= 0, target, fallback)
-    return torch.where(target.sum(dim=1) > 0, target.argmax(dim=1), fallback)
+    label = target if target.ndim == 1 else target.argmax(dim=1)
+    return torch.where(has_label(target), label, teacher.argmax(dim=1))
 
 
 class DistillationLoss(nn.Module):

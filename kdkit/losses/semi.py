@@ -11,17 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdkit.losses.distillation import LOSSES, DistillationLoss, task_ce
+from kdkit.losses.distillation import LOSSES, DistillationLoss, has_label, task_ce
 from kdkit.registry import KdkitError
 from kdkit.types import StudentOut
 
 PSEUDO_LABELS = ("auto", "soft", "hard")  # auto: the run's own distillation loss
-
-
-def has_label(target: Tensor) -> Tensor:
-    """(B,) bool: which samples carry a label. target: (B,) indices (-1: none) or (B, K) soft rows
-    (all zero: none, as Mixup/CutMix leaves an unlabeled sample)."""
-    return target >= 0 if target.ndim == 1 else target.sum(dim=1) > 0
 
 
 def check_threshold(value: float) -> float:
