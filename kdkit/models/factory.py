@@ -173,9 +173,11 @@ def _is_model_folder(path: str | Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() and (
         path.is_dir() or path.name == "model.safetensors")
 
-def saved_head_name(recorded: str) -> str:
-    """The HEADS name of a saved student's head (older runs recorded the class name, e.g. "TokenHead")."""
-    recorded = head_of({"kdkit": {"head": recorded}})
+
+def saved_head_name(config: dict) -> str:
+    """The HEADS name of the head a saved student's config.json records (head_of: older runs
+    recorded the class name, e.g. "TokenHead"); KdkitError for a head not registered here."""
+    recorded = head_of(config)
     if recorded in HEADS:
         return recorded
     raise KdkitError(f"the saved student's head {recorded!r} is not a registered head (a plugin's? load it with "
@@ -197,7 +199,7 @@ def load_saved(weights: str | Path, model: str | None = None,
     cfg = read_config(path) if has_saved_config(path) else {}
     if cfg:
         block = cfg.get("kdkit", {})
-        head = saved_head_name(block.get("head", "shared"))
+        head = saved_head_name(cfg)
         student = create_student(model or cfg["architecture"], cfg["num_classes"], head, weights=None,
                                  model_kwargs=cfg.get("model_args", {}), head_args=block.get("head_args"))
         load_student_weights(student, path)
