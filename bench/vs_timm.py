@@ -52,6 +52,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -252,6 +253,7 @@ def run_timm(label: str, train_py: Path, out: Path, seed: int, epochs: int, devi
     name = f"{slug(label)}-s{seed}"
     cmd = [sys.executable, "-c", LAUNCHER, str(train_py), *timm_flags(DATA, out, name, seed, epochs, device), *extra]
     log = out / f"{name}.log"
+    shutil.rmtree(out / name, ignore_errors=True)  # train.py appends to an earlier run's summary.csv
     rc, wall = run_logged(cmd, log, timm_env())
     info = launcher_result(log)
     row = {"tool": "timm", "label": label, "seed": seed, "rc": rc, "wall_seconds": wall, "extra_flags": extra,
