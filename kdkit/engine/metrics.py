@@ -167,10 +167,10 @@ def resolve_trackers(names: list[str]) -> list[str]:
 
 def _after_event_files(log_dir: Path) -> None:
     """Wait until the clock's second is past every events.out.tfevents.SECOND.* file in `log_dir`."""
-    seconds = [int(f.name.split(".")[3]) for f in log_dir.glob("events.out.tfevents.*")
-               if f.name.split(".")[3].isdigit()]
-    while seconds and time.time() < max(seconds) + 1:
-        time.sleep(max(seconds) + 1 - time.time() + 0.01)
+    seconds = [int(s) for f in log_dir.glob("events.out.tfevents.*") if (s := f.name.split(".")[3]).isdigit()]
+    until = max(seconds, default=0) + 1
+    while time.time() < until:
+        time.sleep(until - time.time() + 0.01)
 
 
 class RunTrackers:

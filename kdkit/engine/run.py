@@ -105,12 +105,13 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
                                 checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
                                 on_nonfinite=r.run.on_nonfinite)
         start = time.perf_counter()
-        trackers = RunTrackers(acc, out_dir, r.to_dict())  # run.log_with: started by fit as it opens metrics.jsonl
+        recorded = r.to_dict()
+        trackers = RunTrackers(acc, out_dir, recorded)  # run.log_with: started by fit as it opens metrics.jsonl
         try:
             result = fit(student, DistillationStep(loss, logits), train_loader, optimizer, epochs=r.optim.epochs,
                          scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, run_dir=out_dir,
                          save=lambda module, name: save_student(out_dir / name, module, config), settings=settings,
-                         resume=bool(resume), recipe=r.to_dict())
+                         resume=bool(resume), recipe=recorded)
         finally:  # a failed run's trackers are closed too (what they got is flushed; no stale mirror)
             trackers.finish()
         summary.update(eval=result.eval, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
