@@ -177,9 +177,11 @@ def data_info(summary: dict, recipe: dict) -> dict:
     if wanted <= set(ids):
         return info  # all recorded by the run (or its cache)
     try:
-        train = open_dataset(d["path"], d["train_split"])
+        options = {k: d.get(k) or None for k in ("input_key", "target_key", "class_map")}
+        train = open_dataset(d["path"], d["train_split"], **options)
         ids.setdefault("train", data_identity(train, d["path"], d["train_split"]))
-        ids.setdefault("eval", data_identity(open_dataset(d["path"], d["eval_split"], classes=train.classes),
+        ids.setdefault("eval", data_identity(open_dataset(d["path"], d["eval_split"], classes=train.classes,
+                                                          **{**options, "class_map": None}),
                                              d["path"], d["eval_split"]))
         if d.get("unlabeled") and not str(d["unlabeled"]).startswith("hf:"):
             ids.setdefault("unlabeled", data_identity(open_unlabeled(d["unlabeled"], train.classes),

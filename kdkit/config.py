@@ -77,6 +77,14 @@ class DataConfig:
     unlabeled_ratio: float = 1.0  # MU: unlabeled images per labeled one in every step
     persistent_workers: bool = True  # keep loader workers alive between epochs (no respawn per epoch)
     prefetch_factor: int = 2  # batches each worker prepares ahead
+    input_key: str = ""  # image member of a shard sample ('jpg;png') or column of a datasets dataset; "" = auto
+    target_key: str = ""  # label member ('cls') or column; "" = auto
+    class_map: str = ""  # a file of class names, one a line (timm's --class-map): fixes the label space
+
+    def source_options(self) -> dict:
+        """The keyword arguments kdkit.data.open_dataset takes for this data besides path and split."""
+        return {"input_key": self.input_key or None, "target_key": self.target_key or None,
+                "class_map": self.class_map or None}
 
     def __post_init__(self) -> None:
         if not self.unlabeled_ratio > 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from kdkit.data import sample_path
 
@@ -33,6 +33,28 @@ def tiny_data(tmp_path_factory) -> Path:
             for f in sorted(cls_dir.iterdir())[:n]:
                 shutil.copy(f, dst / f.name)
     return root
+
+
+def steps(run_dir: Path) -> dict[tuple[int, int], dict]:
+    """Per-step records of metrics.jsonl by (epoch, step), without the timing."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rec.pop("images_per_s", None)
+        if "eval" in rec:
+            rec["eval"].pop("images_per_s")
+        out[(rec["epoch"], rec.get("step", "eval"))] = rec
+    return out
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    got, want = steps(run_dir), steps(reference)
+    assert list(got) == list(want)  # every step once, in order: nothing repeated, nothing missing
+    for key in want:
+        assert got[key] == want[key], key
+    for folder in ("student", "student_ema"):
+        a, b = load_file(run_dir / folder / "model.safetensors"), load_file(reference / folder / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
 
 
 def run_cli(*argv: str) -> int:

@@ -1,7 +1,6 @@
 """Kill a real `python -m kdkit distill` with SIGKILL at a random step, resume it, and get the
 uninterrupted run's per-step losses and final weights bit for bit (CPU: kernels are deterministic)."""
 
-import json
 import os
 import random
 import shutil
@@ -14,11 +13,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from kdkit.engine.checkpoint import latest_checkpoint, list_checkpoints
 
-from .conftest import run_cli
+from .conftest import assert_same_run, run_cli
 
 STEPS_PER_EPOCH, EPOCHS = 7, 2  # 120 training images, batch 16
 
@@ -53,28 +52,6 @@ def reference(tiny_data, teacher, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     assert run_cli(*distill_args(teacher, tiny_data, run_dir)) == 0
     return run_dir
-
-
-def steps(run_dir: Path) -> dict[tuple[int, int], dict]:
-    """Per-step records of metrics.jsonl by (epoch, step), without the timing."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        rec.pop("images_per_s", None)
-        if "eval" in rec:
-            rec["eval"].pop("images_per_s")
-        out[(rec["epoch"], rec.get("step", "eval"))] = rec
-    return out
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    got, want = steps(run_dir), steps(reference)
-    assert list(got) == list(want)  # every step once, in order: nothing repeated, nothing missing
-    for key in want:
-        assert got[key] == want[key], key
-    for folder in ("student", "student_ema"):
-        a, b = load_file(run_dir / folder / "model.safetensors"), load_file(reference / folder / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
 
 
 def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tiny_data, teacher, reference, tmp_path):

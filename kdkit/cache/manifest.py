@@ -4,7 +4,6 @@ stored. A run builds the same dict for itself; `differences` names every key on 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 
 import timm
@@ -12,9 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from kdkit import __version__
-from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset
+from kdkit.data.dataset import SeededDataset
 from kdkit.data.sampler import unlabeled_per_epoch
-from kdkit.data.unlabeled import UnlabeledFolderDataset
 from kdkit.data.views import NOT_PIXELS
 
 FORMAT = "kdkit-logits/2"  # 2: cheap view seeds, Mixup pairs of the epoch order
@@ -38,21 +36,11 @@ def state_sha256(state: Mapping[str, Tensor]) -> str:
 
 
 def data_identity(dataset: SeededDataset, source: str, split: str) -> dict:
-    """Where the data came from and a fingerprint of its content: the sorted (path, size, label)
-    list of a folder, or the `datasets` fingerprint of a hub/disk dataset."""
-    h = hashlib.sha256()
-    if isinstance(dataset, ImageFolderDataset):
-        for path, target in dataset.samples:
-            h.update(f"{os.path.relpath(path, dataset.root)}|{os.path.getsize(path)}|{target}\n".encode())
-    elif isinstance(dataset, UnlabeledFolderDataset):
-        for path in dataset.samples:
-            h.update(f"{os.path.relpath(path, dataset.root)}|{os.path.getsize(path)}\n".encode())
-    elif isinstance(dataset, HFImageDataset):
-        h.update(str(getattr(dataset.ds, "_fingerprint", "")).encode())
-    else:
-        h.update(f"{type(dataset).__name__}|{len(dataset)}".encode())
+    """Where the data came from and a fingerprint of its content (the dataset's own: the sorted
+    (path, size, label) list of a folder, the shards and labels of tar shards, the `datasets`
+    fingerprint of a hub/disk dataset)."""
     return {"source": source, "split": split, "num_samples": len(dataset), "classes": list(dataset.classes),
-            "fingerprint": h.hexdigest()}
+            "fingerprint": dataset.fingerprint()}
 
 
 def build_manifest(*, mode: str, teacher: dict, data: dict, views: dict, seed: int, epochs: int, topk: int,

@@ -13,7 +13,7 @@ import sys
 
 from kdkit.registry import KdkitError, suggest
 
-VERBS = ("train", "distill", "cache", "eval", "compare", "benchmark", "export", "push", "plot", "quickstart",
+VERBS = ("train", "distill", "cache", "shards", "eval", "compare", "benchmark", "export", "push", "plot", "quickstart",
          "recipes", "completion")
 
 

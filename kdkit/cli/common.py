@@ -81,8 +81,21 @@ RUN_FLAGS: dict[str, Flag] = {
     "--student-weights": Flag("model.student_weights", str, "initialise the student from a local weights file",
                               "model", aliases=("--initial-checkpoint",), metavar="FILE"),
     # data
-    "--data": Flag("data.path", str, "ImageFolder root with train/ and val/ or test/, a save_to_disk folder, "
-                   "hf:NAME, or cifar10-sample (bundled)", "data", aliases=("--data-dir",), metavar="DIR"),
+    "--data": Flag("data.path", str, "ImageFolder root with train/ and val/ or test/, a folder of webdataset tar "
+                   "shards (or one .tar), a save_to_disk folder, hf:NAME, or cifar10-sample (bundled)", "data",
+                   aliases=("--data-dir",), metavar="DIR"),
+    "--train-split": Flag("data.train_split", str, "training split: a split folder, a split of the folder's "
+                          "_info.json, or shards as a brace pattern ('train-{000000..000146}.tar'), as timm's",
+                          "data", metavar="SPLIT"),
+    "--val-split": Flag("data.eval_split", str, "evaluation split, as --train-split; auto-eval = the first of val, "
+                        "validation, test", "data", metavar="SPLIT"),
+    "--input-key": Flag("data.input_key", str, "image member of a shard sample ('jpg;png': the first present) or "
+                        "image column of a datasets dataset, as timm's", "data", metavar="KEY", default="auto"),
+    "--target-key": Flag("data.target_key", str, "label member of a shard sample (cls) or label column of a "
+                         "datasets dataset (integers or class names), as timm's", "data", metavar="KEY",
+                         default="auto"),
+    "--class-map": Flag("data.class_map", str, "file of class names, one a line (line i = class i), fixing the "
+                        "label space, as timm's", "data", metavar="FILE", default="the data's own"),
     "--batch-size": Flag("data.batch_size", int, "global batch size, split over the processes", "data"),
     "--batch-size-per-process": Flag(
         "data.batch_size", int, "batch size per process, as timm's -b: sets data.batch_size to N x the launcher's "

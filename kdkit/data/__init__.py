@@ -13,6 +13,7 @@ from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset
 from kdkit.data.mixup import SampleMixup
 from kdkit.data.sampler import EpochSampler, MixedSampler, epoch_views, mixed_epoch_views
 from kdkit.data.seeding import sample_seed
+from kdkit.data.shards import TarShardDataset, is_url, split_shards
 from kdkit.data.transforms import ToNormalizedTensor, create_transforms, fuse_to_tensor
 from kdkit.data.unlabeled import SemiSupervisedDataset, UnlabeledFolderDataset, check_readable
 from kdkit.data.views import apply_views, eval_transform, is_augmented, view_settings, view_transform
@@ -20,7 +21,7 @@ from kdkit.registry import KdkitError
 
 __all__ = [
     "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "MixedSampler", "SampleMixup",
-    "SeededDataset", "SemiSupervisedDataset", "ToNormalizedTensor", "UnlabeledFolderDataset", "collate",
+    "SeededDataset", "SemiSupervisedDataset", "TarShardDataset", "read_class_map", "ToNormalizedTensor", "UnlabeledFolderDataset", "collate",
     "create_loader", "fuse_to_tensor",
     "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
     "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
@@ -37,43 +38,109 @@ def sample_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "cifar10_sample"
 
 
-def _resolve_split(root: Path, split: str) -> Path:
+def read_class_map(path: str | Path) -> list[str]:
+    """A class map as timm reads one: a text file of class names, one a line (line i = class i;
+    blank lines skipped). The names fix the label space: its order and size."""
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise KdkitError(f"cannot read the class map {path}: {e}") from None
+    if not names:
+        raise KdkitError(f"the class map {path} lists no class")
+    if len(set(names)) != len(names):
+        raise KdkitError(f"the class map {path} lists a class twice: {sorted({n for n in names if names.count(n) > 1})[:3]}")
+    return names
+
+
+def _split_source(root: Path, split: str) -> Path | list[Path] | None:
+    """What `split` names under `root`: a class-folder root (Path), a list of tar shards, or None."""
+    shards = split_shards(root, split) if ".tar" in split or "{" in split else None
+    if shards is not None:
+        return shards
+    if (root / split).is_dir():
+        inner = sorted((root / split).glob("*.tar"))
+        return inner or root / split
+    return split_shards(root, split)
+
+
+def _resolve_split(root: Path, split: str) -> Path | list[Path]:
     if split == "auto-eval":
         for name in EVAL_SPLITS:
-            if (root / name).is_dir():
-                return root / name
+            found = _split_source(root, name)
+            if found is not None:
+                return found
         if any(p.is_dir() for p in root.iterdir()) and not (root / "train").is_dir():
             return root  # a bare ImageFolder: evaluate on it
-        raise KdkitError(f"{root} has no evaluation split (looked for {', '.join(EVAL_SPLITS)}/)")
-    if (root / split).is_dir():
-        return root / split
-    raise KdkitError(f"{root} has no {split!r} split (expected {root / split}/<class>/<image>)")
+        raise KdkitError(f"{root} has no evaluation split (looked for {', '.join(EVAL_SPLITS)}/ and their shards): "
+                         f"name it with --val-split")
+    found = _split_source(root, split)
+    if found is None:
+        raise KdkitError(f"{root} has no {split!r} split (expected {root / split}/<class>/<image>, "
+                         f"{split}-*.tar shards, a brace pattern such as '{split}-{{000000..000009}}.tar' or "
+                         f"an _info.json naming the split)")
+    return found
 
 
 def open_dataset(data: str | Path, split: str, transform: Callable | None = None,
-                 classes: list[str] | None = None, seed: int = 0, strict: bool = False) -> SeededDataset:
+                 classes: list[str] | None = None, seed: int = 0, strict: bool = False, *,
+                 input_key: str | None = None, target_key: str | None = None,
+                 class_map: str | Path | None = None) -> SeededDataset:
     """Open one split of a data source.
 
     data: a folder with split sub-folders (train/, val|validation|test/) of class folders; a folder
-      written by `datasets.save_to_disk`; "hf:NAME" for a hub dataset (needs internet); or
-      "cifar10-sample" for the bundled sample. split: "train", another split name, or "auto-eval".
+      of webdataset tar shards (`KEY.jpg` + `KEY.cls`, as timm and the Hub's -wds datasets write
+      them) or one .tar file; a folder written by `datasets.save_to_disk`; "hf:NAME" for a hub
+      dataset (needs internet); or "cifar10-sample" for the bundled sample.
+    split: a split name ("train", "val", ...), "auto-eval" (val, validation or test), or for
+      shards a brace pattern relative to the folder ('train-{000000..000146}.tar'), as timm's
+      --train-split / --val-split take them.
+    classes: the label space (the training split's, for an evaluation split); class_map: a file
+      of class names, one a line, that fixes it instead (timm's --class-map).
+    input_key / target_key: the image and label members of a shard sample or columns of a
+      `datasets` dataset (timm's names; default: jpg/png/... and cls, or the Image and label columns).
     """
+    if class_map and classes is None:
+        classes = read_class_map(class_map)
     data = str(data)
+    keys = {"input_key": input_key, "target_key": target_key}
     if data.startswith("hf:"):
-        return _open_hf(data[3:], split, transform, seed, strict)
+        return _open_hf(data[3:], split, transform, seed, strict, classes=classes, **keys)
+    if is_url(data) or is_url(split):
+        raise KdkitError(f"{data if is_url(data) else split} is a remote URL: shards are read by index from local "
+                         f"files (copy them, or `kdkit shards` a dataset to a local folder)")
     root = sample_path() if data == EMBEDDED_SAMPLE and not Path(data).exists() else Path(data)
+    if root.is_file() and root.suffix == ".tar":
+        return TarShardDataset([root], transform, classes, seed, strict, **keys)
     if root.exists() and not root.is_dir():
-        raise KdkitError(f"{root} is a file, not a data folder (expected {root}/train/<class>/<image>, a "
-                         f"datasets.save_to_disk folder or hf:NAME)")
+        raise KdkitError(f"{root} is a file, not a data folder (expected {root}/train/<class>/<image>, tar "
+                         f"shards, a datasets.save_to_disk folder or hf:NAME)")
     if not root.is_dir():
         raise KdkitError(f"data directory not found: {root}")
     if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
-        return _open_hf(str(root), split, transform, seed, strict, local=True)
-    return ImageFolderDataset(_resolve_split(root, split), transform, classes=classes, seed=seed, strict=strict)
+        return _open_hf(str(root), split, transform, seed, strict, local=True, classes=classes, **keys)
+    source = _resolve_split(root, split)
+    if isinstance(source, list):
+        if classes is None:
+            classes = _info_classes(root)
+        return TarShardDataset(source, transform, classes, seed, strict, **keys)
+    return ImageFolderDataset(source, transform, classes=classes, seed=seed, strict=strict)
+
+
+def _info_classes(root: Path) -> list[str] | None:
+    """The class names an _info.json of a shard folder lists (`kdkit shards` writes them), if any."""
+    import json
+
+    info = root / "_info.json"
+    try:
+        names = json.loads(info.read_text()).get("classes") if info.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
 def _open_hf(name: str, split: str, transform, seed: int, strict: bool, local: bool = False,
-             labeled: bool = True, classes: list[str] | None = None) -> HFImageDataset:
+             labeled: bool = True, classes: list[str] | None = None, input_key: str | None = None,
+             target_key: str | None = None) -> HFImageDataset:
     import datasets
 
     try:
@@ -92,7 +159,8 @@ def _open_hf(name: str, split: str, transform, seed: int, strict: bool, local: b
         if split not in ds:
             raise KdkitError(f"dataset {name!r} has no split {split!r}; it has {names}")
         ds = ds[split]
-    return HFImageDataset(ds, transform, seed=seed, strict=strict, labeled=labeled, classes=classes)
+    return HFImageDataset(ds, transform, image_key=input_key, label_key=target_key, seed=seed, strict=strict,
+                          labeled=labeled, classes=classes)
 
 
 def open_unlabeled(data: str | Path, classes: list[str], seed: int = 0, strict: bool = False) -> SeededDataset:

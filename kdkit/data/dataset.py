@@ -4,6 +4,8 @@ number of processes. Unreadable images are skipped and counted, or fail under `s
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import warnings
 from collections.abc import Callable
@@ -90,30 +92,50 @@ class SeededDataset(Dataset):
     def describe(self, index: int) -> str:
         return f"sample {index}"
 
+    def encoded(self, index: int) -> tuple[bytes, str]:
+        """Sample `index`'s image as stored (encoded bytes, extension such as "jpg"), for writing it
+        elsewhere unchanged (kdkit shards). Sources that hold decoded images re-encode them as PNG."""
+        buf = io.BytesIO()
+        self.read(index)[0].save(buf, "PNG")
+        return buf.getvalue(), "png"
+
     def issues(self) -> dict:
         """What the scan of the data found besides readable samples (for the run summary)."""
         return {}
+
+    def fingerprint(self) -> str:
+        """A sha256 of the content, recorded in caches and run summaries (subclasses hash what they
+        read; this default only knows the class and the length)."""
+        return hashlib.sha256(f"{type(self).__name__}|{len(self)}".encode()).hexdigest()
 
     def epoch_orders(self, epoch: int) -> list[Tensor]:
         """The global orders of view ids the training sampler draws in view epoch `epoch`, one per
         pool whose views pair among themselves under Mixup/CutMix."""
         return [epoch_views(len(self), self.seed, epoch, self.repeats)]
 
-    def view(self, view: int, epoch: int | None = None) -> tuple[torch.Tensor | None, int]:
-        """The augmented image of view `view` in view epoch `epoch` (default: the current one;
-        None if unreadable) and its label."""
-        epoch = self.epoch if epoch is None else epoch
-        index = view % len(self)
+    def decode(self, index: int) -> tuple[Image.Image | None, int]:
+        """Sample `index` as an RGB image (None if unreadable, unless `strict`) and its label."""
         try:
             img, target = self.read(index)
-            img = load_rgb(img)
+            return load_rgb(img), target
         except Exception as e:
             if self.strict:
                 raise KdkitError(f"unreadable image {self.describe(index)}: {type(e).__name__}: {e}") from None
             return None, -1
-        if self.transform is not None:
+
+    def augment(self, decoded: tuple[Image.Image | None, int], view: int, epoch: int) -> tuple[Tensor | None, int]:
+        """View `view` of view epoch `epoch` of a decoded sample: the transform under the view's seed.
+        The decoded image is not modified (timm's transforms return new images), so the repeats of
+        one image can share one decode."""
+        img, target = decoded
+        if img is not None and self.transform is not None:
             img = run_seeded(self.transform, sample_seed(self.seed, epoch, view, AUGMENT), img)
         return img, target
+
+    def view(self, view: int, epoch: int | None = None) -> tuple[torch.Tensor | None, int]:
+        """The augmented image of view `view` in view epoch `epoch` (default: the current one;
+        None if unreadable) and its label."""
+        return self.augment(self.decode(view % len(self)), view, self.epoch if epoch is None else epoch)
 
     def partners(self, views: list[int], epoch: int | None = None) -> list[int]:
         """The view each of `views` is mixed with under Mixup/CutMix in view epoch `epoch`: the other
@@ -135,14 +157,20 @@ class SeededDataset(Dataset):
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[ViewKey]) -> list[dict]:
-        """The samples of `keys` (DataLoader's batched fetch); each view is decoded and augmented
-        once per call, however many pairs it takes part in."""
+        """The samples of `keys` (DataLoader's batched fetch). Each image is decoded once per call,
+        however many of its repeats (views) the call holds, and each view augmented once, however
+        many pairs it takes part in: the repeats of repeated augmentation, which the samplers place
+        next to each other, cost one decode (FKD's several crops of one decoded image)."""
         keyed = [(self.view_epoch(k[0]), k[1]) if isinstance(k, tuple) else (self.epoch, int(k)) for k in keys]
         views: dict[tuple[int, int], tuple[Tensor | None, int]] = {}
+        decoded: dict[int, tuple[Image.Image | None, int]] = {}
 
         def view(e: int, v: int) -> tuple[Tensor | None, int]:
             if (e, v) not in views:
-                views[e, v] = self.view(v, e)
+                index = v % len(self)
+                if index not in decoded:
+                    decoded[index] = self.decode(index)
+                views[e, v] = self.augment(decoded[index], v, e)
             return views[e, v]
 
         if self.mixup is None:
@@ -183,12 +211,41 @@ def read_image_file(path: str | Path) -> Image.Image:
     return img
 
 
+class PathTable:
+    """A folder's (path, class) pairs as NumPy arrays: the paths relative to `root` in one UTF-8
+    buffer with end offsets, the classes in an int64 array. A list of 1.28M path strings is 1.28M
+    objects whose reference counts every forked loader worker writes on read, copying their pages
+    (timm's and torchvision's folder readers grow per worker that way); these arrays are read only.
+    Indexing gives (absolute path, class); iterating gives the pairs in order."""
+
+    def __init__(self, root: Path, pairs: list[tuple[str, int]]):
+        self.root = str(root)
+        rel = [os.path.relpath(p, root).encode("utf-8", "surrogateescape") for p, _ in pairs]
+        self.blob = np.frombuffer(b"".join(rel), np.uint8)
+        self.ends = np.cumsum(np.fromiter((len(r) for r in rel), np.int64, len(rel)))
+        self.targets = np.fromiter((t for _, t in pairs), np.int64, len(pairs))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def relpath(self, index: int) -> str:
+        start = int(self.ends[index - 1]) if index else 0
+        return self.blob[start : int(self.ends[index])].tobytes().decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        return os.path.join(self.root, self.relpath(index)), int(self.targets[index])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 class ImageFolderDataset(SeededDataset):
     """An ImageFolder directory (root/<class>/<image>), scanned with torchvision's helpers.
 
     `classes` may be given to fix the label space (so train and eval splits agree). Empty class
     folders are kept as classes with no samples and listed by `issues()`, or are an error under
-    `strict`; files without an image extension are ignored and counted.
+    `strict`; files without an image extension are ignored and counted. The samples are held in a
+    PathTable (NumPy arrays, shared by loader workers without copies).
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None, classes: list[str] | None = None,
@@ -217,11 +274,13 @@ class ImageFolderDataset(SeededDataset):
             self.ignored_files += not ok
             return ok
 
-        self.samples = make_dataset(str(self.root), {c: i for c, i in mapping.items() if c in present},
-                                    is_valid_file=is_image, allow_empty=True)
-        if not self.samples:
+        pairs = make_dataset(str(self.root), {c: i for c, i in mapping.items() if c in present},
+                             is_valid_file=is_image, allow_empty=True)
+        if not pairs:
             raise KdkitError(f"no images found in {self.root} (looked for {', '.join(IMG_EXTENSIONS)})")
-        self.targets = [t for _, t in self.samples]
+        self.samples = PathTable(self.root, pairs)
+        del pairs
+        self.targets = self.samples.targets
         counts = np.bincount(self.targets, minlength=len(self.classes))
         self.empty_classes = [c for c in sorted(present) if counts[mapping[c]] == 0]
         if strict and self.empty_classes:
@@ -231,6 +290,14 @@ class ImageFolderDataset(SeededDataset):
     def issues(self) -> dict:
         return {"empty_classes": self.empty_classes, "ignored_files": self.ignored_files}
 
+    def fingerprint(self) -> str:
+        """sha256 over the (relative path, size, class) of every file, in order."""
+        h = hashlib.sha256()
+        for i in range(len(self.samples)):
+            rel = self.samples.relpath(i)
+            h.update(f"{rel}|{os.path.getsize(os.path.join(self.root, rel))}|{int(self.targets[i])}\n".encode())
+        return h.hexdigest()
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -239,14 +306,27 @@ class ImageFolderDataset(SeededDataset):
         return read_image_file(path), target
 
     def describe(self, index: int) -> str:
-        return str(self.samples[index][0])
+        return self.samples[index][0]
+
+    def encoded(self, index: int) -> tuple[bytes, str]:
+        path = self.samples[index][0]
+        with open(path, "rb") as f:
+            return f.read(), path.rpartition(".")[2].lower()
+
+
+# the label column names tried when neither a ClassLabel column nor --target-key names one
+LABEL_KEYS = ("label", "labels", "cls", "class", "target", "fine_label")
 
 
 class HFImageDataset(SeededDataset):
-    """A Hugging Face `datasets` split with an Image column and a ClassLabel (or int) column.
+    """A Hugging Face `datasets` split with an Image column and a label column: a ClassLabel, or
+    integer or string values (timm's `--input-key` / `--target-key` name them; default: the Image
+    column, then the ClassLabel column or the first of LABEL_KEYS present).
 
-    labeled=False reads the Image column only (any label column is ignored): every target is -1 and
-    `classes` is the given label space (that of the labeled data the images join).
+    classes: the label space. Default: the ClassLabel's names; for integers "0".."C-1" (C = the
+    largest + 1); for strings the sorted distinct values. Given (the training split's, or a
+    `--class-map`), integer labels index it and string labels are looked up in it.
+    labeled=False reads the Image column only (any label column is ignored): every target is -1.
     """
 
     def __init__(self, ds, transform: Callable | None = None, image_key: str | None = None,
@@ -257,26 +337,66 @@ class HFImageDataset(SeededDataset):
         from datasets import Image as HFImage
 
         feats = ds.features
+        for key, what in ((image_key, "--input-key"), (label_key if labeled else None, "--target-key")):
+            if key and key not in feats:
+                raise KdkitError(f"{what} {key!r} is not a column of the dataset; it has {list(feats)}")
         self.image_key = image_key or next((k for k, f in feats.items() if isinstance(f, HFImage)), None)
-        self.label_key = (label_key or next((k for k, f in feats.items() if isinstance(f, ClassLabel)), None)
-                          if labeled else None)
+        self.label_key = None
+        if labeled:
+            self.label_key = label_key or next((k for k, f in feats.items() if isinstance(f, ClassLabel)), None) \
+                or next((k for k in LABEL_KEYS if k in feats), None)
         if self.image_key is None or (labeled and self.label_key is None):
-            needs = "an Image and a ClassLabel column" if labeled else "an Image column"
+            needs = "an Image column and a label column (--input-key / --target-key name them)" if labeled \
+                else "an Image column (--input-key names it)"
             raise KdkitError(f"dataset needs {needs}; it has {dict(feats)}")
         self.ds = ds
         if len(ds) == 0:
             raise KdkitError("the dataset split is empty")
         if not labeled:
-            self.classes, self.targets = list(classes or []), [-1] * len(ds)
+            self.classes, self.targets = list(classes or []), np.full(len(ds), -1, np.int64)
             return
-        label = feats[self.label_key]
-        self.classes = list(label.names) if isinstance(label, ClassLabel) else [
-            str(i) for i in range(max(ds[self.label_key]) + 1)]
-        self.targets = list(ds[self.label_key])
+        self.classes, self.targets = label_space(ds[self.label_key], feats[self.label_key], classes, self.label_key)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(str(getattr(self.ds, "_fingerprint", "")).encode()).hexdigest()
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def read(self, index: int) -> tuple[Image.Image, int]:
-        row = self.ds[index]
-        return row[self.image_key], int(row[self.label_key]) if self.label_key else -1
+        return self.ds[index][self.image_key], int(self.targets[index])
+
+    def encoded(self, index: int) -> tuple[bytes, str]:
+        from datasets import Image as HFImage
+
+        # the column's stored bytes (an undecoded view of the same table: no copy)
+        raw = self.ds.cast_column(self.image_key, HFImage(decode=False))[index][self.image_key] \
+            if isinstance(self.ds.features[self.image_key], HFImage) else None
+        if raw and raw.get("bytes"):
+            kind = Image.open(io.BytesIO(raw["bytes"])).format or "PNG"
+            return raw["bytes"], {"JPEG": "jpg"}.get(kind, kind.lower())
+        return super().encoded(index)
+
+
+def label_space(values, feature, classes: list[str] | None, key: str) -> tuple[list[str], np.ndarray]:
+    """(classes, (N,) int64 targets) of a label column: see HFImageDataset for the rules."""
+    from datasets import ClassLabel
+
+    names = list(feature.names) if isinstance(feature, ClassLabel) else None
+    values = list(values)
+    if values and isinstance(values[0], str):
+        classes = list(classes) if classes is not None else sorted(set(values))
+        lookup = {c: i for i, c in enumerate(classes)}
+        unknown = sorted(set(values) - set(lookup))
+        if unknown:
+            raise KdkitError(f"label column {key!r} has classes outside the label space: {unknown[:5]}")
+        return classes, np.fromiter((lookup[v] for v in values), np.int64, len(values))
+    try:
+        targets = np.asarray(values, np.int64)
+    except (TypeError, ValueError):
+        raise KdkitError(f"label column {key!r} holds neither class indices nor class names") from None
+    classes = list(classes) if classes is not None else names or [str(i) for i in range(int(targets.max()) + 1)]
+    if targets.min() < 0 or targets.max() >= len(classes):
+        raise KdkitError(f"label column {key!r} has class index {int(targets.max())} (or a negative one), "
+                         f"outside the {len(classes)} classes of the label space")
+    return classes, targets

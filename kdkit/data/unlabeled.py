@@ -4,6 +4,7 @@ every view of either kind is still a function of (seed, epoch, view id)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kdkit.data.dataset import IMG_EXTENSIONS, SeededDataset, is_image_file, load_rgb, read_image_file
+from kdkit.data.dataset import (
+    IMG_EXTENSIONS,
+    PathTable,
+    SeededDataset,
+    is_image_file,
+    load_rgb,
+    read_image_file,
+)
 from kdkit.data.sampler import mixed_epoch_views
 from kdkit.registry import KdkitError
 
@@ -36,32 +44,41 @@ class UnlabeledFolderDataset(SeededDataset):
         def fail(e: OSError) -> None:
             raise KdkitError(f"cannot list the unlabeled folder {e.filename}: {e.strerror}")
 
-        self.samples: list[str] = []
+        paths: list[tuple[str, int]] = []
         self.ignored_files = 0
         for folder, subfolders, files in os.walk(self.root, onerror=fail):
             subfolders.sort()
             for name in sorted(files):
                 path = os.path.join(folder, name)
                 if is_image_file(path, self.root):
-                    self.samples.append(path)
+                    paths.append((path, -1))
                 else:
                     self.ignored_files += 1
-        if not self.samples:
+        if not paths:
             raise KdkitError(f"no images found in the unlabeled folder {self.root} "
                              f"(looked for {', '.join(IMG_EXTENSIONS)} at any depth)")
-        self.targets = [-1] * len(self.samples)
+        self.samples = PathTable(self.root, paths)  # NumPy arrays: loader workers share them
+        self.targets = self.samples.targets
 
     def issues(self) -> dict:
         return {"ignored_files": self.ignored_files}
+
+    def fingerprint(self) -> str:
+        """sha256 over the (relative path, size) of every file, in order."""
+        h = hashlib.sha256()
+        for i in range(len(self.samples)):
+            rel = self.samples.relpath(i)
+            h.update(f"{rel}|{os.path.getsize(os.path.join(self.root, rel))}\n".encode())
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def read(self, index: int) -> tuple[Image.Image, int]:
-        return read_image_file(self.samples[index]), -1
+        return read_image_file(self.samples[index][0]), -1
 
     def describe(self, index: int) -> str:
-        return self.samples[index]
+        return self.samples[index][0]
 
 
 def check_readable(dataset: SeededDataset, source: str, probes: int = 8) -> None:

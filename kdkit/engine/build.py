@@ -125,7 +125,8 @@ def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int, devic
 
 def open_train(r: Recipe):
     """The training split; with `data.unlabeled`, a SemiSupervisedDataset of it and the unlabeled images."""
-    train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict)
+    train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict,
+                            **r.data.source_options())
     if r.data.unlabeled:
         unlabeled = open_unlabeled(r.data.unlabeled, train_ds.classes, seed=r.run.seed, strict=r.data.strict)
         train_ds = SemiSupervisedDataset(train_ds, unlabeled, r.data.unlabeled_ratio)
@@ -135,7 +136,8 @@ def open_data(r: Recipe):
     """The training split (with its unlabeled images, if any) and the evaluation split (in the
     training split's label space)."""
     train_ds = open_train(r)
-    eval_ds = open_dataset(r.data.path, r.data.eval_split, classes=train_ds.classes, strict=r.data.strict)
+    options = {**r.data.source_options(), "class_map": None}  # the training split's label space
+    eval_ds = open_dataset(r.data.path, r.data.eval_split, classes=train_ds.classes, strict=r.data.strict, **options)
     return train_ds, eval_ds
 
 
