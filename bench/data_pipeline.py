@@ -14,6 +14,8 @@ per-round ratios.
 Settings:
   32   CIFAR-10 JPEGs (32x32) from /work/shared/data/cifar10-jpg.tar.gz, the first --images training
        images (class-balanced); RandomResizedCrop(32, scale 0.35-1) + hflip 0.5, bicubic.
+  224ra  the 224 setting with DeiT's 3 repeats: timm's RepeatAugSampler against kdkit's sampler
+       (repeats of an image in one batch decoded once), kdkit also from tar shards of the same files.
   224  --images-224 CIFAR-10 training images upscaled (bicubic) to 500x375 and saved as JPEG quality
        90 (ImageNet-sized files); DeiT's augmentation: RandomResizedCrop(224, scale 0.08-1),
        hflip 0.5, RandAugment rand-m9-mstd0.5-inc1, color jitter 0.3 (timm turns it off under
@@ -64,6 +66,10 @@ DEIT_AUG = dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.3, auto_augment="ra
 SETTINGS = {
     "32": {"size": 32, "aug": dict(scale=(0.35, 1.0), hflip=0.5)},
     "224": {"size": 224, "aug": DEIT_AUG},
+    # DeiT's whole recipe: its augmentation and 3 repeats (timm: RepeatAugSampler, each repeat decoded
+    # again; kdkit: EpochSampler, the repeats in one batch decoded once); kdkit from the folder and
+    # from tar shards written from it
+    "224ra": {"size": 224, "aug": DEIT_AUG, "repeats": 3, "shards": True},
 }
 
 
@@ -149,17 +155,28 @@ def prepared(cache: Path, cifar: Path, size: int, n: int) -> Path:
 
 # --- the two pipelines ------------------------------------------------------------------------------
 
-def aug_config(aug: dict) -> dict:
+def aug_config(aug: dict, repeats: int = 0) -> dict:
     """kdkit's AugConfig for these settings, as the dict view_settings takes."""
     from kdkit.config import AugConfig
 
-    return dataclasses.asdict(AugConfig(**aug, repeated_aug=0, interpolation="bicubic"))
+    return dataclasses.asdict(AugConfig(**aug, repeated_aug=repeats, interpolation="bicubic"))
+
+
+def sharded(cache: Path, root: Path) -> Path:
+    """`root`'s training images written once as tar shards (kdkit shards: the same bytes), reused."""
+    out = cache / f"{root.name}-wds"
+    if not (out / "_info.json").is_file():
+        from kdkit.data import open_dataset
+        from kdkit.data.shard_writer import write_shards
+
+        write_shards({"train": open_dataset(root, "train")}, out, shard_size=256)
+    return out
 
 
 class KdkitPipeline:
     name = "kdkit"
 
-    def __init__(self, root: Path, size: int, aug: dict):
+    def __init__(self, root: Path, size: int, aug: dict, repeats: int = 0):
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
         from kdkit.data import apply_views, create_loader, open_dataset, view_settings
@@ -167,9 +184,9 @@ class KdkitPipeline:
         self.ds = open_dataset(root, "train", seed=0)
         data_cfg = {"input_size": (3, size, size), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
                     "std": IMAGENET_DEFAULT_STD, "crop_pct": 1.0}
-        self.views = view_settings(data_cfg, aug_config(aug))
+        self.views = view_settings(data_cfg, aug_config(aug, repeats))
         apply_views(self.ds, self.views, len(self.ds.classes))
-        self.loader = create_loader(self.ds, BATCH, training=True, workers=0, seed=0)
+        self.loader = create_loader(self.ds, BATCH, training=True, workers=0, seed=0, repeated_aug=repeats)
         self.epoch = 0
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -187,13 +204,18 @@ class KdkitPipeline:
                 yield raw["images"], raw["target"]
 
     def describe(self) -> dict:
-        return {"views": self.views, "samples": len(self.ds), "batches_per_epoch": len(self.loader)}
+        return {"views": self.views, "samples": len(self.ds), "batches_per_epoch": len(self.loader),
+                "source": type(self.ds).__name__}
+
+
+class KdkitShardsPipeline(KdkitPipeline):
+    name = "kdkit-shards"
 
 
 class TimmPipeline:
     name = "timm"
 
-    def __init__(self, root: Path, size: int, aug: dict):
+    def __init__(self, root: Path, size: int, aug: dict, repeats: int = 0):
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
         from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
@@ -203,8 +225,15 @@ class TimmPipeline:
                              re_prob=aug.get("reprob", 0.0), re_mode="pixel", interpolation="bicubic",
                              mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
         self.ds = ImageFolder(str(root / "train"), transform=create_transform(**self.settings))
-        self.loader = DataLoader(self.ds, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=0,
-                                 pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
+        self.sampler = None
+        if repeats > 1:  # timm's train.py with --aug-repeats: its RASampler, one process
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            self.sampler = RepeatAugSampler(self.ds, num_replicas=1, rank=0, num_repeats=repeats)
+        self.loader = DataLoader(self.ds, batch_size=BATCH, shuffle=self.sampler is None, sampler=self.sampler,
+                                 drop_last=True, num_workers=0, pin_memory=torch.cuda.is_available(),
+                                 generator=torch.Generator().manual_seed(0))
+        self.epoch = 0
         self.mixup = None
         if aug.get("mixup", 0) > 0 or aug.get("cutmix", 0) > 0:
             self.mixup = Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], prob=aug["mixup_prob"],
@@ -212,6 +241,9 @@ class TimmPipeline:
                                label_smoothing=aug["label_smoothing"], num_classes=len(self.ds.classes))
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
         for images, target in self.loader:
             if self.mixup is not None:
                 images, target = self.mixup(images, target)
@@ -220,7 +252,7 @@ class TimmPipeline:
     def describe(self) -> dict:
         s = {k: list(v) if isinstance(v, tuple) else v for k, v in self.settings.items()}
         return {"create_transform": s, "mixup": self.mixup is not None, "samples": len(self.ds),
-                "batches_per_epoch": len(self.loader)}
+                "batches_per_epoch": len(self.loader), "sampler": type(self.sampler).__name__}
 
 
 def timed_pass(pipe, max_batches: int) -> tuple[float, int, tuple]:
@@ -244,9 +276,11 @@ def warm_up(pipe, batches: int) -> None:
 
 
 def measure(name: str, root: Path, size: int, aug: dict, rounds: int, warmup: int, batches: int,
-            log: Callable[[str], None]) -> dict:
+            log: Callable[[str], None], repeats: int = 0, shards: Path | None = None) -> dict:
     torch.manual_seed(0)
-    pipes = [KdkitPipeline(root, size, aug), TimmPipeline(root, size, aug)]
+    pipes = [KdkitPipeline(root, size, aug, repeats), TimmPipeline(root, size, aug, repeats)]
+    if shards is not None:
+        pipes.insert(1, KdkitShardsPipeline(shards, size, aug, repeats))
     for p in pipes:
         warm_up(p, warmup)
     rates: dict[str, list[float]] = {p.name: [] for p in pipes}
@@ -264,12 +298,14 @@ def measure(name: str, root: Path, size: int, aug: dict, rounds: int, warmup: in
             log(f"  [{name} px] round {r + 1}/{rounds} {p.name:5s}: {n} samples in {s:.2f} s = {n / s:,.1f} /s")
     stats = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
              for k, v in rates.items()}
-    paired = [a / b for a, b in zip(rates["kdkit"], rates["timm"], strict=True)]
+    paired = {p.name: [a / b for a, b in zip(rates[p.name], rates["timm"], strict=True)] for p in pipes}
     return {"img_size": size, "images": len(pipes[0].ds), "batch_size": BATCH, "samples_per_pass": samples_per_pass,
-            "warmup_batches": warmup, "rounds": rounds, "samples_per_s": stats, "seconds": seconds,
-            "ratio_kdkit_over_timm": stats["kdkit"]["median"] / stats["timm"]["median"],
-            "ratio_paired_median": statistics.median(paired), "ratio_paired": paired, "batch_shapes": shapes,
-            "kdkit": pipes[0].describe(), "timm": pipes[1].describe()}
+            "warmup_batches": warmup, "rounds": rounds, "repeats": repeats, "samples_per_s": stats,
+            "seconds": seconds, "ratio_kdkit_over_timm": stats["kdkit"]["median"] / stats["timm"]["median"],
+            "ratio_paired_median": statistics.median(paired["kdkit"]), "ratio_paired": paired["kdkit"],
+            "ratios_over_timm": {k: {"of_medians": stats[k]["median"] / stats["timm"]["median"],
+                                     "paired_median": statistics.median(v)} for k, v in paired.items()},
+            "batch_shapes": shapes, **{p.name: p.describe() for p in pipes}}
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -301,8 +337,9 @@ def table(results: dict) -> Table:
         t.add_column(col, justify="left" if col in ("setting", "pipeline") else "right")
     for name, res in results.items():
         s = res["samples_per_s"]
-        for i, p in enumerate(("kdkit", "timm")):
-            ratio = f"{res['ratio_kdkit_over_timm']:.3f} (paired {res['ratio_paired_median']:.3f})" if i == 0 else ""
+        for i, p in enumerate(s):
+            r = res["ratios_over_timm"][p]
+            ratio = f"{r['of_medians']:.3f} (paired {r['paired_median']:.3f})" if p != "timm" else ""
             t.add_row(f"{name} px ({res['images']} img)" if i == 0 else "", p, f"{s[p]['median']:,.1f}",
                       f"{s[p]['min']:,.1f}", f"{s[p]['max']:,.1f}", ratio)
     return t
@@ -343,7 +380,8 @@ def main() -> None:
         n = args.images if cfg["size"] <= 64 else args.images_224
         root = prepared(cache, cifar, cfg["size"], n)
         results[name] = measure(name, root, cfg["size"], cfg["aug"], args.rounds, args.warmup, args.batches,
-                                lambda s: err.print(s, highlight=False))
+                                lambda s: err.print(s, highlight=False), cfg.get("repeats", 0),
+                                sharded(cache, root) if cfg.get("shards") else None)
         results[name]["data"] = str(root)
     info["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     out = {"bench": "data_pipeline", "label": args.label, "kdkit": kdkit_source(), "machine": info, "seconds": time.perf_counter() - start,

@@ -218,3 +218,30 @@ def test_remote_urls_and_missing_shards_are_one_line_refusals(shards, tmp_path):
     assert not any(tmp_path.iterdir())
     with pytest.raises(Exception, match="2 of 4 shards not found"):
         open_dataset(shards, "train-{000001..000004}.tar")
+
+
+def test_remote_shards_are_copied_and_indexed_and_a_hub_stream_written_as_shards(shards, tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    import datasets
+
+    # a URL pattern, opened by webdataset's gopen (pipe: here: no network in the tests)
+    urls = f"pipe:cat {shards}/train-{{000000..000002}}.tar"
+    assert run_cli("shards", urls, "--out", tmp_path / "copied", "--json") == 0
+    copied, original = open_dataset(tmp_path / "copied", "train"), open_dataset(shards, "train")
+    assert [copied.read_bytes(i) for i in range(len(copied))] == [original.read_bytes(i) for i in range(120)]
+    assert (tmp_path / "copied" / "train-000001.tar.idx.npz").is_file()
+    # a Hub dataset streamed (datasets' streaming=True on local parquet files) straight into shards
+    names = sorted(p.name for p in (tiny_data / "train").iterdir())
+    want = folder_samples(tiny_data / "train")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b, _ in want],
+                                "label": [t for _, t in want]}, features=feats).to_parquet(hub / "train-0.parquet")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert run_cli("shards", f"hf:{hub.parent}", "--streaming", "--out", tmp_path / "streamed", "--shard-size", "64",
+                   "--json") == 0
+    streamed = open_dataset(tmp_path / "streamed", "train")
+    assert [(streamed.read_bytes(i), int(streamed.targets[i])) for i in range(len(streamed))] == want
+    assert streamed.classes == names
+    assert run_cli("shards", f"hf:{hub.parent}", "--streaming", "--out", tmp_path / "streamed") == 2  # exists

@@ -106,8 +106,9 @@ def open_dataset(data: str | Path, split: str, transform: Callable | None = None
     if data.startswith("hf:"):
         return _open_hf(data[3:], split, transform, seed, strict, classes=classes, **keys)
     if is_url(data) or is_url(split):
-        raise KdkitError(f"{data if is_url(data) else split} is a remote URL: shards are read by index from local "
-                         f"files (copy them, or `kdkit shards` a dataset to a local folder)")
+        url = data if is_url(data) else split
+        raise KdkitError(f"{url} is a remote URL: kdkit reads shards by index (exact replay, caches, resume), from "
+                         f"local files: copy and index them first with `kdkit shards '{url}' --out DIR`")
     root = sample_path() if data == EMBEDDED_SAMPLE and not Path(data).exists() else Path(data)
     if root.is_file() and root.suffix == ".tar":
         return TarShardDataset([root], transform, classes, seed, strict, **keys)
