@@ -21,7 +21,7 @@ per shard (NAME.tar.idx.npz). A run from the shards equals the run from the sour
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shards", help="write data as webdataset tar shards, or index existing shards",
+    p = sub.add_parser("shards", help="write data as webdataset tar shards (or index shards)",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("data", nargs="?", metavar="DATA", help="a data source, as --data takes it")
     p.add_argument("--out", metavar="DIR", help="the new folder to write (refused if it exists)")
