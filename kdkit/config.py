@@ -80,11 +80,12 @@ class DataConfig:
     input_key: str = ""  # image member of a shard sample ('jpg;png') or column of a datasets dataset; "" = auto
     target_key: str = ""  # label member ('cls') or column; "" = auto
     class_map: str = ""  # a file of class names, one a line (timm's --class-map): fixes the label space
+    streaming: bool = False  # hf:NAME streamed (datasets' streaming=True); URL shards are always streamed
 
     def source_options(self) -> dict:
         """The keyword arguments kdkit.data.open_dataset takes for this data besides path and split."""
         return {"input_key": self.input_key or None, "target_key": self.target_key or None,
-                "class_map": self.class_map or None}
+                "class_map": self.class_map or None, "streaming": self.streaming}
 
     def __post_init__(self) -> None:
         if not self.unlabeled_ratio > 0:

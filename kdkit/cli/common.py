@@ -96,6 +96,8 @@ RUN_FLAGS: dict[str, Flag] = {
                          default="auto"),
     "--class-map": Flag("data.class_map", str, "file of class names, one a line (line i = class i), fixing the "
                         "label space, as timm's", "data", metavar="FILE", default="the data's own"),
+    "--streaming": Flag("data.streaming", bool, "stream hf:NAME (datasets' streaming=True) instead of downloading "
+                        "it first; shards at URLs are always streamed (docs/data.md: what a stream guarantees)", "data"),
     "--batch-size": Flag("data.batch_size", int, "global batch size, split over the processes", "data"),
     "--batch-size-per-process": Flag(
         "data.batch_size", int, "batch size per process, as timm's -b: sets data.batch_size to N x the launcher's "

@@ -14,6 +14,7 @@ from kdkit.data.mixup import SampleMixup
 from kdkit.data.sampler import EpochSampler, MixedSampler, epoch_views, mixed_epoch_views
 from kdkit.data.seeding import sample_seed
 from kdkit.data.shards import TarShardDataset, is_url, split_shards
+from kdkit.data.stream import StreamDataset, open_hub_stream, open_url_stream
 from kdkit.data.transforms import ToNormalizedTensor, create_transforms, fuse_to_tensor
 from kdkit.data.unlabeled import SemiSupervisedDataset, UnlabeledFolderDataset, check_readable
 from kdkit.data.views import apply_views, eval_transform, is_augmented, view_settings, view_transform
@@ -21,7 +22,7 @@ from kdkit.registry import KdkitError
 
 __all__ = [
     "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "MixedSampler", "SampleMixup",
-    "SeededDataset", "SemiSupervisedDataset", "TarShardDataset", "read_class_map", "ToNormalizedTensor", "UnlabeledFolderDataset", "collate",
+    "SeededDataset", "SemiSupervisedDataset", "StreamDataset", "TarShardDataset", "read_class_map", "ToNormalizedTensor", "UnlabeledFolderDataset", "collate",
     "create_loader", "fuse_to_tensor",
     "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
     "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
@@ -84,7 +85,7 @@ def _resolve_split(root: Path, split: str) -> Path | list[Path]:
 def open_dataset(data: str | Path, split: str, transform: Callable | None = None,
                  classes: list[str] | None = None, seed: int = 0, strict: bool = False, *,
                  input_key: str | None = None, target_key: str | None = None,
-                 class_map: str | Path | None = None) -> SeededDataset:
+                 class_map: str | Path | None = None, streaming: bool = False) -> SeededDataset | StreamDataset:
     """Open one split of a data source.
 
     data: a folder with split sub-folders (train/, val|validation|test/) of class folders; a folder
@@ -98,17 +99,25 @@ def open_dataset(data: str | Path, split: str, transform: Callable | None = None
       of class names, one a line, that fixes it instead (timm's --class-map).
     input_key / target_key: the image and label members of a shard sample or columns of a
       `datasets` dataset (timm's names; default: jpg/png/... and cls, or the Image and label columns).
+    streaming: stream "hf:NAME" (datasets' streaming=True) instead of downloading it first. Shards
+      at URLs (https://, s3://, pipe:, ...) are always streamed. A stream is a StreamDataset
+      (kdkit/data/stream.py: what it guarantees, and what it refuses), not a SeededDataset.
     """
     if class_map and classes is None:
         classes = read_class_map(class_map)
     data = str(data)
     keys = {"input_key": input_key, "target_key": target_key}
+    if data.startswith("hf:") and streaming:
+        if split == "auto-eval":
+            split = "validation"
+        return open_hub_stream(data[3:], split, classes, seed, strict, **keys)
     if data.startswith("hf:"):
         return _open_hf(data[3:], split, transform, seed, strict, classes=classes, **keys)
     if is_url(data) or is_url(split):
-        url = data if is_url(data) else split
-        raise KdkitError(f"{url} is a remote URL: kdkit reads shards by index (exact replay, caches, resume), from "
-                         f"local files: copy and index them first with `kdkit shards '{url}' --out DIR`")
+        if split == "auto-eval":
+            split = "validation"  # the Hub's -wds name; other names with --val-split
+        return open_url_stream(split, data if is_url(data) else "", classes, seed, strict,
+                               **keys)
     root = sample_path() if data == EMBEDDED_SAMPLE and not Path(data).exists() else Path(data)
     if root.is_file() and root.suffix == ".tar":
         return TarShardDataset([root], transform, classes, seed, strict, **keys)
@@ -225,6 +234,12 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     samplers yield (epoch, view id), so `persistent_workers` (kept between epochs) need no epoch
     of their own; `prefetch_factor` batches per worker are prepared ahead.
     """
+    if isinstance(dataset, StreamDataset):
+        # a stream: readers (processes x workers) plan their own shards; workers are started anew
+        # each epoch, so that they read the epoch (and resume step) seek() gave the dataset
+        part = dataset.plan_readers(batch_size, num_replicas, rank) if training else dataset
+        return DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=training,
+                          pin_memory=torch.cuda.is_available(), **({"prefetch_factor": prefetch_factor} if workers else {}))
     if training and isinstance(dataset, SemiSupervisedDataset):
         # each step: batch_size labeled + MU * batch_size unlabeled views per process
         sampler = MixedSampler(dataset, batch_size * num_replicas, seed, num_replicas, rank, max(repeated_aug, 1))

@@ -173,14 +173,18 @@ class MixedSampler(Sampler[tuple[int, int]]):
 
 def seek(loader: DataLoader, epoch: int, step: int = 0) -> None:
     """Point a training loader at batch `step` of `epoch` without reading the batches before it
-    (kdkit's EpochSampler skips them; views depend on (seed, epoch, view id) only)."""
-    sampler = loader.sampler
-    if step:
-        if "start" not in inspect.signature(getattr(sampler, "set_epoch", seek)).parameters:
-            raise KdkitError("resuming in the middle of an epoch needs a sampler whose set_epoch(epoch, start) "
-                             "skips samples, such as kdkit's EpochSampler (kdkit.data.create_loader)")
-        sampler.set_epoch(epoch, step * loader.batch_size)
-    elif hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
+    (kdkit's EpochSampler skips them; views depend on (seed, epoch, view id) only; a stream's
+    readers skip the samples they had delivered)."""
+    started = False
+    for part in (loader.sampler, loader.dataset):  # whichever decides the order: sampler, or stream
+        set_epoch = getattr(part, "set_epoch", None)
+        if set_epoch is None:
+            continue
+        if "start" in inspect.signature(set_epoch).parameters:
+            set_epoch(epoch, step * loader.batch_size)
+            started = True
+        else:
+            set_epoch(epoch)
+    if step and not started:
+        raise KdkitError("resuming in the middle of an epoch needs a sampler whose set_epoch(epoch, start) "
+                         "skips samples, such as kdkit's EpochSampler (kdkit.data.create_loader)")

@@ -22,6 +22,7 @@ from kdkit.config import LossConfig, Recipe
 from kdkit.console import console
 from kdkit.data import (
     SemiSupervisedDataset,
+    StreamDataset,
     apply_views,
     create_loader,
     is_augmented,
@@ -85,6 +86,9 @@ def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
     """Views (transforms, per-sample Mixup/CutMix) and per-process loaders from the recipe."""
     apply_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), len(train_ds.classes))
     apply_views(eval_ds, view_settings(data_cfg), len(train_ds.classes))
+    if isinstance(eval_ds, StreamDataset) and acc.num_processes > 1:
+        raise KdkitError("a streamed evaluation split is read by one process only: evaluate from local shards or a "
+                         "folder (--val-split), or run one process")
     per_proc = r.data.batch_size // acc.num_processes
     if per_proc * acc.num_processes != r.data.batch_size:
         raise KdkitError(f"batch_size {r.data.batch_size} is not divisible by {acc.num_processes} processes")
@@ -123,10 +127,17 @@ def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int, devic
                                        updates_per_epoch=max(batches_per_epoch // o.grad_accum, 1))
     return optimizer, scheduler, lr
 
+STREAM_NO_CACHE = ("a streamed source has no sample positions for a logit cache to address: cache and distil from "
+                   "local shards (`kdkit shards SOURCE --out DIR`, then --data DIR)")
+
+
 def open_train(r: Recipe):
     """The training split; with `data.unlabeled`, a SemiSupervisedDataset of it and the unlabeled images."""
     train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict,
                             **r.data.source_options())
+    if isinstance(train_ds, StreamDataset) and r.data.unlabeled:
+        raise KdkitError("unlabeled images join indexed data only, not a stream: write the labeled data as local "
+                         "shards first (`kdkit shards SOURCE --out DIR`)")
     if r.data.unlabeled:
         unlabeled = open_unlabeled(r.data.unlabeled, train_ds.classes, seed=r.run.seed, strict=r.data.strict)
         train_ds = SemiSupervisedDataset(train_ds, unlabeled, r.data.unlabeled_ratio)
@@ -286,6 +297,8 @@ def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dic
     teachers it asks for are built, and checked on a slice of the evaluation split (summary's
     teacher_check), only then."""
     num_classes = len(train_ds.classes)
+    if isinstance(train_ds, StreamDataset) and logit_source_name(r) == "cache":
+        raise KdkitError(STREAM_NO_CACHE)
 
     def teachers() -> list[Teacher]:
         built = build_teachers(r, teacher, num_classes, data_cfg, acc)

@@ -13,8 +13,9 @@ from kdkit.cache.store import DTYPES
 from kdkit.cache.writer import write_cache
 from kdkit.config import Recipe
 from kdkit.console import console
-from kdkit.data import SemiSupervisedDataset, apply_views, open_dataset, open_unlabeled
+from kdkit.data import SemiSupervisedDataset, StreamDataset, apply_views, open_dataset, open_unlabeled
 from kdkit.engine.build import (
+    STREAM_NO_CACHE,
     build_logit_source,
     build_student,
     expected_manifest,
@@ -37,6 +38,8 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
         raise KdkitError("--shard-size must be >= 1 and --topk >= 0 (0 = every class)")
     acc = make_accelerator(r)
     train_ds = open_train(r)
+    if isinstance(train_ds, StreamDataset):
+        raise KdkitError(STREAM_NO_CACHE)
     num_classes = len(train_ds.classes)
     data_cfg = student_data_config(build_student(r, "distill", None, num_classes), r.model.img_size)
     if logit_source_name(r) == "cache":

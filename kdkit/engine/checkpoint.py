@@ -234,8 +234,10 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path | None, accelerator: Accelerator, student: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any = None, ema: nn.Module | None = None,
-                 every: int = 0, keep: int = 2, recipe: dict | None = None):
+                 every: int = 0, keep: int = 2, recipe: dict | None = None, stream_readers: int | None = None):
         self.run_dir = Path(run_dir) if run_dir else None
+        # a stream's readers (processes x loader workers) decide its batches: a mid-epoch resume needs the same
+        self.stream_readers = stream_readers
         self.folder = self.run_dir / "checkpoints" if self.run_dir and keep > 0 else None
         self.acc, self.student, self.optimizer, self.scheduler, self.ema = accelerator, student, optimizer, scheduler, ema
         self.every, self.keep, self.recipe = every, keep, recipe
@@ -299,6 +301,7 @@ class Checkpointer:
     def _write(self, path: Path, pos: Position, processes: list[dict]) -> None:
         """Write one checkpoint folder (main process) and drop the ones past `keep`."""
         tree = {"position": dataclasses.asdict(pos), "processes": processes, "recipe": self.recipe,
+                "stream_readers": self.stream_readers,
                 "optimizer": self.optimizer.state_dict(), "accelerator_step": self.acc.step,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
@@ -363,6 +366,10 @@ class Checkpointer:
         processes, index = tree["processes"], self.acc.process_index
         set_rng_state(processes[index if index < len(processes) else 0]["rng"])
         pos = Position(**tree["position"])
+        if pos.step and self.stream_readers != tree.get("stream_readers"):
+            raise KdkitError(f"{path} is {pos.step} steps into an epoch of a stream read by {tree.get('stream_readers')} "
+                             f"readers (processes x loader workers); this run has {self.stream_readers}: a stream's "
+                             f"batches depend on its readers, so resume with the same processes and --workers")
         # the run's total stays right under any number of processes (fit sums the processes' counts)
         pos.skipped_images = processes[index]["skipped_images"] if len(processes) == self.acc.num_processes else \
             sum(p["skipped_images"] for p in processes) if self.acc.is_main_process else 0

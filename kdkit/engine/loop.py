@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from kdkit.accelerator import create_accelerator, peers_watched
 from kdkit.config import NONFINITE
@@ -184,8 +184,10 @@ def _fit(acc: Accelerator, student: nn.Module, step_fn: DistillationStep, train_
     step_fn.to(acc.device)
     eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
     ema = ModelEmaV3(acc.unwrap_model(student), decay=s.ema_decay) if s.ema_decay else None
+    streamed = isinstance(train_loader.dataset, IterableDataset)  # a stream: its readers decide the batches
     ckpt = Checkpointer(run_dir, acc, student, optimizer, scheduler, ema, every=s.checkpoint_every,
-                        keep=s.keep_checkpoints, recipe=recipe)
+                        keep=s.keep_checkpoints, recipe=recipe,
+                        stream_readers=acc.num_processes * max(train_loader.num_workers, 1) if streamed else None)
     pos = ckpt.restore() if resume else ckpt.start()
     if pos.epoch > epochs or (pos.epoch == epochs and pos.step):
         done = f"{pos.epoch} epochs" + (f" and {pos.step} steps" if pos.step else "")
