@@ -30,6 +30,8 @@ def shards(tiny_data, tmp_path_factory) -> Path:
 def stream(shards: Path, seed: int = 0, **aug) -> StreamDataset:
     ds = open_dataset(f"pipe:cat {shards}", "train-{000000..000005}.tar|120", seed=seed)
     assert isinstance(ds, StreamDataset) and len(ds) == 120 and len(ds.classes) == 10  # classes: _info.json
+    counted = open_dataset(f"pipe:cat {shards}", "train-{000000..000005}.tar")  # N from _info.json's lengths
+    assert len(counted) == 120 and len(open_dataset(f"pipe:cat {shards}", "val")) == 60
     return apply_views(ds, view_settings(DATA_CFG, dataclasses.asdict(AugConfig(**aug))), 10)
 
 

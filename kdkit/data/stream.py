@@ -262,11 +262,16 @@ def open_url_stream(pattern: str, root: str, classes: list[str] | None, seed: in
             raise KdkitError(f"{root}: no _info.json naming split {spec!r}: give the split as shards with their "
                              f"count, e.g. '{spec}-{{000000..000009}}.tar|N'")
         spec, count = "::".join(split["filenames"]), count or split["num_samples"]
-    urls = [u if "://" in u or u.startswith("pipe:") else f"{root.rstrip('/')}/{u}" for u in expand_pattern(spec)]
-    names = classes or info.get("classes")
-    if not names:
+    names = expand_pattern(spec)
+    if not count:  # a pattern without |N: the shard lengths of the _info.json splits (as timm reads them)
+        lengths = {f: n for sp in info.get("splits", {}).values()
+                   for f, n in zip(sp.get("filenames", ()), sp.get("shard_lengths", ()), strict=False)}
+        count = sum(lengths[n] for n in names) if all(n in lengths for n in names) else 0
+    urls = [u if "://" in u or u.startswith("pipe:") else f"{root.rstrip('/')}/{u}" for u in names]
+    classes = classes or info.get("classes")
+    if not classes:
         raise KdkitError(f"{root}: a stream cannot list its classes before its end: give them with --class-map")
-    return StreamDataset(TarUrls(urls, input_key, target_key), int(count or 0), names, pattern, seed=seed,
+    return StreamDataset(TarUrls(urls, input_key, target_key), int(count or 0), classes, pattern, seed=seed,
                          strict=strict)
 
 
