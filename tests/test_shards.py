@@ -245,3 +245,26 @@ def test_remote_shards_are_copied_and_indexed_and_a_hub_stream_written_as_shards
     assert [(streamed.read_bytes(i), int(streamed.targets[i])) for i in range(len(streamed))] == want
     assert streamed.classes == names
     assert run_cli("shards", f"hf:{hub.parent}", "--streaming", "--out", tmp_path / "streamed") == 2  # exists
+
+
+def test_symlinks_are_followed_once_and_dangling_ones_skipped_and_named(tiny_data, tmp_path, teacher_dir):
+    import json
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    cat = root / "train" / "cat"
+    (cat / "loop").symlink_to(cat)  # a loop: without care, every cat image counts 41 times
+    (root / "train" / "dog" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    ds = open_dataset(root, "train")
+    assert len(ds) == 120  # each image once
+    assert ds.issues()["dangling_links"] == [str(root / "train" / "dog" / "gone.jpg")]
+    assert ds.issues()["folders_reached_again"] == [str(cat / "loop")]
+    with pytest.raises(Exception, match="point to nothing"):
+        open_dataset(root, "train", strict=True)
+    out = tmp_path / "runs"
+    assert run_cli("train", "--model", "resnet10t", "--data", root, "--epochs", "1", "--batch-size", "16",
+                   "--workers", "0", "--no-progress", "--img-size", "32", "--output", out, "--name", "links",
+                   "--set", "model.kwargs={channels=[8, 16, 32, 64], stem_width=8}") == 0
+    summary = json.loads((out / "links" / "summary.json").read_text())
+    assert summary["data"]["train"]["dangling_links"] == [str(root / "train" / "dog" / "gone.jpg")]

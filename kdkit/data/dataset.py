@@ -239,20 +239,52 @@ class PathTable:
         return (self[i] for i in range(len(self)))
 
 
+def list_images(root: Path, class_to_idx: dict[str, int], is_image: Callable[[str], bool]) -> tuple[
+        list[tuple[str, int]], list[str], list[str]]:
+    """(path, class) of every image under root/<class>/, in torchvision's make_dataset order (class
+    names sorted, then folders, then files), following symlinks once: a folder reached again (a
+    symlink loop, or two links to one folder) is not entered again, and a link to nothing is left
+    out. Returns (samples, folders not entered again, dangling links)."""
+    samples, repeated, dangling = [], [], []
+    for name in sorted(class_to_idx):
+        top = root / name
+        if not top.is_dir():
+            continue
+        seen: set[tuple[int, int]] = set()
+        walked = []
+        for folder, subfolders, files in os.walk(top, followlinks=True):
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                subfolders[:] = []
+                repeated.append(folder)
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            subfolders.sort()  # a deterministic first visit of a folder reached twice
+            walked.append((folder, files))
+        for folder, files in sorted(walked):
+            for file in sorted(files):
+                path = os.path.join(folder, file)
+                if not os.path.exists(path):
+                    dangling.append(path)
+                elif is_image(path):
+                    samples.append((path, class_to_idx[name]))
+    return samples, repeated, dangling
+
+
 class ImageFolderDataset(SeededDataset):
-    """An ImageFolder directory (root/<class>/<image>), scanned with torchvision's helpers.
+    """An ImageFolder directory (root/<class>/<image>), listed in torchvision's order (list_images).
 
     `classes` may be given to fix the label space (so train and eval splits agree). Empty class
     folders are kept as classes with no samples and listed by `issues()`, or are an error under
-    `strict`; files without an image extension are ignored and counted. The samples are held in a
-    PathTable (NumPy arrays, shared by loader workers without copies).
+    `strict`; files without an image extension are ignored and counted; symlinks are followed once
+    (folders reached again and dangling links are named by `issues()`, dangling links are an
+    error under `strict`). The samples are held in a PathTable (NumPy arrays, shared by loader
+    workers without copies).
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None, classes: list[str] | None = None,
                  seed: int = 0, strict: bool = False):
         super().__init__(transform, seed, strict)
-        from torchvision.datasets.folder import make_dataset
-
         self.root = Path(root)
         if not self.root.is_dir():
             raise KdkitError(f"data directory not found: {self.root}")
@@ -274,8 +306,10 @@ class ImageFolderDataset(SeededDataset):
             self.ignored_files += not ok
             return ok
 
-        pairs = make_dataset(str(self.root), {c: i for c, i in mapping.items() if c in present},
-                             is_valid_file=is_image, allow_empty=True)
+        pairs, self.repeated_folders, self.dangling_links = list_images(
+            self.root, {c: i for c, i in mapping.items() if c in present}, is_image)
+        if strict and self.dangling_links:
+            raise KdkitError(f"{len(self.dangling_links)} symlinks point to nothing, e.g. {self.dangling_links[0]}")
         if not pairs:
             raise KdkitError(f"no images found in {self.root} (looked for {', '.join(IMG_EXTENSIONS)})")
         self.samples = PathTable(self.root, pairs)
@@ -288,7 +322,12 @@ class ImageFolderDataset(SeededDataset):
                              f"(without --strict they stay classes with no samples, with a warning)")
 
     def issues(self) -> dict:
-        return {"empty_classes": self.empty_classes, "ignored_files": self.ignored_files}
+        found = {"empty_classes": self.empty_classes, "ignored_files": self.ignored_files}
+        if self.dangling_links:  # listed in the run summary, each by name
+            found["dangling_links"] = self.dangling_links
+        if self.repeated_folders:
+            found["folders_reached_again"] = self.repeated_folders
+        return found
 
     def fingerprint(self) -> str:
         """sha256 over the (relative path, size, class) of every file, in order."""

@@ -391,6 +391,13 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
         console.print(f"[bold yellow]warning: class folders without images, kept as classes with no samples "
                       f"(the label space has {len(classes)} classes): {', '.join(empty[:10])}; remove them, or "
                       f"--strict to stop")
+    for split, ds in (("train", train_ds), ("eval", eval_ds)):
+        found = ds.issues() if acc.is_main_process else {}
+        for key, what in (("dangling_links", "symlinks point to nothing, skipped"),
+                          ("folders_reached_again", "folders reached again through symlinks, not entered again")):
+            if found.get(key):
+                console.print(f"[bold yellow]warning: {split}: {len(found[key])} {what} (listed in summary.json): "
+                              f"{', '.join(found[key][:3])}")
     train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
     semi = isinstance(train_ds, SemiSupervisedDataset)
     summary: dict = {"mode": mode, "classes": len(classes), "precision": str(acc.mixed_precision),
