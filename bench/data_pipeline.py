@@ -16,6 +16,7 @@ Settings:
        images (class-balanced); RandomResizedCrop(32, scale 0.35-1) + hflip 0.5, bicubic.
   224ra  the 224 setting with DeiT's 3 repeats: timm's RepeatAugSampler against kdkit's sampler
        (repeats of an image in one batch decoded once), kdkit also from tar shards of the same files.
+  224ra-photo  224ra on files with Gaussian texture (sigma 26) as large as ImageNet's (~110 KB).
   224  --images-224 CIFAR-10 training images upscaled (bicubic) to 500x375 and saved as JPEG quality
        90 (ImageNet-sized files); DeiT's augmentation: RandomResizedCrop(224, scale 0.08-1),
        hflip 0.5, RandAugment rand-m9-mstd0.5-inc1, color jitter 0.3 (timm turns it off under
@@ -70,6 +71,9 @@ SETTINGS = {
     # again; kdkit: EpochSampler, the repeats in one batch decoded once); kdkit from the folder and
     # from tar shards written from it
     "224ra": {"size": 224, "aug": DEIT_AUG, "repeats": 3, "shards": True},
+    # the same on files as large as ImageNet's (~110 KB a JPEG; the smooth upscaled files above are
+    # ~17 KB, and decoding cost grows with the entropy-coded bytes): Gaussian texture, sigma 26
+    "224ra-photo": {"size": 224, "aug": DEIT_AUG, "repeats": 3, "shards": True, "noise": 26.0},
 }
 
 
@@ -117,17 +121,27 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _upscale(job: tuple[Path, Path]) -> None:
-    src, dst = job
+def _upscale(job: tuple[Path, Path, float]) -> None:
+    src, dst, noise = job
     with Image.open(src) as img:
-        img.convert("RGB").resize(UPSCALED, Image.BICUBIC).save(dst, "JPEG", quality=JPEG_QUALITY)
+        img = img.convert("RGB").resize(UPSCALED, Image.BICUBIC)
+    if noise:  # texture, so that a file is as large (and as costly to decode) as an ImageNet photo
+        import zlib
+
+        import numpy as np
+
+        a = np.asarray(img, np.float32) + np.random.default_rng(zlib.crc32(dst.name.encode())).normal(0, noise, (
+            UPSCALED[1], UPSCALED[0], 3))
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    img.save(dst, "JPEG", quality=JPEG_QUALITY)
 
 
-def prepared(cache: Path, cifar: Path, size: int, n: int) -> Path:
+def prepared(cache: Path, cifar: Path, size: int, n: int, noise: float = 0.0) -> Path:
     """An ImageFolder root (ROOT/train/<class>/*.jpg) of n class-balanced CIFAR-10 training images:
     the 32x32 files themselves (size <= 64, hard links) or 500x375 upscaled JPEGs (size 224);
     built in a temporary folder and renamed when complete, then reused."""
-    tag = f"cifar10-{n}" if size <= 64 else f"cifar10-{n}-{UPSCALED[0]}x{UPSCALED[1]}-q{JPEG_QUALITY}"
+    tag = f"cifar10-{n}" if size <= 64 else f"cifar10-{n}-{UPSCALED[0]}x{UPSCALED[1]}-q{JPEG_QUALITY}" + (
+        f"-noise{noise:g}" if noise else "")
     root = cache / tag
     if (root / "train").is_dir():
         return root
@@ -136,9 +150,9 @@ def prepared(cache: Path, cifar: Path, size: int, n: int) -> Path:
         jobs = []
         for c, src in balanced_files(cifar / "train", n):
             (Path(tmp) / "train" / c).mkdir(parents=True, exist_ok=True)
-            jobs.append((src, Path(tmp) / "train" / c / src.name))
+            jobs.append((src, Path(tmp) / "train" / c / src.name, noise))
         if size <= 64:
-            for src, dst in jobs:
+            for src, dst, _ in jobs:
                 _link(src, dst)
         else:
             from concurrent.futures import ProcessPoolExecutor
@@ -378,11 +392,13 @@ def main() -> None:
     for name in args.settings:
         cfg = SETTINGS[name]
         n = args.images if cfg["size"] <= 64 else args.images_224
-        root = prepared(cache, cifar, cfg["size"], n)
+        root = prepared(cache, cifar, cfg["size"], n, cfg.get("noise", 0.0))
         results[name] = measure(name, root, cfg["size"], cfg["aug"], args.rounds, args.warmup, args.batches,
                                 lambda s: err.print(s, highlight=False), cfg.get("repeats", 0),
                                 sharded(cache, root) if cfg.get("shards") else None)
         results[name]["data"] = str(root)
+        files = list((root / "train").rglob("*.jpg"))
+        results[name]["mean_file_kb"] = sum(f.stat().st_size for f in files) / len(files) / 1024
     info["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     out = {"bench": "data_pipeline", "label": args.label, "kdkit": kdkit_source(), "machine": info, "seconds": time.perf_counter() - start,
            "command": "python bench/data_pipeline.py " + " ".join(sys.argv[1:]),
