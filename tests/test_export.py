@@ -18,7 +18,7 @@ from kdkit.data import eval_transform, open_dataset
 from kdkit.models import create_student, load_saved
 from kdkit.models.saved import save_student
 
-from .conftest import run_cli
+from .conftest import ONE_EPOCH, run_cli
 
 
 def real_images(folder, data, n=None):
@@ -158,6 +158,24 @@ def test_plain_timm_reload_gives_the_fused_logits(run, tiny_runs, tiny_data, tim
     if run in ("native", "inserted"):  # the token heads become timm's distilled DeiT
         assert type(model).__name__ == "VisionTransformerDistilled"
     assert tuple(timm.data.resolve_data_config({}, model=model)["input_size"]) == (3, 32, 32)
+
+
+@pytest.mark.parametrize("name, head", [("pit_ti_224", "dual"), ("pit_ti_distilled_224", "native")])
+def test_pit_distils_with_the_auto_head_and_reloads_in_plain_timm(name, head, tiny_data, teacher_dir, tmp_path):
+    """PiT has set_distilled_training, but a distillation head only in its distilled models."""
+    assert run_cli("distill", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--preset", "none",
+                   "--student", name, "--img-size", "32", "--set", "model.kwargs={base_dims=[8, 8, 8], "
+                   "depth=[1, 1, 1], heads=[1, 2, 2]}", "--data", tiny_data, *ONE_EPOCH, "--output", tmp_path,
+                   "--name", "pit") == 0
+    student = tmp_path / "pit" / "student"
+    assert json.loads((student / "config.json").read_text())["kdkit"]["head"] == head
+    images, out = real_images(student, tiny_data, 12)
+    folder = tmp_path / "timm"
+    assert run_cli("export", student, "--format", "safetensors", "--out", folder) == 0
+    for plain in ([folder, student] if head == "native" else [folder]):  # native: the student is plain timm
+        model = timm.create_model(f"local-dir:{plain}", pretrained=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), (out.logits + out.dist_logits) / 2, atol=1e-5, rtol=0)
 
 
 def test_dual_head_collapses_to_the_averaged_linear_layer(tiny_runs, timm_folders):
