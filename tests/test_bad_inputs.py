@@ -121,3 +121,13 @@ def test_hub_weights_offline_fail_at_once_with_one_line(tiny_data, tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and "regnety_160" in err[0] and "--teacher-weights" in err[0]
     assert tried == [] and not (tmp_path / "off").exists()
+
+
+@pytest.mark.parametrize("policy", ["bogus", "rand-m9-zz1"])
+def test_an_auto_augment_policy_timm_refuses_is_one_line(policy, tiny_data, teacher_dir, tmp_path, capsys):
+    for verb in ("distill", "cache"):
+        out = ["--output", tmp_path / "runs"] if verb == "distill" else ["--out", tmp_path / "cache"]
+        err = _error(capsys, verb, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data", tiny_data,
+                     "--aa", policy, *out, *FAST)
+        assert f"aug.auto_augment {policy!r} is not a timm augmentation policy" in err
+    assert not any(tmp_path.iterdir())

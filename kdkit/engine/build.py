@@ -174,8 +174,27 @@ def data_identities(r: Recipe, train_ds, eval_ds=None) -> dict:
 LOSS_PROVIDED = (*LossConfig.SHARED, "label_smoothing", "student_features", "teacher_features", "num_classes")
 
 
+def check_auto_augment(policy: str) -> None:
+    """aug.auto_augment built as timm's create_transform builds it (rand-*: RandAugment, augmix-*:
+    AugMix, else an AutoAugment policy name), so that a policy timm refuses is one line before the
+    run, not an AssertionError from inside the transforms."""
+    if not policy:
+        return
+    from timm.data import auto_augment as aa
+
+    make = (aa.rand_augment_transform if policy.startswith("rand") else
+            aa.augment_and_mix_transform if policy.startswith("augmix") else aa.auto_augment_transform)
+    try:
+        make(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise KdkitError(f"aug.auto_augment {policy!r} is not a timm augmentation policy ({str(e) or 'cannot parse'}"
+                         f"): e.g. rand-m9-mstd0.5-inc1 (RandAugment, DeiT's), augmix-m5-w4-d2 (AugMix), v0 or "
+                         f"original (AutoAugment), '' = off") from None
+
+
 def check_strategies(r: Recipe, mode: str) -> None:
     """Every strategy name and setting of the recipe checked before anything is built or written."""
+    check_auto_augment(r.aug.auto_augment)
     if mode == "distill":
         check_settings(LOSSES.get(r.loss.kind), r.loss.args, f"loss {r.loss.kind!r}", LOSS_PROVIDED)
         if r.data.unlabeled and LOSSES.get(r.loss.kind).needs_features:

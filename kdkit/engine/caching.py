@@ -17,6 +17,7 @@ from kdkit.data import SemiSupervisedDataset, apply_views, open_dataset, open_un
 from kdkit.engine.build import (
     build_logit_source,
     build_student,
+    check_auto_augment,
     expected_manifest,
     logit_source_name,
     make_accelerator,
@@ -35,6 +36,7 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
         raise KdkitError(f"unknown cache dtype {dtype!r}: {', '.join(DTYPES)}")
     if shard_size < 1 or topk < 0:
         raise KdkitError("--shard-size must be >= 1 and --topk >= 0 (0 = every class)")
+    check_auto_augment(r.aug.auto_augment)
     acc = make_accelerator(r)
     train_ds = open_train(r)
     num_classes = len(train_ds.classes)
