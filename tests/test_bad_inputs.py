@@ -131,3 +131,13 @@ def test_an_auto_augment_policy_timm_refuses_is_one_line(policy, tiny_data, teac
                      "--aa", policy, *out, *FAST)
         assert f"aug.auto_augment {policy!r} is not a timm augmentation policy" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_presets_own_loss_settings_are_not_warned_of_but_the_users_are(tiny_data, teacher_dir, capsys):
+    dry = ["distill", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--student", "resnet10t",
+           "--data", tiny_data, "--dry-run", *FAST]
+    capsys.readouterr()
+    assert run_cli(*dry) == 0  # preset deit: loss hard, with its kl_reduction 'deit' for the soft variant
+    assert "has no effect" not in capsys.readouterr().err
+    assert run_cli(*dry, "--set", "loss.kl_reduction=batchmean") == 0
+    assert "loss.kl_reduction = 'batchmean' has no effect on loss 'hard'" in " ".join(capsys.readouterr().err.split())

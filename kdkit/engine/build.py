@@ -18,7 +18,7 @@ from torch import nn
 
 from kdkit.accelerator import create_accelerator, set_deterministic
 from kdkit.cache import build_manifest, data_identity
-from kdkit.config import LossConfig, Recipe
+from kdkit.config import PRESETS, LossConfig, Recipe
 from kdkit.console import console
 from kdkit.data import (
     SemiSupervisedDataset,
@@ -228,9 +228,11 @@ def build_loss(r: Recipe, mode: str, mixup: bool, **provided: object) -> Distill
 
 
 def warn_unused_settings(r: Recipe, loss: DistillationLoss) -> None:
-    """A shared loss setting changed from its default that neither the loss nor the pseudo-label
-    loss takes has no effect: say so, rather than ignore it silently."""
-    defaults = type(r.loss)()
+    """A shared loss setting changed from its default (the recipe's preset's value, else the
+    dataclass default) that neither the loss nor the pseudo-label loss takes has no effect: say
+    so, rather than ignore it silently. A preset's own values are not the user's: not warned of."""
+    defaults = type(r.loss)(**{k: v for k, v in PRESETS.get(r.preset, {}).get("loss", {}).items()
+                               if k in r.loss.SHARED})
     takes = set(parameters(LOSSES.get(r.loss.kind)))
     if r.data.unlabeled and r.loss.pseudo_label not in ("auto", r.loss.kind):
         takes |= set(parameters(LOSSES.get(r.loss.pseudo_label)))
