@@ -158,13 +158,25 @@ def expected_manifest(r: Recipe, train_ds, data_cfg: dict, mode: str, teacher: d
                           unlabeled_ratio=train_ds.unlabeled_ratio if "unlabeled" in ids else None)
 
 
+def split_found(dataset, source: str, split: str) -> str:
+    """The split `dataset` was opened from: "auto-eval" resolved to the folder (val, validation,
+    test) or `datasets` split it found; "." for a bare ImageFolder evaluated whole."""
+    if split != "auto-eval":
+        return split
+    root = getattr(dataset, "root", None)
+    if root is not None:
+        return "." if Path(root).resolve() == Path(source).resolve() else Path(root).name
+    found = getattr(getattr(dataset, "ds", None), "split", None)  # a datasets.Dataset's NamedSplit
+    return str(found) if found else split
+
+
 def data_identities(r: Recipe, train_ds, eval_ds=None) -> dict:
     """kdkit.cache.data_identity of the run's splits, as opened: "train" (the labeled images),
     "eval" when eval_ds is given, "unlabeled" when train_ds is a SemiSupervisedDataset."""
     semi = isinstance(train_ds, SemiSupervisedDataset)
     ids = {"train": data_identity(train_ds.labeled if semi else train_ds, r.data.path, r.data.train_split)}
     if eval_ds is not None:
-        ids["eval"] = data_identity(eval_ds, r.data.path, r.data.eval_split)
+        ids["eval"] = data_identity(eval_ds, r.data.path, split_found(eval_ds, r.data.path, r.data.eval_split))
     if semi:
         ids["unlabeled"] = data_identity(train_ds.unlabeled, r.data.unlabeled, "")
     return ids
