@@ -141,3 +141,13 @@ def test_a_presets_own_loss_settings_are_not_warned_of_but_the_users_are(tiny_da
     assert "has no effect" not in capsys.readouterr().err
     assert run_cli(*dry, "--set", "loss.kl_reduction=batchmean") == 0
     assert "loss.kl_reduction = 'batchmean' has no effect on loss 'hard'" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_single_head_student_prints_one_row(tiny_runs, tiny_data, capsys):
+    rows = {}
+    for run in ("single", "dual"):
+        capsys.readouterr()
+        assert run_cli("eval", "--weights", tiny_runs[run] / "student", "--data", tiny_data, "--workers", "0") == 0
+        rows[run] = [line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines()
+                     if line.startswith("│")]
+    assert rows == {"single": ["class"], "dual": ["class", "dist", "fused"]}
