@@ -337,7 +337,7 @@ def _load_section(folder: Path, config: dict, head: str, repo_id: str | None) ->
                 f"cfg = timm.data.resolve_data_config({{}}, model=model)  # input size, mean, std, crop as trained\n"
                 f"transform = timm.data.create_transform(**cfg)\nlogits = model(transform(image).unsqueeze(0))\n```")
         if needs_kdkit(config["architecture"]):
-            text += (f"\n\n`{config['architecture']}` is registered with timm by kdkit: `import kdkit` before "
+            text += (f"\n\n`{config['architecture']}` is registered with timm by kdkit: `import kdkit.models` before "
                      f"`timm.create_model`.")
         return text
 

@@ -194,6 +194,6 @@ def export_timm(path: str | Path, out: str | Path | None = None, overwrite: bool
     console.print(f"plain timm: {cfg['architecture']} with one fused head; its logits vs the student's fused "
                   f"ones on a random batch: largest |difference| {diff:.2g}")
     if needs_kdkit(cfg["architecture"]):
-        console.print(f"[bold yellow]note: {cfg['architecture']} is registered with timm by kdkit: `import kdkit` "
-                      f"before timm.create_model(\"local-dir:{out}\", pretrained=True)")
+        console.print(f"[bold yellow]note: {cfg['architecture']} is registered with timm by kdkit: "
+                      f"`import kdkit.models` before timm.create_model(\"local-dir:{out}\", pretrained=True)")
     return {"path": str(out), "architecture": cfg["architecture"], "max_abs_diff": diff}
