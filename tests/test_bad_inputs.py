@@ -3,12 +3,14 @@ code 2 now, and nothing left behind that looks like a run."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
+import kdkit
 from kdkit.data import ImageFolderDataset, UnlabeledFolderDataset
 
 from .conftest import run_cli
@@ -20,7 +22,8 @@ FAST = ["--img-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", 
 
 def test_quickstart_recipe_without_teacher_weights_names_the_flag(tiny_data, tmp_path, capsys):
     err = _error(capsys, "distill", "--recipe", "quickstart", "--data", tiny_data, "--output", tmp_path, *FAST)
-    assert "--teacher-weights" in err and "kdkit/assets/teachers/resnet9_cifar_s" in err
+    bundled = Path(kdkit.__file__).resolve().parent / "assets" / "teachers" / "resnet9_cifar_s"
+    assert "--teacher-weights" in err and f"(the bundled one: {bundled})" in err and bundled.is_dir()
     assert not any(tmp_path.iterdir())
 
 
