@@ -41,17 +41,19 @@ def recipe_from_settings(recipe: Recipe | None = None, **settings: object) -> Re
 
 
 def distill(student: str | nn.Module, teacher: str | nn.Module, data: str, *, recipe: Recipe | None = None,
-            **settings: object) -> dict:
-    """Distil `teacher` into `student` on `data`. See the module docstring for `settings`."""
+            overwrite: bool = False, **settings: object) -> dict:
+    """Distil `teacher` into `student` on `data`. See the module docstring for `settings`; `overwrite`
+    replaces an earlier run in the run directory (refused otherwise)."""
     names = {"student": student, "teacher": teacher}
     r = recipe_from_settings(recipe, data=data, **{k: v for k, v in names.items() if isinstance(v, str)},
                              **settings)
     return run(r, "distill", student=student if isinstance(student, nn.Module) else None,
-               teacher=teacher if isinstance(teacher, nn.Module) else None)
+               teacher=teacher if isinstance(teacher, nn.Module) else None, overwrite=overwrite)
 
 
-def train(model: str | nn.Module, data: str, *, recipe: Recipe | None = None, **settings: object) -> dict:
-    """Supervised training of `model` on `data` (no teacher)."""
+def train(model: str | nn.Module, data: str, *, recipe: Recipe | None = None, overwrite: bool = False,
+          **settings: object) -> dict:
+    """Supervised training of `model` on `data` (no teacher); `overwrite` as for `distill`."""
     extra = {"student": model} if isinstance(model, str) else {}
     r = recipe_from_settings(recipe, data=data, loss="none", **extra, **settings)
-    return run(r, "train", student=model if isinstance(model, nn.Module) else None)
+    return run(r, "train", student=model if isinstance(model, nn.Module) else None, overwrite=overwrite)

@@ -73,7 +73,7 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
         _model_section(folder, config, head),
         _teacher_section(summary, teacher),
         _data_section(data),
-        _loss_section(summary),
+        _loss_section(summary, recipe),
         _results_section(summary, head),
         f"## Recipe\n\nThe resolved recipe (RUN/recipe.toml: every key, defaults included):\n\n```toml\n"
         f"{recipe_text.rstrip()}\n```",
@@ -158,10 +158,12 @@ def data_info(summary: dict, recipe: dict) -> dict:
     from kdkit.data import open_dataset, open_unlabeled
 
     d = recipe["data"]
-    info: dict = {"source": d["path"], "train_split": d["train_split"], "eval_split": d["eval_split"],
+    recorded = dict(summary.get("data_identity") or {})
+    # "auto-eval" names a search (val, validation, test): the split the run found is in its identity
+    eval_split = (recorded.get("eval") or {}).get("split") or d["eval_split"]
+    info: dict = {"source": d["path"], "train_split": d["train_split"], "eval_split": eval_split,
                   "unlabeled": d.get("unlabeled") or None, "train_images": summary.get("train_images"),
                   "eval_images": summary.get("eval_images"), "identities": {}}
-    recorded = dict(summary.get("data_identity") or {})
     cache = Path((summary.get("logits") or {}).get("cache") or "") / "manifest.json"
     if "train" not in recorded and cache.is_file():
         manifest = json.loads(cache.read_text())
@@ -291,9 +293,15 @@ def _data_section(data: dict) -> str:
             "sha256 of the sorted (path, size, label) list of a folder, or the `datasets` fingerprint.")
 
 
-def _loss_section(summary: dict) -> str:
-    conv = summary.get("conventions") or {}
+def _loss_section(summary: dict, recipe: dict) -> str:
+    conv = dict(summary.get("conventions") or {})
     kind = conv.get("loss", "?")
+    aug = recipe.get("aug", {})
+    smoothing = aug.get("label_smoothing", 0.0)
+    if conv.get("label_smoothing") == 0.0 and smoothing and (aug.get("mixup", 0) or aug.get("cutmix", 0)):
+        # build_loss gives the loss 0 then: Mixup/CutMix smooths the mixed targets (timm's mixup_target)
+        conv["label_smoothing"] = (f"{smoothing:g}, applied by Mixup/CutMix to the mixed targets (timm's "
+                                   f"mixup_target, as DeiT); the loss adds none")
     return (f"## Loss\n\n`{kind}`: {LOSS_TEXT.get(kind, '')}.\n\n| convention | value |\n|---|---|\n"
             + "\n".join(f"| {k} | {v} |" for k, v in conv.items()))
 
@@ -331,7 +339,7 @@ def _load_section(folder: Path, config: dict, head: str, repo_id: str | None) ->
                 f"cfg = timm.data.resolve_data_config({{}}, model=model)  # input size, mean, std, crop as trained\n"
                 f"transform = timm.data.create_transform(**cfg)\nlogits = model(transform(image).unsqueeze(0))\n```")
         if needs_kdkit(config["architecture"]):
-            text += (f"\n\n`{config['architecture']}` is registered with timm by kdkit: `import kdkit` before "
+            text += (f"\n\n`{config['architecture']}` is registered with timm by kdkit: `import kdkit.models` before "
                      f"`timm.create_model`.")
         return text
 

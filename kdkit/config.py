@@ -32,6 +32,16 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise KdkitError(f"{key} must be one of {', '.join(choices)}, got {value!r}.{suggest(str(value), list(choices))}")
 
 
+def folder_name(name: str, key: str) -> str:
+    """`name` if it names one folder inside its parent (no separator, not '.' or '..', not absolute,
+    not blank), else a KdkitError naming `key`: a name from a recipe file must not place a run, or
+    anything it writes, outside the output folder."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise KdkitError(f"{key} must be one folder name inside the output folder (no '/', no '..', not absolute, "
+                         f"not empty), got {name!r}")
+    return name
+
+
 @dataclass
 class ModelConfig:
     student: str = "deit_tiny"
@@ -189,6 +199,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.trackers()
+        if self.name:  # "" = the verb and the time
+            folder_name(self.name, "run.name")
         _choice("run.precision", self.precision, PRECISIONS)
         _choice("run.teacher_precision", self.teacher_precision, PRECISIONS)
         _choice("run.channels_last", self.channels_last, CHANNELS_LAST)

@@ -4,7 +4,8 @@ metadata, or a plain-timm folder whose one head is the late fusion (kdkit/models
 ONNX metadata_props (every value a JSON string): mean, std, input_size, interpolation, crop_pct,
 label_names (the student's pretrained_cfg and classes), head (fused | class | dist; class for a
 single-head student), architecture, kdkit_version. The graph has one input `input`, (B, 3, H, W)
-normalised images, and one output `logits`, (B, K); B is 1 unless exported with a dynamic batch.
+normalised images, and one output `logits`, (B, K); B is symbolic (any batch, as timm's ONNX export)
+unless exported with a fixed batch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from kdkit import __version__
 from kdkit.console import console
-from kdkit.files import atomic_folder, atomic_write
+from kdkit.files import atomic_folder, atomic_write, check_new_output
 from kdkit.models import load_saved
 from kdkit.models.fused import fused_timm_model, needs_kdkit
 from kdkit.models.saved import is_two_headed, read_config, student_folder
@@ -111,12 +112,13 @@ def _default_onnx_path(folder: Path, config: dict, head: str) -> Path:
 
 
 def export_onnx(path: str | Path, out: str | Path | None = None, head: str = "fused",
-                dynamic_batch: bool = False, opset: int | None = None) -> dict:
+                batch: int | None = None, opset: int | None = None, overwrite: bool = False) -> dict:
     """Write an ONNX file of a run's student (RUN or RUN/student) giving one head's logits.
 
     head: fused (default; (class + dist) / 2), class or dist; a single-head student has one output.
-    out: default RUN/student.onnx (RUN/student-class.onnx, -dist.onnx for the other heads).
-    dynamic_batch: a symbolic batch dimension (else batch 1). opset: default torch's.
+    out: default RUN/student.onnx (RUN/student-class.onnx, -dist.onnx for the other heads); an
+    existing file is refused unless `overwrite`. batch: None (default) = a symbolic batch
+    dimension, as timm's ONNX export; N = a fixed batch of N. opset: default torch's.
     Before writing, onnxruntime runs the graph on a random batch against PyTorch. Returns {"path",
     "head", "opset", "dynamic_batch", "max_abs_diff"}.
     """
@@ -130,11 +132,15 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str = "fu
     out = Path(out) if out else _default_onnx_path(folder, config, head)
     if out.is_dir():
         raise KdkitError(f"--out {out} is a folder: give the .onnx file to write")
+    check_new_output(out, overwrite, "pass --overwrite to replace it, or another --out")
+    if batch is not None and batch < 1:
+        raise KdkitError(f"--fixed-batch must be >= 1, got {batch}")
+    dynamic_batch = batch is None
     _, _, student = _load(folder)
     module = OneHead(student, head).eval()
     size = tuple(config["pretrained_cfg"]["input_size"])
     gen = torch.Generator().manual_seed(0)
-    proto = _to_onnx(module, torch.randn(2 if dynamic_batch else 1, *size, generator=gen), dynamic_batch, opset)
+    proto = _to_onnx(module, torch.randn(2 if dynamic_batch else batch, *size, generator=gen), dynamic_batch, opset)
     onnx.helper.set_model_props(proto, onnx_metadata(config, head))
     proto.producer_name, proto.doc_string = "kdkit", f"{config['architecture']} student, {head} head"
     got_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -145,7 +151,7 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str = "fu
         raise KdkitError(f"the ONNX graph of {config['architecture']} is over 2 GB, which needs ONNX's external data "
                          f"files: kdkit export writes single files; export safetensors instead")
     data = proto.SerializeToString()
-    x = torch.randn(3 if dynamic_batch else 1, *size, generator=gen)
+    x = torch.randn(3 if dynamic_batch else batch, *size, generator=gen)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = module(x)
@@ -156,7 +162,7 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str = "fu
                          f"{ort.__version__}): nothing written; try another --opset")
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
     console.print(f"ONNX: {config['architecture']} ({head} head, opset {got_opset}, batch "
-                  f"{'dynamic' if dynamic_batch else 1}); onnxruntime vs PyTorch on a random batch: largest "
+                  f"{'dynamic' if dynamic_batch else batch}); onnxruntime vs PyTorch on a random batch: largest "
                   f"|difference| {diff:.2g}")
     return {"path": str(out), "head": head, "opset": got_opset, "dynamic_batch": dynamic_batch,
             "max_abs_diff": diff}
@@ -165,11 +171,11 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str = "fu
 TIMM_FILES = ("model.safetensors", "config.json")
 
 
-def export_timm(path: str | Path, out: str | Path | None = None) -> dict:
+def export_timm(path: str | Path, out: str | Path | None = None, overwrite: bool = False) -> dict:
     """Write a plain-timm folder (model.safetensors + config.json) of a run's student, two heads
     collapsed into one fused head (see kdkit/models/fused.py), loadable with
-    `timm.create_model("local-dir:OUT", pretrained=True)` alone. out: default RUN/student-timm.
-    Returns {"path", "architecture", "max_abs_diff"}."""
+    `timm.create_model("local-dir:OUT", pretrained=True)` alone. out: default RUN/student-timm; an
+    earlier export there is replaced only with `overwrite`, any other folder never. Returns {"path", "architecture", "max_abs_diff"}."""
     folder, config, student = _load(path)
     out = Path(out) if out else folder.with_name(f"{folder.name}-timm")
     if out.resolve() == folder.resolve():
@@ -177,6 +183,7 @@ def export_timm(path: str | Path, out: str | Path | None = None) -> dict:
     if out.is_file() or (out.is_dir() and any(p.name not in TIMM_FILES for p in out.iterdir())):
         raise KdkitError(f"--out {out} exists and is not an earlier export (it holds other files): choose "
                          f"another folder")
+    check_new_output(out, overwrite, "pass --overwrite to replace this earlier export, or another --out")
     state, cfg, diff = fused_timm_model(student, config)
 
     def write(tmp: Path) -> None:
@@ -187,6 +194,6 @@ def export_timm(path: str | Path, out: str | Path | None = None) -> dict:
     console.print(f"plain timm: {cfg['architecture']} with one fused head; its logits vs the student's fused "
                   f"ones on a random batch: largest |difference| {diff:.2g}")
     if needs_kdkit(cfg["architecture"]):
-        console.print(f"[bold yellow]note: {cfg['architecture']} is registered with timm by kdkit: `import kdkit` "
-                      f"before timm.create_model(\"local-dir:{out}\", pretrained=True)")
+        console.print(f"[bold yellow]note: {cfg['architecture']} is registered with timm by kdkit: "
+                      f"`import kdkit.models` before timm.create_model(\"local-dir:{out}\", pretrained=True)")
     return {"path": str(out), "architecture": cfg["architecture"], "max_abs_diff": diff}

@@ -24,6 +24,25 @@ from kdkit.console import console
 from kdkit.registry import KdkitError
 
 
+def check_new_output(path: str | Path, overwrite: bool, hint: str) -> bool:
+    """Refuse to write at `path` when something is there already (a file, or a folder with more
+    than a lock file in it), unless `overwrite`: nothing finished is written over unless the
+    command says so. The refusal names the path, then `hint` (what to do instead). Returns
+    whether something is there (and is to be replaced)."""
+    path = Path(path)
+    there = path.exists() and (not path.is_dir() or any(p.name != LOCK_NAME for p in path.iterdir()))
+    if there and not overwrite:
+        raise KdkitError(f"{path} exists: {hint}")
+    return there
+
+
+def clear_folder(folder: Path) -> None:
+    """Remove everything in `folder` but its lock file (held by the caller)."""
+    for p in folder.iterdir():
+        if p.name != LOCK_NAME:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def disk_full(e: BaseException) -> bool:
     """Whether `e` is "no space left on device" (or a disk quota exceeded)."""
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)

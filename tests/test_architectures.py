@@ -14,6 +14,7 @@ from .conftest import TINY_DEIT, TINY_SWIN
 
 K, B = 5, 4
 TINY_T2T = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, token_dim=16)
+TINY_PIT = dict(img_size=32, base_dims=(8, 8, 8), depth=(1, 1, 1), heads=(1, 2, 2))
 
 # name -> (timm name, tiny kwargs, head strategies that fit it)
 ARCHS = {
@@ -32,6 +33,9 @@ ARCHS = {
     # timm's efficientnet_b0 fixes its channel multiplier; test_efficientnet is the same
     # EfficientNet class (depthwise-separable + inverted-residual blocks with SE) at a tiny width.
     "efficientnet": ("test_efficientnet", {}, ("dual", "shared")),
+    # PiT has set_distilled_training, but a distillation head only in its distilled models
+    "pit": ("pit_ti_224", TINY_PIT, ("dual", "shared")),
+    "pit_distilled": ("pit_ti_distilled_224", TINY_PIT, ("native",)),
 }
 ALL_HEADS = ("token", "dual", "shared")
 STUDENT_CASES = [(a, h) for a, (_, _, heads) in ARCHS.items() for h in heads]
@@ -78,7 +82,7 @@ def test_student_takes_one_hard_distillation_step(arch, head):
     if head == "shared":
         assert out.logits is out.dist_logits
     else:
-        dist_head = student.model.head_dist if arch == "deit_distilled" else student.head_dist
+        dist_head = student.model.head_dist if head in ("native", "token") and "distilled" in arch else student.head_dist
         assert dist_head.weight.grad.abs().sum() > 0
         assert not torch.equal(out.logits, out.dist_logits)
     # Nothing flows into the teacher, and training the student leaves it frozen.

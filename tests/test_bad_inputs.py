@@ -3,12 +3,14 @@ code 2 now, and nothing left behind that looks like a run."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
+import kdkit
 from kdkit.data import ImageFolderDataset, UnlabeledFolderDataset
 
 from .conftest import run_cli
@@ -20,7 +22,8 @@ FAST = ["--img-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", 
 
 def test_quickstart_recipe_without_teacher_weights_names_the_flag(tiny_data, tmp_path, capsys):
     err = _error(capsys, "distill", "--recipe", "quickstart", "--data", tiny_data, "--output", tmp_path, *FAST)
-    assert "--teacher-weights" in err and "kdkit/assets/teachers/resnet9_cifar_s" in err
+    bundled = Path(kdkit.__file__).resolve().parent / "assets" / "teachers" / "resnet9_cifar_s"
+    assert "--teacher-weights" in err and f"(the bundled one: {bundled})" in err and bundled.is_dir()
     assert not any(tmp_path.iterdir())
 
 
@@ -121,3 +124,33 @@ def test_hub_weights_offline_fail_at_once_with_one_line(tiny_data, tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and "regnety_160" in err[0] and "--teacher-weights" in err[0]
     assert tried == [] and not (tmp_path / "off").exists()
+
+
+@pytest.mark.parametrize("policy", ["bogus", "rand-m9-zz1"])
+def test_an_auto_augment_policy_timm_refuses_is_one_line(policy, tiny_data, teacher_dir, tmp_path, capsys):
+    for verb in ("distill", "cache"):
+        out = ["--output", tmp_path / "runs"] if verb == "distill" else ["--out", tmp_path / "cache"]
+        err = _error(capsys, verb, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data", tiny_data,
+                     "--aa", policy, *out, *FAST)
+        assert f"aug.auto_augment {policy!r} is not a timm augmentation policy" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_presets_own_loss_settings_are_not_warned_of_but_the_users_are(tiny_data, teacher_dir, capsys):
+    dry = ["distill", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--student", "resnet10t",
+           "--data", tiny_data, "--dry-run", *FAST]
+    capsys.readouterr()
+    assert run_cli(*dry) == 0  # preset deit: loss hard, with its kl_reduction 'deit' for the soft variant
+    assert "has no effect" not in capsys.readouterr().err
+    assert run_cli(*dry, "--set", "loss.kl_reduction=batchmean") == 0
+    assert "loss.kl_reduction = 'batchmean' has no effect on loss 'hard'" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_single_head_student_prints_one_row(tiny_runs, tiny_data, capsys):
+    rows = {}
+    for run in ("single", "dual"):
+        capsys.readouterr()
+        assert run_cli("eval", "--weights", tiny_runs[run] / "student", "--data", tiny_data, "--workers", "0") == 0
+        rows[run] = [line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines()
+                     if line.startswith("│")]
+    assert rows == {"single": ["class"], "dual": ["class", "dist", "fused"]}

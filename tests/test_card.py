@@ -107,6 +107,26 @@ def test_card_sections_hold_the_runs_values(tiny_runs, tiny_data, teacher_dir):
     assert "fused" in sec["Load with timm"]
 
 
+def test_card_names_the_split_found_and_the_smoothing_mixup_applies(tiny_data, teacher_dir, tmp_path):
+    """Preset deit: eval split "auto-eval" (the search finds test/) and label smoothing 0.1, which
+    Mixup/CutMix applies to the mixed targets (the loss itself then gets 0.0)."""
+    assert run_cli("distill", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--student", "resnet10t",
+                   "--set", "model.kwargs={channels=[8, 16, 32, 64], stem_width=8}", "--img-size", "32",
+                   "--data", tiny_data, "--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress",
+                   "--output", tmp_path, "--name", "deit") == 0
+    run = tmp_path / "deit"
+    recipe = tomllib.loads((run / "recipe.toml").read_text())
+    assert recipe["data"]["eval_split"] == "auto-eval" and recipe["aug"]["label_smoothing"] == 0.1
+    assert recipe["aug"]["mixup"] > 0 and json.loads((run / "summary.json").read_text())["conventions"][
+        "label_smoothing"] == 0.0
+    meta, sec = parse((run / "student" / "README.md").read_text())
+    assert meta["model-index"][0]["results"][0]["dataset"]["split"] == "test"
+    assert table(sec["Data"])["evaluation split"] == "`test`, 60 images"
+    loss = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in sec["Loss"].splitlines()
+            if row.startswith("| ") and "convention" not in row}
+    assert loss["label_smoothing"].startswith("0.1, applied by Mixup/CutMix")
+
+
 def test_the_cards_command_reproduces_the_run(tiny_runs):
     run = tiny_runs["native"]
     _, sec = parse(write_model_card(run).read_text())

@@ -18,7 +18,7 @@ from kdkit.data import eval_transform, open_dataset
 from kdkit.models import create_student, load_saved
 from kdkit.models.saved import save_student
 
-from .conftest import run_cli
+from .conftest import ONE_EPOCH, run_cli
 
 
 def real_images(folder, data, n=None):
@@ -53,7 +53,8 @@ def test_onnx_heads_match_pytorch_on_real_images(run, tiny_runs, tiny_data, tmp_
     assert not torch.allclose(want["class"], want["dist"], atol=1e-3)  # the heads differ: the choice matters
     for head in ("fused", "class", "dist"):
         path = tmp_path / f"{head}.onnx"
-        assert run_cli("export", tiny_runs[run], "--format", "onnx", "--head", head, "--out", path) == 0
+        assert run_cli("export", tiny_runs[run], "--format", "onnx", "--head", head, "--fixed-batch", "1",
+                       "--out", path) == 0
         sess = session(path)
         assert [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
         for i in range(0, len(images), 7):  # a fixed batch of one: image by image
@@ -65,7 +66,7 @@ def test_dynamic_batch_at_two_sizes(tiny_runs, tiny_data, tmp_path):
     folder = tiny_runs["inserted"] / "student"
     images, out = real_images(folder, tiny_data)
     path = tmp_path / "dyn.onnx"
-    assert run_cli("export", folder, "--format", "onnx", "--dynamic-batch", "--out", path) == 0
+    assert run_cli("export", folder, "--format", "onnx", "--out", path) == 0  # dynamic by default, as timm's
     sess = session(path)
     fused = ((out.logits + out.dist_logits) / 2).numpy()
     for batch in (5, 60):
@@ -91,7 +92,7 @@ def test_single_head_student_has_one_output(tiny_runs, tiny_data, tmp_path, caps
     run = tiny_runs["single"]
     images, out = real_images(run / "student", tiny_data, 4)
     path = tmp_path / "single.onnx"
-    assert run_cli("export", run, "--out", path, "--dynamic-batch") == 0
+    assert run_cli("export", run, "--out", path) == 0
     sess = session(path)
     assert [o.name for o in sess.get_outputs()] == ["logits"]
     np.testing.assert_allclose(sess.run(None, {"input": images.numpy()})[0], out.logits.numpy(), atol=1e-4, rtol=0)
@@ -112,6 +113,21 @@ def test_export_errors_are_one_line(tiny_runs, tmp_path, capsys):
     assert "unknown --format" in one_line_error(capsys, "export", tiny_runs["dual"], "--format", "tflite")
     assert "ONNX options" in one_line_error(capsys, "export", tiny_runs["dual"], "--format", "safetensors",
                                             "--head", "dist")
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite(tiny_runs, tmp_path, capsys):
+    path, folder = tmp_path / "mine.onnx", tmp_path / "timm"
+    path.write_bytes(b"someone's model")
+    err = one_line_error(capsys, "export", tiny_runs["dual"], "--out", path)
+    assert str(path) in err and "--overwrite" in err and path.read_bytes() == b"someone's model"
+    assert run_cli("export", tiny_runs["dual"], "--out", path, "--overwrite") == 0
+    assert [o.name for o in session(path).get_outputs()] == ["logits"]
+    assert run_cli("export", tiny_runs["dual"], "--format", "safetensors", "--out", folder) == 0
+    before = (folder / "model.safetensors").read_bytes()
+    err = one_line_error(capsys, "export", tiny_runs["single"], "--format", "safetensors", "--out", folder)
+    assert str(folder) in err and "--overwrite" in err and (folder / "model.safetensors").read_bytes() == before
+    assert run_cli("export", tiny_runs["single"], "--format", "safetensors", "--out", folder, "--overwrite") == 0
+    assert (folder / "model.safetensors").read_bytes() != before
 
 
 def test_without_the_export_extra_one_line_names_it(tiny_runs, capsys, monkeypatch):
@@ -142,6 +158,24 @@ def test_plain_timm_reload_gives_the_fused_logits(run, tiny_runs, tiny_data, tim
     if run in ("native", "inserted"):  # the token heads become timm's distilled DeiT
         assert type(model).__name__ == "VisionTransformerDistilled"
     assert tuple(timm.data.resolve_data_config({}, model=model)["input_size"]) == (3, 32, 32)
+
+
+@pytest.mark.parametrize("name, head", [("pit_ti_224", "dual"), ("pit_ti_distilled_224", "native")])
+def test_pit_distils_with_the_auto_head_and_reloads_in_plain_timm(name, head, tiny_data, teacher_dir, tmp_path):
+    """PiT has set_distilled_training, but a distillation head only in its distilled models."""
+    assert run_cli("distill", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--preset", "none",
+                   "--student", name, "--img-size", "32", "--set", "model.kwargs={base_dims=[8, 8, 8], "
+                   "depth=[1, 1, 1], heads=[1, 2, 2]}", "--data", tiny_data, *ONE_EPOCH, "--output", tmp_path,
+                   "--name", "pit") == 0
+    student = tmp_path / "pit" / "student"
+    assert json.loads((student / "config.json").read_text())["kdkit"]["head"] == head
+    images, out = real_images(student, tiny_data, 12)
+    folder = tmp_path / "timm"
+    assert run_cli("export", student, "--format", "safetensors", "--out", folder) == 0
+    for plain in ([folder, student] if head == "native" else [folder]):  # native: the student is plain timm
+        model = timm.create_model(f"local-dir:{plain}", pretrained=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), (out.logits + out.dist_logits) / 2, atol=1e-5, rtol=0)
 
 
 def test_dual_head_collapses_to_the_averaged_linear_layer(tiny_runs, timm_folders):

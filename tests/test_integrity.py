@@ -155,6 +155,22 @@ def test_a_shard_of_the_wrong_layout_is_refused(tmp_path):
         LogitCache(root).lookup(0, torch.tensor([99]))
 
 
+@pytest.mark.parametrize("key, value", [("dtype", "float32"), ("topk", 4)])
+def test_an_edited_manifest_is_named_not_reported_as_corrupt_shards(key, value, tmp_path, capsys):
+    root = write(tmp_path / "c", n=100, epochs=1, dtype="float16")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest[key] = value
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdkitError) as e:
+        LogitCache(root).lookup(0, torch.tensor([3]))
+    msg = str(e.value)
+    assert "manifest.json was edited" in msg and "e0000-s00000.safetensors" in msg and "corrupt" not in msg
+    capsys.readouterr()
+    assert run_cli("cache", "--verify", root, "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["not_in_manifest"] and not report["corrupt"] and report["ok"] is False
+
+
 def test_an_epoch_or_view_outside_the_cache_is_a_clear_error(tmp_path):
     cache = LogitCache(write(tmp_path / "plain", n=70, epochs=2))
     for epoch, views, needle in ((2, [0], "holds epochs 0-1, not epoch 2"), (-1, [0], "not epoch -1"),

@@ -1,5 +1,8 @@
 """Head strategies on DeiT, ViT, Swin and ConvNet students; the teacher's normalisation bridge."""
 
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -104,3 +107,13 @@ def test_hub_weights_offline_fail_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(KdkitError, match="pretrained weights"):
         create_teacher("resnet10t")
+
+
+def test_kdkit_models_registers_the_cifar_and_t2t_models_with_timm_and_bare_kdkit_stays_light():
+    """docs/cli.md: `import kdkit.models` registers them; `import kdkit` imports neither torch nor timm."""
+    code = ("import sys, kdkit; assert 'torch' not in sys.modules and 'timm' not in sys.modules; "
+            "import timm; assert not timm.is_model('t2t_vit_7'); import kdkit.models; "
+            "print(timm.create_model('t2t_vit_7', img_size=32).num_classes, "
+            "timm.create_model('resnet9_cifar_s').num_classes)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1000", "10"], out  # T2T-ViT's ImageNet head, the CIFAR model's 10 classes

@@ -20,7 +20,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 import kdkit
 from kdkit.accelerator import create_accelerator
 from kdkit.config import load_recipe
-from kdkit.engine.metrics import MetricsLog, RunTrackers
+from kdkit.engine.metrics import MetricsLog, RunTrackers, tracker_failed
 from kdkit.registry import KdkitError
 
 from .conftest import TINY_VIT_ARGS, run_cli
@@ -179,3 +179,17 @@ def test_a_run_that_fails_closes_its_trackers_with_every_line_written(tiny_data,
     want = expected_scalars(tmp_path / "failed")
     assert [s for s, _ in want["loss"]] == [1, 2, 3]  # the lines before the non-finite step
     assert tensorboard_scalars(tmp_path / "failed" / "kdkit") == want  # flushed by the close
+
+
+def test_mlflow_refusing_its_file_store_is_one_line_with_both_ways_out():
+    # MLflow 3.14's own message (mlflow/store/tracking/file_store.py), raised as an MlflowException
+    mlflow_says = RuntimeError(
+        "The filesystem tracking backend (e.g., './mlruns') is in maintenance mode and will not receive further "
+        "updates. Please migrate to a database backend (e.g., 'sqlite:///mlflow.db') to access the latest MLflow "
+        "features.\nIf the filesystem backend is required for your workflow, set MLFLOW_ALLOW_FILE_STORE=true to "
+        "opt out of this exception.")
+    line = str(tracker_failed("mlflow", mlflow_says))
+    assert "\n" not in line and "MLFLOW_TRACKING_URI=sqlite:///mlflow.db" in line
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in line
+    other = str(tracker_failed("wandb", ValueError("api key\nmissing")))
+    assert other == "--log-with wandb (run.log_with): the tracker could not start: ValueError: api key missing"

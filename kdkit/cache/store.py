@@ -116,6 +116,10 @@ def mmap_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return out, meta
 
 
+class ManifestMismatch(KdkitError):
+    """Intact shards (their checksums hold) that the manifest does not describe: it was edited."""
+
+
 class LogitStore:
     """The shards of one cache folder: paths, atomic writes, memory-mapped reads, checks.
 
@@ -174,7 +178,14 @@ class LogitStore:
         except Exception as e:
             raise self.corrupt(path, f"unreadable: {type(e).__name__}: {str(e)[:200]}") from None
         problem = self.layout_problem(epoch, shard, record, meta)
-        if problem is None and check and meta.get("sha256") != tensors_sha256(record):
+        intact = meta.get("sha256") == tensors_sha256(record) if problem or check else True
+        placed = (meta.get("epoch"), meta.get("shard")) == (str(epoch), str(shard))
+        if problem and intact and placed:  # the shard is as written, in its place: the manifest is what changed
+            raise ManifestMismatch(f"the manifest of cache {self.root} does not describe its shards ({path.name}: "
+                                   f"{problem}), which are intact as written: manifest.json was edited after the "
+                                   f"cache was written (or the shards come from another cache); restore it, or "
+                                   f"rewrite the cache with `kdkit cache ... --overwrite`")
+        if problem is None and not intact:
             problem = "its checksum does not match its contents"
         if problem:
             raise self.corrupt(path, problem)
@@ -231,8 +242,9 @@ class LogitStore:
         return decode(gathered, self.num_classes)
 
     def verify(self) -> dict[str, list[str]]:
-        """Check every shard the manifest promises: returns {"missing": [...], "corrupt": [...]}."""
-        problems: dict[str, list[str]] = {"missing": [], "corrupt": []}
+        """Check every shard the manifest promises: returns {"missing": [...], "corrupt": [...],
+        "not_in_manifest": [...]} (the last: intact shards an edited manifest does not describe)."""
+        problems: dict[str, list[str]] = {"missing": [], "corrupt": [], "not_in_manifest": []}
         for epoch, shard in self.all_shards():
             path = self.path(epoch, shard)
             if not path.is_file():
@@ -240,6 +252,8 @@ class LogitStore:
                 continue
             try:
                 self.read(epoch, shard, check=True)
+            except ManifestMismatch:
+                problems["not_in_manifest"].append(path.name)
             except KdkitError:
                 problems["corrupt"].append(path.name)
         return problems

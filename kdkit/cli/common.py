@@ -357,6 +357,10 @@ def recipe_from_args(args: argparse.Namespace, flags: dict[str, Flag], extra: di
         if flag.key in given:
             raise KdkitError(f"{given[flag.key][0]} and {name} both set {flag.key}: give one of them")
         given[flag.key] = (name, value)
+    if given.get("run.name", ("", None))[1] == "":  # names no folder (a recipe's "" is the default name)
+        from kdkit.config import folder_name
+
+        folder_name("", "--name")
     items = [(key, value) for key, (_, value) in given.items()] + list((extra or {}).items())
     if "--preset" in flags and args.preset is None and not args.recipe and not args.resume:
         items.append(("preset", "deit"))  # the headline command runs the paper's whole recipe

@@ -14,7 +14,8 @@ EPILOG = """examples:
 A model is a kdkit student folder (config.json + model.safetensors; two-headed students give a
 class, distillation and fused row) or NAME=PATH: a timm name and a weights file or folder.
 Each cell is the fraction of images on which the two rows' top-1 predictions differ; the ground
-truth row holds each model's top-1 error. Writes OUT/disagreement.csv and OUT/disagreement.png.
+truth row holds each model's top-1 error. Writes OUT/disagreement.csv and OUT/disagreement.png
+(an earlier comparison there is replaced only with --overwrite).
 """
 
 
@@ -31,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="evaluation batch size (default: 256)")
     p.add_argument("-j", "--workers", type=int, default=2, metavar="N", help="data-loading workers (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace disagreement.csv and .png in --out (else "
+                   "refused, naming them)")
     p.set_defaults(func=run)
 
 
@@ -39,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
 
     from kdkit.cli.report import out
     from kdkit.engine.compare import compare, draw_heatmap, write_csv
+    from kdkit.files import check_new_output
 
+    folder = Path(args.out)
+    for name in ("disagreement.csv", "disagreement.png"):  # checked before the models run
+        check_new_output(folder / name, args.overwrite, "pass --overwrite to replace it, or another --out")
     labels, matrix, n = compare(args.models, args.data, args.split, args.batch_size, args.workers,
                                 progress=not args.no_progress)
     table = Table(title=f"disagreement on {n} images (% of images with different top-1)")
@@ -52,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
     for i, (label, row) in enumerate(zip(labels, matrix.tolist(), strict=True)):
         table.add_row(str(i + 1), label, *(f"{100 * v:.1f}" for v in row))
     out.print(table)
-    folder = Path(args.out)
     csv = write_csv(folder / "disagreement.csv", labels, matrix)
     png = draw_heatmap(folder / "disagreement.png", labels, matrix, f"disagreement on {n} images")
     out.print(f"wrote {csv} and {png}")

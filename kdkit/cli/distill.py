@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        usage="%(prog)s [--recipe FILE] [--teacher NAME] [--student NAME] [--data DIR] [FLAG ...]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = add_recipe_args(p, FLAGS, preset="deit")
+    groups["run"].add_argument("--overwrite", action="store_true",
+                               help="replace an earlier run in the run directory (without it, a run directory "
+                                    "that holds anything is refused, naming it)")
     groups["run"].add_argument("--dry-run", action="store_true",
                                help="resolve the recipe, build the models, check the teacher, print parameters, "
                                     "FLOPs per image, the teacher's share of a step and a logit cache's size, and "
@@ -55,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
 
         print_plan(plan(recipe, "distill"))
         return 0
-    print_summary(run_recipe(recipe, "distill", resume=args.resume))
+    print_summary(run_recipe(recipe, "distill", resume=args.resume, overwrite=args.overwrite))
     return 0

@@ -13,7 +13,7 @@ def print_eval(result: dict, title: str) -> None:
     for col in ("head", "top-1 %", "top-5 %"):
         table.add_column(col, justify="right" if col != "head" else "left")
     for prefix in ("", "ema_") if "ema_class_top1" in result else ("",):
-        for head in ("class", "dist", "fused"):
+        for head in ("class",) if result.get("heads") == 1 else ("class", "dist", "fused"):  # one head: one row
             key = f"{prefix}{head}"
             table.add_row(key.replace("_", " "), f"{result[f'{key}_top1']:.2f}", f"{result[f'{key}_top5']:.2f}")
     out.print(table)

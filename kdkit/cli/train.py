@@ -22,7 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="supervised training, no teacher", description=DESCRIPTION, epilog=EPILOG,
                        usage="%(prog)s [--recipe FILE] [--model NAME] [--data DIR] [FLAG ...]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_args(p, FLAGS)
+    groups = add_recipe_args(p, FLAGS)
+    groups["run"].add_argument("--overwrite", action="store_true",
+                               help="replace an earlier run in the run directory (without it, a run directory "
+                                    "that holds anything is refused, naming it)")
     p.set_defaults(func=run)
 
 
@@ -31,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     from kdkit.engine.run import run as run_recipe
 
     recipe = recipe_from_args(args, FLAGS, {"loss.kind": "none"})
-    print_summary(run_recipe(recipe, "train", resume=args.resume))
+    print_summary(run_recipe(recipe, "train", resume=args.resume, overwrite=args.overwrite))
     return 0

@@ -41,7 +41,9 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...], device: torch.de
     x = torch.zeros(1, *input_shape, device=device)
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    # autograd left on: the counter's module tracker fails on a view of a parameter passed between
+    # modules (PiT's expanded class token) under inference_mode or no_grad; nothing runs backward
+    with FlopCounterMode(display=False) as counter:
         model(x)
     model.train(was_training)
     return int(counter.get_total_flops())

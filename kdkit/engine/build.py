@@ -18,7 +18,7 @@ from torch import nn
 
 from kdkit.accelerator import create_accelerator, set_deterministic
 from kdkit.cache import build_manifest, data_identity
-from kdkit.config import LossConfig, Recipe
+from kdkit.config import PRESETS, LossConfig, Recipe
 from kdkit.console import console
 from kdkit.data import (
     SemiSupervisedDataset,
@@ -171,13 +171,25 @@ def expected_manifest(r: Recipe, train_ds, data_cfg: dict, mode: str, teacher: d
                           unlabeled_ratio=train_ds.unlabeled_ratio if "unlabeled" in ids else None)
 
 
+def split_found(dataset, source: str, split: str) -> str:
+    """The split `dataset` was opened from: "auto-eval" resolved to the folder (val, validation,
+    test) or `datasets` split it found; "." for a bare ImageFolder evaluated whole."""
+    if split != "auto-eval":
+        return split
+    root = getattr(dataset, "root", None)
+    if root is not None:
+        return "." if Path(root).resolve() == Path(source).resolve() else Path(root).name
+    found = getattr(getattr(dataset, "ds", None), "split", None)  # a datasets.Dataset's NamedSplit
+    return str(found) if found else split
+
+
 def data_identities(r: Recipe, train_ds, eval_ds=None) -> dict:
     """kdkit.cache.data_identity of the run's splits, as opened: "train" (the labeled images),
     "eval" when eval_ds is given, "unlabeled" when train_ds is a SemiSupervisedDataset."""
     semi = isinstance(train_ds, SemiSupervisedDataset)
     ids = {"train": data_identity(train_ds.labeled if semi else train_ds, r.data.path, r.data.train_split)}
     if eval_ds is not None:
-        ids["eval"] = data_identity(eval_ds, r.data.path, r.data.eval_split)
+        ids["eval"] = data_identity(eval_ds, r.data.path, split_found(eval_ds, r.data.path, r.data.eval_split))
     if semi:
         ids["unlabeled"] = data_identity(train_ds.unlabeled, r.data.unlabeled, "")
     return ids
@@ -187,8 +199,27 @@ def data_identities(r: Recipe, train_ds, eval_ds=None) -> dict:
 LOSS_PROVIDED = (*LossConfig.SHARED, "label_smoothing", "student_features", "teacher_features", "num_classes")
 
 
+def check_auto_augment(policy: str) -> None:
+    """aug.auto_augment built as timm's create_transform builds it (rand-*: RandAugment, augmix-*:
+    AugMix, else an AutoAugment policy name), so that a policy timm refuses is one line before the
+    run, not an AssertionError from inside the transforms."""
+    if not policy:
+        return
+    from timm.data import auto_augment as aa
+
+    make = (aa.rand_augment_transform if policy.startswith("rand") else
+            aa.augment_and_mix_transform if policy.startswith("augmix") else aa.auto_augment_transform)
+    try:
+        make(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise KdkitError(f"aug.auto_augment {policy!r} is not a timm augmentation policy ({str(e) or 'cannot parse'}"
+                         f"): e.g. rand-m9-mstd0.5-inc1 (RandAugment, DeiT's), augmix-m5-w4-d2 (AugMix), v0 or "
+                         f"original (AutoAugment), '' = off") from None
+
+
 def check_strategies(r: Recipe, mode: str) -> None:
     """Every strategy name and setting of the recipe checked before anything is built or written."""
+    check_auto_augment(r.aug.auto_augment)
     if mode == "distill":
         check_settings(LOSSES.get(r.loss.kind), r.loss.args, f"loss {r.loss.kind!r}", LOSS_PROVIDED)
         if r.data.unlabeled and LOSSES.get(r.loss.kind).needs_features:
@@ -222,9 +253,11 @@ def build_loss(r: Recipe, mode: str, mixup: bool, **provided: object) -> Distill
 
 
 def warn_unused_settings(r: Recipe, loss: DistillationLoss) -> None:
-    """A shared loss setting changed from its default that neither the loss nor the pseudo-label
-    loss takes has no effect: say so, rather than ignore it silently."""
-    defaults = type(r.loss)()
+    """A shared loss setting changed from its default (the recipe's preset's value, else the
+    dataclass default) that neither the loss nor the pseudo-label loss takes has no effect: say
+    so, rather than ignore it silently. A preset's own values are not the user's: not warned of."""
+    defaults = type(r.loss)(**{k: v for k, v in PRESETS.get(r.preset, {}).get("loss", {}).items()
+                               if k in r.loss.SHARED})
     takes = set(parameters(LOSSES.get(r.loss.kind)))
     if r.data.unlabeled and r.loss.pseudo_label not in ("auto", r.loss.kind):
         takes |= set(parameters(LOSSES.get(r.loss.pseudo_label)))

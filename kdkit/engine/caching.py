@@ -18,6 +18,7 @@ from kdkit.engine.build import (
     STREAM_NO_CACHE,
     build_logit_source,
     build_student,
+    check_auto_augment,
     expected_manifest,
     logit_source_name,
     make_accelerator,
@@ -36,6 +37,7 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
         raise KdkitError(f"unknown cache dtype {dtype!r}: {', '.join(DTYPES)}")
     if shard_size < 1 or topk < 0:
         raise KdkitError("--shard-size must be >= 1 and --topk >= 0 (0 = every class)")
+    check_auto_augment(r.aug.auto_augment)
     acc = make_accelerator(r)
     train_ds = open_train(r)
     if isinstance(train_ds, StreamDataset):
@@ -63,7 +65,7 @@ def verify_cache(path: str | Path, r: Recipe | None = None, samples: int = 64, s
     cache = LogitCache(path, partial=True)  # missing shards are reported, not refused
     problems = cache.store.verify()
     report: dict = {"cache": str(path), "shards": len(cache.store.all_shards()), **problems,
-                    "ok": not problems["missing"] and not problems["corrupt"]}
+                    "ok": not any(problems.values())}
     if r is None or not r.model.teacher:
         return report
     m = cache.manifest

@@ -32,13 +32,14 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
 
     model: returns StudentOut, or plain (B, K) logits (a teacher or any classifier; its "dist" and
     "fused" rows then equal its class row). Returns class_top1/top5, dist_top1/top5, fused_top1/top5,
-    n (images counted), skipped (unreadable images) and images_per_s.
+    heads (1 when one head gives both logits: shared, or a plain classifier; else 2), n (images
+    counted), skipped (unreadable images) and images_per_s.
     """
     acc = accelerator or create_accelerator()
     was_training = model.training
     model.eval()
     sums = {f"{h}_top{k}": 0.0 for h in ("class", "dist", "fused") for k in (1, 5)}
-    n, skipped, seconds = 0, 0, 0.0
+    n, skipped, seconds, one_head = 0, 0, 0.0, True
     with progress_bar(acc, description, total=len(loader), enabled=progress) as bar:
         for raw in loader:
             skipped += raw["skipped"]
@@ -47,6 +48,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
                 start = time.perf_counter()
                 out = model(images)
                 out = out if isinstance(out, StudentOut) else StudentOut(out, out)
+                one_head = out.dist_logits is out.logits
                 seconds += time.perf_counter() - start
                 heads = {"class": out.logits, "dist": out.dist_logits, "fused": out.fused}
                 gathered = acc.gather_for_metrics((target, *heads.values()))
@@ -58,7 +60,8 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
             bar()
     model.train(was_training)
     result = {k: 100.0 * v / max(n, 1) for k, v in sums.items()}
-    result.update(n=n, skipped=int(skipped), images_per_s=n / seconds if seconds else 0.0)
+    result.update(heads=1 if one_head else 2, n=n, skipped=int(skipped),
+                  images_per_s=n / seconds if seconds else 0.0)
     return result
 
 

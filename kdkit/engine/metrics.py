@@ -165,6 +165,18 @@ def resolve_trackers(names: list[str]) -> list[str]:
     return chosen
 
 
+def tracker_failed(name: str, e: Exception) -> KdkitError:
+    """The one line for a tracker that raised while starting; MLflow's refusal of its file store
+    (MLflow >= 3.13 without MLFLOW_ALLOW_FILE_STORE) says both ways out."""
+    text = " ".join(str(e).split())
+    if "MLFLOW_ALLOW_FILE_STORE" in text:
+        return KdkitError("--log-with mlflow (run.log_with): MLflow refuses its file store (./mlruns, or a file "
+                          "MLFLOW_TRACKING_URI) by default: set MLFLOW_TRACKING_URI=sqlite:///mlflow.db (a database), "
+                          "or MLFLOW_ALLOW_FILE_STORE=true to keep the file store")
+    return KdkitError(f"--log-with {name} (run.log_with): the tracker could not start: {type(e).__name__}: "
+                      f"{text[:300]}")
+
+
 def _after_event_files(log_dir: Path) -> None:
     """Wait until the clock's second is past every events.out.tfevents.SECOND.* file in `log_dir`."""
     seconds = [int(s) for f in log_dir.glob("events.out.tfevents.*") if (s := f.name.split(".")[3]).isdigit()]
@@ -200,10 +212,15 @@ class RunTrackers:
         purge = kept[-1][0] if kept else 0
         name = self.run_dir.name
         _after_event_files(self.run_dir / PROJECT)
-        self.acc.init_trackers(PROJECT, config=self.config,
-                               init_kwargs={"tensorboard": {"purge_step": purge},
-                                            "wandb": {"name": name, "dir": str(self.run_dir)},
-                                            "mlflow": {"run_name": name}})
+        try:
+            self.acc.init_trackers(PROJECT, config=self.config,
+                                   init_kwargs={"tensorboard": {"purge_step": purge},
+                                                "wandb": {"name": name, "dir": str(self.run_dir)},
+                                                "mlflow": {"run_name": name}})
+        except Exception as e:  # the tracker's own exception type (MlflowException, wandb.Error, ...)
+            started = len(self.acc.trackers)
+            failed = self.acc.log_with[started] if started < len(self.acc.log_with) else self.acc.log_with[-1]
+            raise tracker_failed(str(failed), e) from None
         tensorboard = [t for t in self.acc.trackers if t.name == "tensorboard"]
         for step, record in kept:
             if step == purge and tensorboard:

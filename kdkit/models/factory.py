@@ -45,7 +45,8 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
                          f"drop --img-size/--patch-size or the model kwargs") from None
     except (OSError, RuntimeError, ValueError) as e:
         if pretrained and "No pretrained weights exist" in str(e):
-            bundled = " (the bundled one: kdkit/assets/teachers/resnet9_cifar_s)" if full == "resnet9_cifar_s" else ""
+            here = Path(__file__).resolve().parent.parent / "assets" / "teachers" / full  # the installed package's
+            bundled = f" (the bundled one: {here})" if here.is_dir() else ""
             raise KdkitError(f"{full!r} has no pretrained weights on the hub: pass local weights with "
                              f"--teacher-weights FILE (or --student-weights FILE){bundled}") from None
         if pretrained and not isinstance(e, RuntimeError):

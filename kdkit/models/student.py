@@ -37,7 +37,8 @@ def _is_vit_with_class_token(model: nn.Module) -> bool:
 
 
 def _has_native_distillation(model: nn.Module) -> bool:
-    return hasattr(model, "set_distilled_training") and hasattr(model, "head_dist")
+    # PiT's non-distilled models have set_distilled_training and a head_dist of None
+    return hasattr(model, "set_distilled_training") and getattr(model, "head_dist", None) is not None
 
 
 def _patch_tokens(model: nn.Module, feats: Tensor) -> Tensor | None:
@@ -105,9 +106,10 @@ class TokenHead(_Wrapped):
     def __init__(self, model: nn.Module):
         super().__init__()
         if not _is_vit_with_class_token(model):
-            raise KdkitError(
-                f"head 'token' needs a ViT with a class token; {type(model).__name__} has none: use head 'dual'"
-            )
+            what = ("has a class token, but not the layout of timm's VisionTransformer family that the token is "
+                    "inserted into" if getattr(model, "cls_token", None) is not None else "has no class token")
+            raise KdkitError(f"head 'token' needs a ViT with a class token; {type(model).__name__} {what}: "
+                             f"use head 'dual'")
         self.model = model
         self.native = getattr(model, "dist_token", None) is not None
         if not self.native:
