@@ -3,6 +3,7 @@ strategy, frozen teachers, and saved students rebuilt for inference."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -11,6 +12,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from kdkit.models.names import resolve_model_name
+from kdkit.models.pretrained import init_distillation, load_pretrained
 from kdkit.models.saved import head_of, load_student_weights, read_config
 from kdkit.models.student import HEADS, wrap_student
 from kdkit.models.teacher import Teacher
@@ -23,11 +25,13 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
     """timm.create_model with kdkit's short names and clear errors.
 
     img_size / patch_size are passed only when given; img_size is dropped for models that take any
-    size (ConvNets), and a patch_size the model does not take is an error that says so. Pretrained weights come from the hub; offline that is a clear error.
+    size (ConvNets), and a patch_size the model does not take is an error that says so. Pretrained
+    weights come from the Hub (offline: a clear error in seconds), or from a local file or state
+    dict through timm's overlay, `pretrained_cfg_overlay=dict(file=PATH)`, which needs no network.
     """
     full = resolve_model_name(name)
     if pretrained:
-        check_weights_reachable(full)
+        check_weights_reachable(full, kwargs.get("pretrained_cfg_overlay"))
     extra = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size).items() if v is not None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -50,14 +54,17 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
                              f"--teacher-weights FILE (or --student-weights FILE){bundled}") from None
         if pretrained and not isinstance(e, RuntimeError):
             raise KdkitError(f"could not download pretrained weights for {full!r} ({type(e).__name__}: "
-                             f"{str(e)[:200]}). Without internet pass a local file with --teacher-weights "
-                             f"or --student-weights.") from None
+                             f"{str(e)[:200]}). Without internet pass a local file with --pretrained-path "
+                             f"(a student) or --teacher-weights.") from None
         raise
 
 
-def check_weights_reachable(name: str) -> None:
+def check_weights_reachable(name: str, overlay: dict | None = None) -> None:
     """Fail in seconds, with one line, when timm would download `name`'s pretrained weights and the
-    Hub cannot be reached (or HF_HUB_OFFLINE is set); weights already in the local cache pass."""
+    Hub cannot be reached (or HF_HUB_OFFLINE is set); weights already in the local cache, or a
+    local file or state dict in timm's `pretrained_cfg_overlay` (which timm prefers to the Hub), pass."""
+    if overlay and (overlay.get("file") or overlay.get("state_dict") is not None):
+        return
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except (RuntimeError, ValueError):
@@ -78,7 +85,8 @@ def check_weights_reachable(name: str) -> None:
     else:
         return  # no weights anywhere: timm says so, and create_model turns it into one line
     require_hub(f"downloading the pretrained weights of {name!r}",
-                "without internet pass local weights with --teacher-weights FILE or --student-weights FILE")
+                "without internet start the student from a local checkpoint with --pretrained-path FILE "
+                "(a teacher: --teacher-weights FILE)")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -107,11 +115,18 @@ def model_data_config(model: nn.Module) -> dict:
 def create_student(model: str | nn.Module, num_classes: int, head: str = "auto", *, pretrained: bool = False,
                    weights: str | Path | None = None, img_size: int | None = None,
                    patch_size: int | None = None, drop_path_rate: float = 0.0,
-                   model_kwargs: dict | None = None, head_args: dict | None = None) -> nn.Module:
+                   model_kwargs: dict | None = None, head_args: dict | None = None,
+                   pretrained_path: str | Path | None = None,
+                   report: Callable[[str], object] | None = None) -> nn.Module:
     """A student wrapped in its head strategy (`head_args`: the head's own settings); forward returns StudentOut.
 
-    `model` is a timm name (or kdkit short name) or any nn.Module classifier. `weights` initialises
-    the student from a kdkit run's student.safetensors (head included) or a timm checkpoint.
+    `model` is a timm name (or kdkit short name) or any nn.Module classifier. `pretrained`: timm's
+    Hub weights. `pretrained_path`: a local timm or DeiT checkpoint of any class count, image or
+    patch size, with or without a distillation token, loaded with adaptation (models/pretrained.py);
+    `report` receives its one-line record. With either, the parameters the head adds (an inserted
+    distillation token, a `head_dist`) start from the pretrained class token and head. `weights`
+    then loads, strictly, a kdkit run's student.safetensors (head included) or a checkpoint of
+    exactly this student (timm's --initial-checkpoint).
     """
     if isinstance(model, nn.Module):
         return wrap_student(model, head, head_args)
@@ -120,9 +135,25 @@ def create_student(model: str | nn.Module, num_classes: int, head: str = "auto",
     patch_size = patch_size or kwargs.pop("patch_size", None)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
-    net = create_model(model, num_classes, pretrained=pretrained, img_size=img_size, patch_size=patch_size,
-                       **kwargs)
+    record = None
+    if pretrained_path:
+        if "pretrained_cfg_overlay" in kwargs:
+            raise KdkitError("give the pretrained file once: --pretrained-path FILE or model.kwargs."
+                             "pretrained_cfg_overlay, not both")
+        net, record = load_pretrained(lambda k, **kw: create_model(model, k, img_size=img_size, patch_size=patch_size,
+                                                                   **kwargs, **kw), pretrained_path, num_classes)
+    else:
+        net = create_model(model, num_classes, pretrained=pretrained, img_size=img_size, patch_size=patch_size,
+                           **kwargs)
     student = wrap_student(net, head, head_args)
+    if record is not None:
+        record.from_file_distillation, from_class = init_distillation(student, record.extras)
+        record.from_class += from_class
+        record.unused = [k for k in record.extras if k not in record.from_file_distillation]
+        if report is not None:
+            report(record.line())
+    elif pretrained:
+        init_distillation(student, {})
     if weights is not None:
         load_student_weights(student, weights)
     return student
