@@ -17,7 +17,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from kdkit import KdkitError
 from kdkit.models import create_model, create_student
 
-from .conftest import run_cli
+from .conftest import TINY_SWIN, run_cli
 
 ARCH = dict(depth=2, embed_dim=32, num_heads=2)  # a 2-layer, 32-wide DeiT
 SRC = dict(img_size=32, patch_size=4, **ARCH)  # the checkpoint's: an 8x8 grid, 1000 classes
@@ -138,6 +138,42 @@ def test_same_class_count_keeps_the_heads_and_patch_size_is_resampled(files):
     assert "state_dict" not in m.pretrained_cfg and m.pretrained_cfg["num_classes"] == 1000
 
 
+def test_other_architectures(tmp_path):
+    """A ConvNet (dual head), Swin at another image size and kdkit's T2T-ViT (learned positions) from
+    100-class files: everything but the classifier as timm's own pretrained route loads it (T2T's
+    positions as resample_abs_pos_embed gives), the dual head a copy of the reset classifier."""
+    torch.manual_seed(4)
+    swin_kw = {k: v for k, v in TINY_SWIN.items() if k != "img_size"}
+    cases = [("resnet10t", "dual", {}, 32, 32), ("swin_tiny_patch4_window7_224", "dual", swin_kw, 32, 64),
+             ("t2t_vit_7", "token", {"learned_pos": True, "depth": 2}, 32, 64)]
+    for name, head, kw, src_size, size in cases:
+        size_kw = {} if name == "resnet10t" else {"img_size": src_size}
+        src = create_model(name, 100, **size_kw, **kw)
+        with torch.no_grad():
+            for p in src.parameters():
+                p.normal_()
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, path)
+        lines = []
+        student = create_student(name, 10, head, img_size=size if size_kw else None, model_kwargs=kw,
+                                 pretrained_path=path, report=lines.append)
+        new_size = {} if name == "resnet10t" else {"img_size": size}
+        reference = create_model(name, 10, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=100),
+                                 **new_size, **kw).state_dict()
+        classifier = student.model.pretrained_cfg["classifier"]
+        state = student.model.state_dict()
+        for k in state:
+            if not k.startswith(classifier + "."):
+                assert torch.equal(state[k], reference[k]), (name, k)
+        assert "100 -> 10 classes" in lines[0]
+        if head == "dual":
+            assert torch.equal(student.head_dist.weight, student.model.get_classifier().weight)
+        if name == "t2t_vit_7":
+            old = src.state_dict()["pos_embed"]
+            assert torch.allclose(state["pos_embed"], resample_abs_pos_embed(old, [4, 4], num_prefix_tokens=1))
+        assert student.eval()(torch.randn(1, 3, size, size)).logits.shape == (1, 10)
+
+
 class _Pickled:
     pass
 
@@ -181,6 +217,11 @@ def test_offline_hub_fails_fast_and_timm_file_overlay_works(files, monkeypatch):
     path, sd = files["pth"]
     model = create_model(PLAIN, 1000, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SRC)
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    # --pretrained through that overlay: the token kdkit inserts starts as the class token, as with a file
+    student = create_student(PLAIN, 10, "token", pretrained=True,
+                             model_kwargs=dict(SRC, pretrained_cfg_overlay=dict(file=str(path))))
+    assert torch.equal(student.dist_token, sd["cls_token"] + sd["pos_embed"][:, :1])
+    assert torch.equal(student.head_dist.weight, student.model.head.weight)
 
 
 def test_distill_cli_with_pretrained_path(files, tiny_data, teacher_dir, tmp_path, capsys, monkeypatch):
