@@ -30,8 +30,9 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
     dict through timm's overlay, `pretrained_cfg_overlay=dict(file=PATH)`, which needs no network.
     """
     full = resolve_model_name(name)
-    if pretrained:
-        check_weights_reachable(full, kwargs.get("pretrained_cfg_overlay"))
+    hub = pretrained and not _local_weights(kwargs.get("pretrained_cfg_overlay"))
+    if hub:
+        check_weights_reachable(full)
     extra = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size).items() if v is not None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -48,23 +49,26 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
         raise KdkitError(f"model {full!r} does not accept these options ({e}); "
                          f"drop --img-size/--patch-size or the model kwargs") from None
     except (OSError, RuntimeError, ValueError) as e:
-        if pretrained and "No pretrained weights exist" in str(e):
+        if hub and "No pretrained weights exist" in str(e):
             bundled = " (the bundled one: kdkit/assets/teachers/resnet9_cifar_s)" if full == "resnet9_cifar_s" else ""
             raise KdkitError(f"{full!r} has no pretrained weights on the hub: pass local weights with "
                              f"--teacher-weights FILE (or --student-weights FILE){bundled}") from None
-        if pretrained and not isinstance(e, RuntimeError):
+        if hub and not isinstance(e, RuntimeError):
             raise KdkitError(f"could not download pretrained weights for {full!r} ({type(e).__name__}: "
                              f"{str(e)[:200]}). Without internet pass a local file with --pretrained-path "
                              f"(a student) or --teacher-weights.") from None
         raise
 
 
-def check_weights_reachable(name: str, overlay: dict | None = None) -> None:
+def _local_weights(overlay: dict | None) -> bool:
+    """Whether timm's `pretrained_cfg_overlay` names a local file or state dict, which timm loads
+    before (instead of) the Hub's weights."""
+    return bool(overlay) and (bool(overlay.get("file")) or overlay.get("state_dict") is not None)
+
+
+def check_weights_reachable(name: str) -> None:
     """Fail in seconds, with one line, when timm would download `name`'s pretrained weights and the
-    Hub cannot be reached (or HF_HUB_OFFLINE is set); weights already in the local cache, or a
-    local file or state dict in timm's `pretrained_cfg_overlay` (which timm prefers to the Hub), pass."""
-    if overlay and (overlay.get("file") or overlay.get("state_dict") is not None):
-        return
+    Hub cannot be reached (or HF_HUB_OFFLINE is set); weights already in the local cache pass."""
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except (RuntimeError, ValueError):
@@ -129,6 +133,8 @@ def create_student(model: str | nn.Module, num_classes: int, head: str = "auto",
     exactly this student (timm's --initial-checkpoint).
     """
     if isinstance(model, nn.Module):
+        if pretrained_path:
+            raise KdkitError("pretrained_path needs a timm model name; a module you built carries its own weights")
         return wrap_student(model, head, head_args)
     kwargs = dict(model_kwargs or {})
     img_size = img_size or kwargs.pop("img_size", None)

@@ -3,12 +3,13 @@ size or token layout (`--pretrained-path FILE`, timm's flag: "load this checkpoi
 the pretrained weights, with adaptation").
 
 The file (safetensors, or a `.pth` read with `torch.load(weights_only=True)`, plain or DeiT's
-`{"model": state_dict}`) is read by timm's `load_state_dict` and loaded by timm's own pretrained
+`{"model": state_dict}`; its EMA weights where it has them, as timm) is read by timm's
+`load_state_dict` and loaded by timm's own pretrained
 route, `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=...))`: the
 model family's checkpoint filter resamples the position embedding (`resample_abs_pos_embed`, prefix
 tokens kept) and the patch embedding (`resample_patch_embed`) to the student's grid and patch, and
-the load is strict. The model is built with the file's class count, then `reset_classifier` gives a
-classifier at init when the student's count differs.
+the load is strict. The model is built with the file's class count, then timm's `reset_classifier`
+gives it a new classifier when the student's count differs (the same count keeps the file's).
 
 The distillation token and head. DeiT's `main.py` refuses fine-tuning with distillation ("not yet
 supported"); its `--finetune` drops `head`/`head_dist` of another shape, keeps the class and
@@ -126,7 +127,8 @@ def _to_token_layout(state: dict[str, Tensor], probe: nn.Module) -> tuple[dict[s
     return state, extras, made
 
 
-def load_pretrained(create: Callable[..., nn.Module], path: str | Path, num_classes: int) -> tuple[nn.Module, PretrainedLoad]:
+def load_pretrained(create: Callable[..., nn.Module], path: str | Path,
+                    num_classes: int) -> tuple[nn.Module, PretrainedLoad]:
     """Build a timm model from checkpoint `path` (see the module docstring).
 
     create(num_classes, **timm_kwargs) builds the model (kdkit's create_model with the student's
@@ -142,7 +144,7 @@ def load_pretrained(create: Callable[..., nn.Module], path: str | Path, num_clas
     overlay = dict(state_dict=state, num_classes=k_file)
     try:
         model = create(k_file, pretrained=True, pretrained_cfg_overlay=overlay)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, AssertionError) as e:
         msg = " ".join(str(e).split())
         raise KdkitError(f"cannot load {path} into {type(probe).__name__} (not this architecture's checkpoint?): "
                          f"{type(e).__name__}: {msg[:500]}") from None
@@ -199,7 +201,7 @@ def init_distillation(student: nn.Module, extras: dict[str, Tensor]) -> tuple[li
                 own["dist_token"].copy_(token)
                 from_file.append("dist_token")
             else:
-                with_pos = m.pos_embed is not None and not getattr(m, "no_embed_class", False)
+                with_pos = getattr(m, "pos_embed", None) is not None and not getattr(m, "no_embed_class", False)
                 own["dist_token"].copy_(m.cls_token + (m.pos_embed[:, :1] if with_pos else 0))
                 from_class.append("dist_token")
         if head_dist is not None:
