@@ -89,8 +89,8 @@ def check_weights_reachable(name: str) -> None:
     else:
         return  # no weights anywhere: timm says so, and create_model turns it into one line
     require_hub(f"downloading the pretrained weights of {name!r}",
-                "without internet start the student from a local checkpoint with --pretrained-path FILE "
-                "(a teacher: --teacher-weights FILE)")
+                "without internet pass a local file: --teacher-weights FILE for a teacher, "
+                "--pretrained-path FILE for a student")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
