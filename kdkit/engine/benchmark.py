@@ -3,8 +3,8 @@
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one image: matrix products,
 convolutions and attention, where one multiply-add is 2 FLOPs. Element-wise operations, norms and
 softmax are not counted. The DeiT and T2T-ViT papers and timm's tables report multiply-adds
-under the name "FLOPs": compare those with `gmacs` (= gflops / 2): DeiT-Ti 1.26 (the paper rounds
-to 1.3), Swin-T 4.5, ResNet-50 4.1.
+under the name "FLOPs": compare those with `gmacs` (= gflops / 2): DeiT-Ti 1.25 (timm's table 1.26,
+the paper 1.3), Swin-T 4.49 (paper 4.5), ResNet-50 4.09 (timm 4.1).
 
 Fused attention (`F.scaled_dot_product_attention`) runs one of several kernels. torch's counter
 knows the CUDA ones (flash, memory-efficient, cuDNN) and the math fallback (plain matmuls), but
