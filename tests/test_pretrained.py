@@ -78,6 +78,10 @@ def test_plain_checkpoint_into_a_distilled_deit(files, fmt):
     assert "dist_token" in line.split("from the class token and head")[1]
     out = student(torch.randn(2, 3, 48, 48))
     assert out.logits.shape == out.dist_logits.shape == (2, 10)
+    # the same model under timm's own distillation head (native): the same start
+    native = _student("deit_tiny", "native", path).model.state_dict()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in native.items() if not k.startswith("head"))
+    assert torch.equal(native["head_dist.weight"], native["head.weight"])
 
 
 def test_plain_checkpoint_into_every_head_of_a_plain_vit(files):
