@@ -132,10 +132,13 @@ def load_pretrained(create: Callable[..., nn.Module], path: str | Path,
     """Build a timm model from checkpoint `path` (see the module docstring).
 
     create(num_classes, **timm_kwargs) builds the model (kdkit's create_model with the student's
-    name and options); it is called once on the meta device (layout only, no arithmetic) and once
-    for real with timm's pretrained route. Returns the model with `num_classes` classes and the
+    name and options); it is called once on the meta device (layout only, no arithmetic; on the CPU
+    for a constructor that reads tensor values) and once for real with timm's pretrained route. Returns the model with `num_classes` classes and the
     record of what was loaded, resampled, reset and copied."""
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            probe = create(num_classes)
+    except Exception:  # a model whose constructor reads tensor values (.item(), numpy): built for real
         probe = create(num_classes)
     classifiers = probe.pretrained_cfg.get("classifier") if getattr(probe, "pretrained_cfg", None) else None
     raw = read_state_dict(path)
