@@ -51,7 +51,8 @@ class ModelConfig:
     patch_size: int | None = None
     drop_path: float = 0.0
     pretrained: bool = False  # student from timm's hub weights
-    student_weights: str = ""  # initialise the student from a local file
+    pretrained_path: str = ""  # student from a local timm/DeiT checkpoint, adapted (classes, size, tokens): no network
+    student_weights: str = ""  # load a checkpoint of exactly this student, strictly (timm's --initial-checkpoint)
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs for the student
     teacher: str | list[str] = ""  # a timm name; several = an ensemble (model.logits "ensemble")
     teacher_weights: str | list[str] = ""  # local weights (one per teacher); empty = timm's hub weights

@@ -3,10 +3,21 @@
 import json
 
 import pytest
+import timm
+import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from kdkit import KdkitError
-from kdkit.engine.benchmark import CPU_BATCH_CAP, benchmark_model, count_flops, largest_batch
+from kdkit.engine.benchmark import (
+    ATTENTION_KERNELS,
+    CPU_BATCH_CAP,
+    attention_flops,
+    benchmark_model,
+    count_flops,
+    largest_batch,
+)
 from kdkit.models import create_model
 
 from .conftest import run_cli
@@ -67,3 +78,70 @@ def test_cli_table_and_bad_values(capsys):
     assert run_cli("benchmark", "--models", "resnet10t", "--batch-size", "0") == 2
     assert run_cli("benchmark", "--models", "resnet5O", "--device", "cpu") == 2
     assert "Did you mean" in capsys.readouterr().err
+
+
+def _deit_tiny_macs(tokens=197, dim=192, mlp=768, depth=12, patches=196, patch_in=16 * 16 * 3, classes=1000):
+    """DeiT-Ti's multiply-adds written out: per block qkv (3D), projection (D) and MLP (2 x 4D) on every
+    token, plus attention's Q K^T and A V (N x N x D each, summed over heads); the patch embedding
+    and the class head."""
+    block = tokens * dim * (3 * dim + dim + 2 * mlp) + 2 * tokens * tokens * dim
+    return depth * block + patches * patch_in * dim + dim * classes
+
+
+@pytest.mark.parametrize(("name", "published_gmacs", "exact_macs"), [
+    ("deit_tiny_patch16_224", 1.26, _deit_tiny_macs()),  # timm's table (DeiT paper: 1.3)
+    ("swin_tiny_patch4_window7_224", 4.5, None),  # Swin paper, Table 1 ("FLOPs" = multiply-adds)
+    ("resnet50", 4.1, None),  # ResNet paper, Table 1 (3.8 there: timm's v1.5 strides the 3x3 conv)
+])
+def test_flops_match_published_counts(name, published_gmacs, exact_macs):
+    """The counts of the papers and timm's tables, on CPU whatever kernel runs attention (torch's own
+    counter alone gives DeiT-Ti 1.08: the fused CPU attention kernel was not counted). Built on the
+    meta device (no weights, no arithmetic: fast); DeiT-Ti also runs on CPU."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    flops = count_flops(model, (3, 224, 224), "meta")
+    assert flops / 2e9 == pytest.approx(published_gmacs, rel=0.03)
+    if exact_macs is not None:
+        assert flops == 2 * exact_macs
+        assert count_flops(timm.create_model(name), (3, 224, 224)) == flops
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if hasattr(m, "fused_attn")]
+
+
+@pytest.mark.parametrize("backend", [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION])
+def test_every_cpu_attention_kernel_counts_the_same(backend):
+    """A ViT's attention counts as its two matmuls written out (timm's unfused path) under each CPU kernel."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, num_classes=10)
+    with sdpa_kernel([backend]):
+        fused = count_flops(model, (3, 32, 32))
+    for m in _attention_modules(model):
+        m.fused_attn = False
+    assert fused == count_flops(model, (3, 32, 32))
+
+
+def test_cpu_flash_attention_adds_its_two_products():
+    """What kdkit adds to torch's counter on CPU's flash kernel: Q K^T and A V, 65 x 65 x 192
+    multiply-adds each (64 patches + class token, D = 192, summed over heads), in each of 2 blocks."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, num_classes=10).eval()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        with FlopCounterMode(display=False) as torch_only, torch.inference_mode():
+            model(torch.zeros(1, 3, 32, 32))
+        fused = count_flops(model, (3, 32, 32))
+    assert fused - torch_only.get_total_flops() == 2 * (2 * 2 * 65 * 65 * 192)
+
+
+def test_every_fused_attention_kernel_has_a_formula():
+    """Each of torch's fused attention kernels (CUDA, CPU, MPS, other backends) is counted: by torch's own
+    formula or by ATTENTION_KERNELS, whose formula is checked against two matmuls."""
+    kernels = [n for n in dir(torch.ops.aten) if n.startswith("_scaled_dot_product_") and not n.endswith("_backward")
+               # composite ones (the math fallback) run as matmuls, which torch counts
+               and not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{n}", "CompositeImplicitAutograd")]
+    assert "_scaled_dot_product_flash_attention_for_cpu" in kernels and len(kernels) >= 5
+    known = set(flop_registry) | set(ATTENTION_KERNELS)
+    assert [n for n in kernels if getattr(torch.ops.aten, n) not in known] == []
+    q, k, v = (2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 4)
+    with FlopCounterMode(display=False) as c:
+        torch.randn(q) @ torch.randn(k).transpose(-1, -2) @ torch.randn(v)
+    assert attention_flops(q, k, v) == c.get_total_flops()

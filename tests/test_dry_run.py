@@ -15,6 +15,11 @@ KW = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 
 
 def _flops(model, size):
+    """torch's own counter on timm's unfused attention (explicit Q K^T and A V matmuls, which it counts
+    on any device), so that attention is in the count independently of kdkit's kernel formulas."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
     with FlopCounterMode(display=False) as c, torch.inference_mode():
         model.eval()(torch.zeros(1, *size))
     return c.get_total_flops()

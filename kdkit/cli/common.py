@@ -76,9 +76,15 @@ RUN_FLAGS: dict[str, Flag] = {
     "--patch-size": Flag("model.patch_size", int, "student patch size, where the architecture takes it", "model",
                          default="the model's own"),
     "--drop-path": Flag("model.drop_path", float, "stochastic depth rate of the student", "model"),
-    "--pretrained": Flag("model.pretrained", bool, "start the student from timm's hub weights (needs internet)",
-                         "model"),
-    "--student-weights": Flag("model.student_weights", str, "initialise the student from a local weights file",
+    "--pretrained": Flag("model.pretrained", bool, "start the student from timm's hub weights (needs internet; "
+                         "offline, give --pretrained-path FILE)", "model"),
+    "--pretrained-path": Flag("model.pretrained_path", str, "start the student from a local timm or DeiT checkpoint, "
+                              "offline, as timm's --pretrained --pretrained-path (--pretrained not needed): image and "
+                              "patch size resampled, distillation token and head from the class token and head, the "
+                              "classifier reset if the class count differs (timm's train.py always resets it)",
+                              "model", metavar="FILE"),
+    "--student-weights": Flag("model.student_weights", str, "load a checkpoint of exactly this student, strictly "
+                              "(timm's --initial-checkpoint); another class count or size: --pretrained-path",
                               "model", aliases=("--initial-checkpoint",), metavar="FILE"),
     # data
     "--data": Flag("data.path", str, "ImageFolder root with train/ and val/ or test/, a folder of webdataset tar "

@@ -6,6 +6,7 @@ their own settings checked against their constructors."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,8 +268,10 @@ def warn_unused_settings(r: Recipe, loss: DistillationLoss) -> None:
                       f"has no effect on loss {loss.name!r}")
 
 
-def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_classes: int) -> nn.Module:
-    """The recipe's student (or the given module) wrapped with its head strategy."""
+def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_classes: int,
+                  report: Callable[[str], object] | None = None) -> nn.Module:
+    """The recipe's student (or the given module) wrapped with its head strategy; `report` receives
+    the one-line record of a model.pretrained_path load."""
     head = r.model.head
     if mode == "train" and head == "auto":
         # plain supervised training; a model with a distillation token still trains both heads
@@ -276,6 +279,7 @@ def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_cla
             student is None and "distilled" in resolve_model_name(r.model.student)) else "shared"
     return create_student(student if student is not None else r.model.student, num_classes, head,
                           pretrained=r.model.pretrained, weights=r.model.student_weights or None,
+                          pretrained_path=r.model.pretrained_path or None, report=report,
                           img_size=r.model.img_size, patch_size=r.model.patch_size,
                           drop_path_rate=r.model.drop_path, model_kwargs=r.model.kwargs, head_args=r.model.head_args)
 
@@ -416,7 +420,10 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
     acc = make_accelerator(r, run_dir)
     train_ds, eval_ds = open_data(r)
     classes = train_ds.classes
-    student = build_student(r, mode, student, len(classes))
+    loaded: list[str] = []
+    student = build_student(r, mode, student, len(classes), report=loaded.append)
+    if loaded and acc.is_main_process:
+        console.print(loaded[0], highlight=False)
     data_cfg = student_data_config(student, r.model.img_size)
     check_student_classes(student, len(classes), data_cfg)
     empty = train_ds.issues().get("empty_classes")
@@ -438,6 +445,8 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
                      "train_images": train_ds.num_labeled if semi else len(train_ds),
                      "eval_images": len(eval_ds), "processes": acc.num_processes,
                      "global_batch_size": r.data.batch_size}
+    if loaded:
+        summary["pretrained"] = loaded[0]
     logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
         if LOSSES.get(kind).needs_teacher else None
     loss = build_loss(r, mode, train_ds.mixup is not None, **provided_features(student, logits))

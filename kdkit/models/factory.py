@@ -3,6 +3,7 @@ strategy, frozen teachers, and saved students rebuilt for inference."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -11,6 +12,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from kdkit.models.names import resolve_model_name
+from kdkit.models.pretrained import init_distillation, load_pretrained
 from kdkit.models.saved import head_of, load_student_weights, read_config
 from kdkit.models.student import HEADS, wrap_student
 from kdkit.models.teacher import Teacher
@@ -23,10 +25,13 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
     """timm.create_model with kdkit's short names and clear errors.
 
     img_size / patch_size are passed only when given; img_size is dropped for models that take any
-    size (ConvNets), and a patch_size the model does not take is an error that says so. Pretrained weights come from the hub; offline that is a clear error.
+    size (ConvNets), and a patch_size the model does not take is an error that says so. Pretrained
+    weights come from the Hub (offline: a clear error in seconds), or from a local file or state
+    dict through timm's overlay, `pretrained_cfg_overlay=dict(file=PATH)`, which needs no network.
     """
     full = resolve_model_name(name)
-    if pretrained:
+    hub = pretrained and not _local_weights(kwargs.get("pretrained_cfg_overlay"))
+    if hub:
         check_weights_reachable(full)
     extra = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size).items() if v is not None}
     if num_classes is not None:
@@ -44,16 +49,22 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
         raise KdkitError(f"model {full!r} does not accept these options ({e}); "
                          f"drop --img-size/--patch-size or the model kwargs") from None
     except (OSError, RuntimeError, ValueError) as e:
-        if pretrained and "No pretrained weights exist" in str(e):
+        if hub and "No pretrained weights exist" in str(e):
             here = Path(__file__).resolve().parent.parent / "assets" / "teachers" / full  # the installed package's
             bundled = f" (the bundled one: {here})" if here.is_dir() else ""
             raise KdkitError(f"{full!r} has no pretrained weights on the hub: pass local weights with "
                              f"--teacher-weights FILE (or --student-weights FILE){bundled}") from None
-        if pretrained and not isinstance(e, RuntimeError):
+        if hub and not isinstance(e, RuntimeError):
             raise KdkitError(f"could not download pretrained weights for {full!r} ({type(e).__name__}: "
-                             f"{str(e)[:200]}). Without internet pass a local file with --teacher-weights "
-                             f"or --student-weights.") from None
+                             f"{str(e)[:200]}). Without internet pass a local file with --pretrained-path "
+                             f"(a student) or --teacher-weights.") from None
         raise
+
+
+def _local_weights(overlay: dict | None) -> bool:
+    """Whether timm's `pretrained_cfg_overlay` names a local file or state dict, which timm loads
+    before (instead of) the Hub's weights."""
+    return bool(overlay) and (bool(overlay.get("file")) or overlay.get("state_dict") is not None)
 
 
 def check_weights_reachable(name: str) -> None:
@@ -79,7 +90,8 @@ def check_weights_reachable(name: str) -> None:
     else:
         return  # no weights anywhere: timm says so, and create_model turns it into one line
     require_hub(f"downloading the pretrained weights of {name!r}",
-                "without internet pass local weights with --teacher-weights FILE or --student-weights FILE")
+                "without internet pass a local file: --teacher-weights FILE for a teacher, "
+                "--pretrained-path FILE for a student")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -108,22 +120,47 @@ def model_data_config(model: nn.Module) -> dict:
 def create_student(model: str | nn.Module, num_classes: int, head: str = "auto", *, pretrained: bool = False,
                    weights: str | Path | None = None, img_size: int | None = None,
                    patch_size: int | None = None, drop_path_rate: float = 0.0,
-                   model_kwargs: dict | None = None, head_args: dict | None = None) -> nn.Module:
+                   model_kwargs: dict | None = None, head_args: dict | None = None,
+                   pretrained_path: str | Path | None = None,
+                   report: Callable[[str], object] | None = None) -> nn.Module:
     """A student wrapped in its head strategy (`head_args`: the head's own settings); forward returns StudentOut.
 
-    `model` is a timm name (or kdkit short name) or any nn.Module classifier. `weights` initialises
-    the student from a kdkit run's student.safetensors (head included) or a timm checkpoint.
+    `model` is a timm name (or kdkit short name) or any nn.Module classifier. `pretrained`: timm's
+    Hub weights. `pretrained_path`: a local timm or DeiT checkpoint of any class count, image or
+    patch size, with or without a distillation token, loaded with adaptation (models/pretrained.py);
+    `report` receives its one-line record. With either, the parameters the head adds (an inserted
+    distillation token, a `head_dist`) start from the pretrained class token and head. `weights`
+    then loads, strictly, a kdkit run's student.safetensors (head included) or a checkpoint of
+    exactly this student (timm's --initial-checkpoint).
     """
     if isinstance(model, nn.Module):
+        if pretrained_path:
+            raise KdkitError("pretrained_path needs a timm model name; a module you built carries its own weights")
         return wrap_student(model, head, head_args)
     kwargs = dict(model_kwargs or {})
     img_size = img_size or kwargs.pop("img_size", None)
     patch_size = patch_size or kwargs.pop("patch_size", None)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
-    net = create_model(model, num_classes, pretrained=pretrained, img_size=img_size, patch_size=patch_size,
-                       **kwargs)
+    record = None
+    if pretrained_path:
+        if "pretrained_cfg_overlay" in kwargs:
+            raise KdkitError("give the pretrained file once: --pretrained-path FILE or model.kwargs."
+                             "pretrained_cfg_overlay, not both")
+        net, record = load_pretrained(lambda k, **kw: create_model(model, k, img_size=img_size, patch_size=patch_size,
+                                                                   **kwargs, **kw), pretrained_path, num_classes)
+    else:
+        net = create_model(model, num_classes, pretrained=pretrained, img_size=img_size, patch_size=patch_size,
+                           **kwargs)
     student = wrap_student(net, head, head_args)
+    if record is not None:
+        record.from_file_distillation, from_class = init_distillation(student, record.extras)
+        record.from_class += from_class
+        record.unused = [k for k in record.extras if k not in record.from_file_distillation]
+        if report is not None:
+            report(record.line())
+    elif pretrained:
+        init_distillation(student, {})
     if weights is not None:
         load_student_weights(student, weights)
     return student

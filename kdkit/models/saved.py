@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdkit.files import atomic_write, atomic_write_text
+from kdkit.models.pretrained import read_state_dict
 from kdkit.registry import KdkitError
 
 HEAD_FILE = "kdkit_head.safetensors"
@@ -41,19 +42,25 @@ def save_student(folder: str | Path, student: nn.Module, config: dict) -> Path:
 
 
 def load_student_weights(student: nn.Module, path: str | Path) -> None:
-    """Load a saved student folder (or its model.safetensors) into a head-wrapped student."""
+    """Load a saved student folder (or its model.safetensors, or a timm checkpoint of exactly this
+    model: safetensors or a weights-only .pth) into a head-wrapped student, strictly, as timm's
+    --initial-checkpoint. A mismatch is one line pointing to --pretrained-path, which adapts."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     weights = folder / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
         raise KdkitError(f"no student weights at {weights}")
+    state = {f"model.{k}": v for k, v in read_state_dict(weights).items()}
     try:
-        state = {f"model.{k}": v for k, v in load_file(str(weights)).items()}
         if (folder / HEAD_FILE).is_file():
             state.update(load_file(str(folder / HEAD_FILE)))
         student.load_state_dict(state, strict=True)
     except Exception as e:
-        raise KdkitError(f"cannot load {weights} into the student: {type(e).__name__}: {str(e)[:600]}") from None
+        msg = " ".join(str(e).split())  # torch's message spans lines: one line for the user
+        raise KdkitError(f"cannot load {weights} into the student strictly (--student-weights/--initial-checkpoint "
+                         f"takes a checkpoint of exactly this student; for another class count, image or patch "
+                         f"size, or distillation token use --pretrained-path FILE): {type(e).__name__}: "
+                         f"{msg[:500]}") from None
 
 
 def read_config(path: str | Path) -> dict:

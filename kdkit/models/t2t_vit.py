@@ -405,11 +405,24 @@ default_cfgs = generate_default_cfgs({"t2t_vit_7.untrained": _cfg(), "t2t_vit_12
                                       "t2t_vit_14.untrained": _cfg()})
 
 
+def checkpoint_filter_fn(state_dict: dict, model: T2TViT) -> dict:
+    """timm's pretrained filter for a checkpoint of another image size: a learned position table is
+    resampled as timm resamples a ViT's (class token's row kept), the fixed sinusoidal one is the
+    model's own (a function of the grid)."""
+    pos = state_dict.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        state_dict = dict(state_dict)
+        state_dict["pos_embed"] = (resample_abs_pos_embed(pos, new_size=list(model.tokens_to_token.grid),
+                                                          num_prefix_tokens=1)
+                                   if isinstance(model.pos_embed, nn.Parameter) else model.pos_embed.clone())
+    return state_dict
+
+
 def _create(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> T2TViT:
     # features_only=True: timm's FeatureGetterNet over forward_intermediates, the last 3 blocks by default
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(T2TViT, variant, pretrained, feature_cfg=dict(out_indices=out_indices,
-                                                                              feature_cls="getter"),
+    return build_model_with_cfg(T2TViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
                                 **{**defaults, **kwargs})
 
 
