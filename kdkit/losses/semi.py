@@ -53,6 +53,9 @@ class SemiSupervisedLoss(DistillationLoss):
         if loss.needs_features:
             raise KdkitError(f"loss {loss.name!r} needs labeled batches of the teacher's features; unlabeled "
                              f"images (data.unlabeled) work with the logit losses")
+        if loss.needs_epoch:
+            raise KdkitError(f"loss {loss.name!r} learns from whole labeled steps (a curriculum over epochs); "
+                             f"unlabeled images (data.unlabeled) work with soft, hard, dkd, dist, mlkd")
         if not loss.needs_teacher:
             raise KdkitError(f"unlabeled images need a distillation loss (soft or hard), not {loss.name!r}")
         self.base, self.pseudo = loss, pseudo if pseudo is not None else loss
