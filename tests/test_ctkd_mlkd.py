@@ -190,3 +190,42 @@ def test_ctkd_with_unlabeled_images_is_refused_clearly(tiny_data, teacher_dir, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unlabeled" in err[0]
     assert not (tmp_path / "cu").exists()
+
+
+def test_ctkd_and_mlkd_from_a_float32_cache_are_the_live_runs(tiny_data, teacher_dir, tmp_path):
+    """Both are logit losses: read from a replay cache of all classes (float32) they train as from the
+    live teacher, step by step, the learnt temperature included (Mixup on: MLKD's batch and class
+    relations see the mixed views the cache replays)."""
+    from tests.test_cache import common, distill, teacher_args
+
+    args = common(tiny_data, epochs=1)
+    assert run_cli("cache", *args, *teacher_args(teacher_dir), "--dtype", "float32", "--out", tmp_path / "c") == 0
+    for loss, extra, terms in (("ctkd", "{lambda_epochs=1}", ("loss", "task", "kd", "tau")),
+                               ("mlkd", "{temperatures=[1.0, 4.0]}", ("loss", "task", "kd"))):
+        setting = ["--loss", loss, "--set", f"loss.args={extra}"]
+        live = distill(tmp_path, f"{loss}-live", *args, *teacher_args(teacher_dir), *setting)
+        cached = distill(tmp_path, f"{loss}-cached", *args, "--logits", tmp_path / "c", *setting)
+        assert len(live) == len(cached) == 7
+        for a, b in zip(live, cached, strict=True):
+            for term in terms:
+                assert abs(a[term] - b[term]) <= 1e-5, (loss, a["step"], term, a[term], b[term])
+
+
+def test_ctkd_temperature_under_two_processes_is_the_one_process_run(tmp_path, tiny_data, teacher_dir):
+    """The temperature lives in the head, so data parallelism syncs it: two processes learn the
+    temperature one process learns (the all-reduce order aside)."""
+    from tests.test_cache import step_terms
+    from tests.test_distributed import kdkit
+    from tests.test_strategies import STUDENT
+
+    args = [*STUDENT, "--data", tiny_data, "--batch-size", "16", "--epochs", "1", "--workers", "0", "--seed", "5",
+            "--no-progress", "--set", "run.log_every=1", "--set", "optim.warmup_epochs=0", "--set", "optim.lr=1e-2",
+            "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--preset", "none", "--loss", "ctkd",
+            "--set", "loss.args={lambda_epochs=1}"]
+    for n in (1, 2):
+        kdkit(n, "distill", *args, "--output", tmp_path, "--name", f"p{n}")
+    one, two = step_terms(tmp_path / "p1"), step_terms(tmp_path / "p2")
+    assert len(one) == len(two) == 7 and len({r["tau"] for r in one}) == 7
+    for a, b in zip(one, two, strict=True):
+        for term in ("loss", "kd", "tau"):  # float32 sums in another order: 1e-5 of the value
+            assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-6), (a["step"], term)
