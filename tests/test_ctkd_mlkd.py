@@ -229,3 +229,29 @@ def test_ctkd_temperature_under_two_processes_is_the_one_process_run(tmp_path, t
     for a, b in zip(one, two, strict=True):
         for term in ("loss", "kd", "tau"):  # float32 sums in another order: 1e-5 of the value
             assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-6), (a["step"], term)
+
+
+def test_mlkd_with_unlabeled_samples_relates_the_samples_that_count():
+    """Under the semi-supervised wrapper MLKD's batch and class relations run over the labeled and
+    kept unlabeled samples, as DIST's do: here every sample counts, so it is MLKD of the whole batch."""
+    from kdkit.losses import semi_supervised
+
+    zs, zd, zt = random_logits(6, 5, 10), random_logits(6, 5, 11), random_logits(6, 5, 12)
+    loss = semi_supervised(create_loss("mlkd", temperatures=[2.0], task_weight=0.0, kd_weight=1.0))
+    terms = loss(StudentOut(zs, zd), zt, torch.tensor([0, -1, 2, -1, 4, 1]))
+    assert terms["kd"].item() == pytest.approx(sum(mlkd_ref(zd, zt, (2.0,))).item(), **APPROX)
+    assert terms["unlabeled_kept"].item() == 1.0
+
+
+def test_mlkd_with_soft_pseudo_labels_weighs_its_labeled_value_by_the_labeled_count():
+    from kdkit.losses import semi_supervised
+
+    zs, zd, zt = random_logits(6, 5, 10), random_logits(6, 5, 11), random_logits(6, 5, 12)
+    base = create_loss("mlkd", temperatures=[2.0], task_weight=0.0, kd_weight=1.0)
+    loss = semi_supervised(base, "soft", tau=2.0, task_weight=0.0, kd_weight=1.0)
+    terms = loss(StudentOut(zs, zd), zt, torch.tensor([0, -1, 2, -1, 4, 1]))
+    lab, unl = [0, 2, 4, 5], [1, 3]
+    mlkd_l = sum(mlkd_ref(zd[lab], zt[lab], (2.0,))).item()
+    soft_u = [4.0 * kl_py(softmax_py(rows(zt)[j], 2.0), softmax_py(rows(zd)[j], 2.0)) for j in unl]
+    assert terms["kd"].item() == pytest.approx((4 * mlkd_l + sum(soft_u)) / 6, **APPROX)
+    assert terms["kd_labeled"].item() == pytest.approx(mlkd_l, **APPROX)
