@@ -85,7 +85,7 @@ def test_training_verbs_group_their_flags_and_show_the_runs_defaults():
     assert "(default: 0.25 from preset deit, 0 with --preset none; aug.reprob)" in flat
     assert "(default: 3 from preset deit, 0 with --preset none; aug.repeated_aug)" in flat
     assert "--precision {auto,no,bf16,fp16}" in flat and "--pseudo-label {auto,soft,hard}" in flat
-    assert "--loss {none,soft,hard,dkd,dist,feature}" in flat and "--head {auto,token,dual,shared,native}" in flat
+    assert "--loss {none,soft,hard,dkd,dist,feature,ctkd,mlkd}" in flat and "--head {auto,token,dual,shared,native}" in flat
     assert "--data DIR" in flat and "-c FILE, --recipe FILE, --config FILE" in flat
     train = " ".join(_help("train").split())
     assert "(default: 0, from aug.reprob)" in train and "--teacher NAME" not in train and "\nloss:" not in _help("train")

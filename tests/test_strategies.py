@@ -150,6 +150,7 @@ def _steps(run):
     ("dkd", ["--set", "loss.args={alpha=1.0, beta=2.0}", "--tau", "2"], {"task", "kd"}),
     ("dist", ["--set", "loss.args={beta=1.0, gamma=1.0}", "--set", "aug.mixup=0.8"], {"task", "kd"}),
     ("feature", ["--set", "loss.args={tokens=true, logit_loss=\"hard\"}"], {"task", "kd", "feature", "tokens"}),
+    ("mlkd", ["--set", "loss.args={temperatures=[1.0, 2.0, 3.0, 5.0, 6.0]}"], {"task", "kd"}),
 ])
 def test_new_losses_distil_through_the_cli(tiny_data, teacher_dir, tmp_path, loss, extra, terms):
     assert run_cli("distill", *STUDENT, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data",

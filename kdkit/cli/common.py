@@ -31,7 +31,7 @@ GROUPS: dict[str, str] = {
 
 # Strategy names a plugin can extend: shown in the help and completed, but checked by the registry
 # (which names the registered ones and suggests the closest), so that a plugin's name is accepted.
-BUILTIN_LOSSES = ("none", "soft", "hard", "dkd", "dist", "feature")
+BUILTIN_LOSSES = ("none", "soft", "hard", "dkd", "dist", "feature", "ctkd", "mlkd")
 BUILTIN_HEADS = ("auto", "token", "dual", "shared", "native")
 # fixed sets (argparse refuses anything else); kdkit.losses.semi.PSEUDO_LABELS, which imports torch
 PSEUDO_LABELS = ("auto", "soft", "hard")

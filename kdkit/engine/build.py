@@ -225,7 +225,10 @@ def check_strategies(r: Recipe, mode: str) -> None:
         check_settings(LOSSES.get(r.loss.kind), r.loss.args, f"loss {r.loss.kind!r}", LOSS_PROVIDED)
         if r.data.unlabeled and LOSSES.get(r.loss.kind).needs_features:
             raise KdkitError(f"loss {r.loss.kind!r} matches the teacher's features on labeled batches; unlabeled "
-                             f"images (data.unlabeled) work with the logit losses (soft, hard, dkd, dist)")
+                             f"images (data.unlabeled) work with the logit losses (soft, hard, dkd, dist, mlkd)")
+        if r.data.unlabeled and LOSSES.get(r.loss.kind).needs_epoch:
+            raise KdkitError(f"loss {r.loss.kind!r} learns from whole labeled steps (a curriculum over epochs); "
+                             f"unlabeled images (data.unlabeled) work with soft, hard, dkd, dist, mlkd")
     elif r.loss.args:
         raise KdkitError("loss.args: kdkit train has no distillation loss to give them to")
     if r.model.head != "auto":

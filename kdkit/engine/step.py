@@ -38,7 +38,8 @@ class DistillationStep:
         if self.loss.needs_teacher:
             teacher = self.logits.features(batch) if self.loss.needs_features else self.logits(batch)
         out = student(batch.images)
-        terms = self.loss(out, teacher, batch.target)
+        extra = {"epoch": batch.epoch} if self.loss.needs_epoch else {}
+        terms = self.loss(out, teacher, batch.target, **extra)
         return StepOut(terms.pop("loss"), out, terms)
 
     def to(self, device: torch.device) -> DistillationStep:

@@ -162,6 +162,7 @@ class DistillationLoss(nn.Module):
 
     needs_teacher = True
     needs_features = False  # the teacher's features too (a TeacherOut instead of its logits)
+    needs_epoch = False  # forward(out, teacher, target, epoch=batch.epoch): a curriculum over epochs (ctkd)
     per_sample = True
 
     def __init__(self, task_weight: float = 0.5, kd_weight: float = 0.5, label_smoothing: float = 0.0,

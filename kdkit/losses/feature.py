@@ -59,8 +59,8 @@ class FeatureDistillationLoss(DistillationLoss):
                  task_weight: float = 0.5, kd_weight: float = 0.5, tau: float = 1.0, kl_reduction: str = "batchmean",
                  hard_smoothing: float = 0.0, label_smoothing: float = 0.0, standardize: bool = False):
         super().__init__(task_weight, kd_weight, label_smoothing, standardize)
-        if logit_loss == "feature" or LOSSES.get(logit_loss).needs_features:
-            raise KdkitError("loss 'feature': logit_loss must be a logit loss (soft, hard, dkd, dist, none)")
+        if logit_loss == "feature" or LOSSES.get(logit_loss).needs_features or LOSSES.get(logit_loss).needs_epoch:
+            raise KdkitError("loss 'feature': logit_loss must be a logit loss (soft, hard, dkd, dist, mlkd, none)")
         if feature_weight < 0 or token_weight < 0:
             raise KdkitError("loss 'feature': feature_weight and token_weight must be >= 0")
         shared = dict(task_weight=task_weight, kd_weight=kd_weight, tau=tau, kl_reduction=kl_reduction,

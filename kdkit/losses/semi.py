@@ -35,7 +35,9 @@ class SemiSupervisedLoss(DistillationLoss):
     applies to unlabeled samples only). KD_i is `loss`'s per-sample distillation term (soft τ²·KL or
     hard CE, with its reduction); PL_j is `pseudo`'s (default: `loss` itself). Both read the
     distillation head, the label term the class head: on unlabeled samples only the distillation
-    head learns (with the `shared` head, the one head). An average over no sample is 0.
+    head learns (with the `shared` head, the one head). An average over no sample is 0. A loss of
+    the whole batch (DIST, MLKD) has no KD_i: its kd is its value over L ∪ U' (over L and over U'
+    apart, weighted by their sizes, when `pseudo` is another loss).
 
     Args:
         loss: the run's DistillationLoss (soft or hard); its task_weight, kd_weight and label
@@ -53,6 +55,9 @@ class SemiSupervisedLoss(DistillationLoss):
         if loss.needs_features:
             raise KdkitError(f"loss {loss.name!r} needs labeled batches of the teacher's features; unlabeled "
                              f"images (data.unlabeled) work with the logit losses")
+        if loss.needs_epoch:
+            raise KdkitError(f"loss {loss.name!r} learns from whole labeled steps (a curriculum over epochs); "
+                             f"unlabeled images (data.unlabeled) work with soft, hard, dkd, dist, mlkd")
         if not loss.needs_teacher:
             raise KdkitError(f"unlabeled images need a distillation loss (soft or hard), not {loss.name!r}")
         self.base, self.pseudo = loss, pseudo if pseudo is not None else loss
@@ -71,6 +76,11 @@ class SemiSupervisedLoss(DistillationLoss):
         kd_u = self._per_sample(self.pseudo, out.dist_logits, teacher_logits, target, kept)
         n_l, n_u, n_kept = labeled.sum(), unlabeled.sum(), kept.sum()
         kd = (kd_l.sum() + kd_u.sum()) / (n_l + n_kept).clamp_min(1)
+        if not self.base.per_sample and self.pseudo is self.base:
+            # a term of the whole batch (DIST, MLKD): one relation over every sample that counts
+            counted = labeled | kept
+            kd = self._per_sample(self.base, out.dist_logits, teacher_logits, target, counted).sum() / \
+                counted.sum().clamp_min(1)
         loss = self.task_weight * task + self.kd_weight * kd
         return {"loss": loss, "task": task.detach(), "kd": kd.detach(),
                 "kd_labeled": (kd_l.sum() / n_l.clamp_min(1)).detach(),
@@ -80,14 +90,15 @@ class SemiSupervisedLoss(DistillationLoss):
     @staticmethod
     def _per_sample(loss: DistillationLoss, student: Tensor, teacher: Tensor, target: Tensor,
                     mask: Tensor) -> Tensor:
-        """(B,) `loss`'s term of each sample, zero outside `mask`. A loss of the whole batch (DIST)
-        is computed over the masked samples and spread over them, so that its sum is its value."""
+        """(B,) `loss`'s term of each sample, zero outside `mask`. A loss of the whole batch (DIST,
+        MLKD) is computed over the masked samples and each of them carries its value, so that their
+        mean is its value."""
         if loss.per_sample:
             return loss.kd_per_sample(student, teacher, target) * mask
         n = mask.sum()
         if not n:
             return student.new_zeros(student.shape[0], dtype=torch.float32)
-        return loss.kd_term(student[mask], teacher[mask], target[mask]) * mask / n
+        return loss.kd_term(student[mask], teacher[mask], target[mask]) * mask
 
     @property
     def name(self) -> str:
