@@ -70,6 +70,7 @@ class Position:
     skipped_images: int = 0  # unreadable training images met by this process, over the run
     metrics_lines: int = 0  # lines of metrics.jsonl written up to here
     eval: dict = field(default_factory=dict)  # the last evaluation
+    best: dict = field(default_factory=dict)  # the evaluation of RUN/student_best: {"epoch", "metric", "value"}
 
 
 # Recipe keys a resume may change: they do not change the steps the resumed run shares with the
