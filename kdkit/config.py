@@ -46,6 +46,7 @@ class ModelConfig:
     drop_rate: float = 0.0  # the student's dropout (timm's and DeiT's --drop)
     pretrained: bool = False  # student from timm's hub weights
     student_weights: str = ""  # initialise the student from a local file
+    grad_checkpointing: bool = False  # timm's set_grad_checkpointing on the student (less memory, slower step)
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs for the student
     teacher: str | list[str] = ""  # a timm name; several = an ensemble (model.logits "ensemble")
     teacher_weights: str | list[str] = ""  # local weights (one per teacher); empty = timm's hub weights
@@ -123,6 +124,8 @@ class AugConfig:
     color_jitter: float = 0.0
     auto_augment: str = ""  # e.g. "rand-m9-mstd0.5-inc1"
     reprob: float = 0.0
+    remode: str = "pixel"  # random erasing fill (timm's --remode): pixel | rand | const
+    recount: int = 1  # random erasing: most boxes per image (timm's --recount)
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_prob: float = 1.0
@@ -130,6 +133,11 @@ class AugConfig:
     label_smoothing: float = 0.0
     repeated_aug: int = 0  # number of repeats (3 in DeiT); 0 or 1 = off
     interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        _choice("aug.remode", self.remode, ("pixel", "rand", "const"))
+        if self.recount < 1:
+            raise KdkitError(f"aug.recount must be >= 1, got {self.recount}")
 
 
 @dataclass

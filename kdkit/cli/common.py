@@ -68,6 +68,8 @@ class Flag:
     outright, and another flag setting one of them is an error.
     requires: the flag refines another (timm's --model-ema-decay refines --model-ema): refused
     without it, and its value wins over the other's for their shared key.
+    check: given the parsed value and the resolved {key: (flag, value)}, raises KdkitError where the
+    flags disagree (DeiT's --teacher-path URL and another --teacher-model).
     """
 
     key: str
@@ -86,6 +88,7 @@ class Flag:
     convert: Callable[[object], object] | None = None
     implies: Callable[[object], dict[str, object]] | None = None
     requires: str = ""
+    check: Callable[[object, dict], None] | None = None
 
 
 def _input_size(values: list[int]) -> int:
@@ -133,6 +136,19 @@ def _teacher_path(value: object) -> object:
 def _teacher_from_url(value: object) -> dict[str, object]:
     name = _url_weights(str(value)) if str(value).startswith(("http://", "https://")) else None
     return {"model.teacher": name} if name else {}
+
+
+def _check_teacher_url(value: object, given: dict) -> None:
+    """The teacher named beside a --teacher-path URL must be the model those weights are for."""
+    tag = _teacher_from_url(value).get("model.teacher")
+    flag, teacher = given.get("model.teacher", ("", None))
+    if tag and teacher is not None and flag != "--teacher-path":
+        from kdkit.models import resolve_model_name  # torch: a verb is running anyway
+
+        names = teacher if isinstance(teacher, list) else [teacher]
+        if len(names) != 1 or resolve_model_name(names[0]) != tag:
+            raise KdkitError(f"--teacher-path {value} holds the weights of timm's {tag}, and {flag} names "
+                             f"{teacher}: give {flag} {tag} (or leave it out)")
 
 
 def _output_dir(value: object) -> dict[str, object]:
@@ -184,6 +200,8 @@ RUN_FLAGS: dict[str, Flag] = {
     "--input-size": Flag("model.img_size", int, "DeiT's --input-size N or timm's C H W (3 N N): the student's "
                          "image size, as --img-size", "model", nargs="+", metavar="N", convert=_input_size,
                          default="the model's own"),
+    "--grad-checkpointing": Flag("model.grad_checkpointing", bool, "gradient checkpointing through the student's "
+                                 "blocks (timm's set_grad_checkpointing: less memory, a slower step)", "model"),
     "--pretrained": Flag("model.pretrained", bool, "start the student from timm's hub weights (needs internet)",
                          "model"),
     "--student-weights": Flag("model.student_weights", str, "initialise the student from a local weights file",
@@ -212,6 +230,9 @@ RUN_FLAGS: dict[str, Flag] = {
     "--auto-augment": Flag("aug.auto_augment", str, "RandAugment / AutoAugment policy in timm's notation, '' = off",
                            "augmentation", aliases=("--aa",), metavar="POLICY"),
     "--reprob": Flag("aug.reprob", float, "random erasing probability", "augmentation"),
+    "--remode": Flag("aug.remode", str, "random erasing fill: pixel (per-pixel noise), rand (per-channel) or "
+                     "const (zeros)", "augmentation", choices=("pixel", "rand", "const")),
+    "--recount": Flag("aug.recount", int, "random erasing: most boxes erased per image", "augmentation"),
     "--mixup": Flag("aug.mixup", float, "Mixup alpha, 0 = off", "augmentation"),
     "--cutmix": Flag("aug.cutmix", float, "CutMix alpha, 0 = off", "augmentation"),
     "--mixup-prob": Flag("aug.mixup_prob", float, "probability of Mixup or CutMix on a batch", "augmentation"),
@@ -301,6 +322,11 @@ RUN_FLAGS: dict[str, Flag] = {
                         choices=PRECISIONS),
     "--teacher-precision": Flag("run.teacher_precision", str, "the teacher's autocast; auto = the run's precision "
                                 "(bf16 speeds a teacher up on CPUs with AMX)", "distributed", choices=PRECISIONS),
+    "--amp": Flag("run.precision", bool, "timm's switch: mixed precision in float16 (= --precision fp16) or in "
+                  "--amp-dtype", "distributed", const="fp16", default="off"),
+    "--amp-dtype": Flag("run.precision", str, "timm's --amp dtype: float16 or bfloat16 (needs --amp)",
+                        "distributed", choices=("float16", "bfloat16"), requires="--amp",
+                        convert=lambda v: {"float16": "fp16", "bfloat16": "bf16"}[v], default="float16"),
     "--compile": Flag("run.compile", bool, "torch.compile the student and the teacher", "distributed"),
     "--channels-last": Flag("run.channels_last", bool, "the student in channels-last memory format (timm's)",
                             "distributed"),
@@ -326,7 +352,7 @@ DISTILL_FLAGS: dict[str, Flag] = {
     "--teacher-path": Flag("model.teacher_weights", str, "DeiT's: the teacher's weights, a local file; the URL of "
                            "weights timm has (DeiT's regnety_160) reads timm's copy and names that teacher",
                            "model", metavar="FILE", convert=_teacher_path, implies=_teacher_from_url,
-                           default="not set"),
+                           check=_check_teacher_url, default="not set"),
     "--logits": Flag("model.teacher_logits", str, "read the teacher's outputs from a `kdkit cache` folder (the "
                      "teacher is not loaded, unless the run is longer than the cache)", "model", metavar="DIR"),
     "--logits-cycle": Flag("model.teacher_logits_cycle", bool, "past the cached epochs, replay them again instead "
@@ -577,6 +603,9 @@ def flag_values(args: argparse.Namespace, flags: dict[str, Flag]) -> dict[str, t
                 raise KdkitError(f"{given[key][0]} and {name} both set {key}: give one of them")
             if key not in given and key not in over_keys:
                 given[key] = (name, value)
+    for name, flag in flags.items():
+        if flag.check and getattr(args, dest(name)) is not None:
+            flag.check(getattr(args, dest(name)), given)
     return given
 
 

@@ -14,6 +14,9 @@ from kdkit.data.transforms import create_transforms
 
 AUG_KEYS = ("scale", "hflip", "color_jitter", "auto_augment", "reprob", "mixup", "cutmix", "mixup_prob",
             "mixup_switch_prob", "label_smoothing", "repeated_aug")
+# random erasing's fill and box count (timm's --remode, --recount): recorded only where they differ
+# from these, so that the caches made before they were settings keep their identity
+ERASE_DEFAULTS = {"remode": "pixel", "recount": 1}
 # settings that do not change the pixels a teacher sees (the teacher's input bridge undoes the
 # student's normalisation; label smoothing only changes targets)
 NOT_PIXELS = ("mean", "std", "label_smoothing")
@@ -27,7 +30,8 @@ def view_settings(data_cfg: dict, aug: dict | None = None) -> dict:
     if aug is None:
         return {**views, "interpolation": data_cfg["interpolation"], "crop_pct": float(data_cfg["crop_pct"])}
     augment = {k: list(aug[k]) if isinstance(aug[k], tuple) else aug[k] for k in AUG_KEYS}
-    return {**views, "interpolation": aug["interpolation"], **augment}
+    erase = {k: aug[k] for k, default in ERASE_DEFAULTS.items() if aug.get(k, default) != default}
+    return {**views, "interpolation": aug["interpolation"], **augment, **erase}
 
 
 def is_augmented(views: dict) -> bool:
@@ -46,7 +50,7 @@ def view_transform(views: dict) -> Callable:
                                  crop_pct=v["crop_pct"])
     return create_transforms(v["img_size"], v["mean"], v["std"], True, scale=v["scale"], hflip=v["hflip"],
                              color_jitter=v["color_jitter"], auto_augment=v["auto_augment"], reprob=v["reprob"],
-                             interpolation=v["interpolation"])
+                             interpolation=v["interpolation"], **{k: v.get(k, d) for k, d in ERASE_DEFAULTS.items()})
 
 
 def apply_views(dataset: SeededDataset, views: dict, num_classes: int) -> SeededDataset:

@@ -230,7 +230,8 @@ def warn_unused_settings(r: Recipe, loss: DistillationLoss) -> None:
 
 def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_classes: int) -> nn.Module:
     """The recipe's student (or the given module) wrapped with its head strategy, with model.drop_rate
-    (timm's drop_rate) and in channels-last memory format with run.channels_last."""
+    (timm's drop_rate), in channels-last memory format with run.channels_last, and with gradient
+    checkpointing with model.grad_checkpointing."""
     head = r.model.head
     if mode == "train" and head == "auto":
         # plain supervised training; a model with a distillation token still trains both heads
@@ -243,6 +244,11 @@ def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_cla
                            drop_path_rate=r.model.drop_path, model_kwargs=kwargs, head_args=r.model.head_args)
     if r.run.channels_last:  # timm's --channels-last: the student's memory format
         built.to(memory_format=torch.channels_last)
+    if r.model.grad_checkpointing:
+        if not hasattr(built.model, "set_grad_checkpointing"):
+            raise KdkitError(f"model.grad_checkpointing: {type(built.model).__name__} has no set_grad_checkpointing "
+                             f"(timm's models have it)")
+        built.model.set_grad_checkpointing(True)
     return built
 
 
