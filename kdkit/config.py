@@ -130,6 +130,7 @@ class AugConfig:
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
+    cutmix_minmax: list[float] | None = None  # CutMix box side range, as a fraction (timm's --cutmix-minmax): CutMix on
     label_smoothing: float = 0.0
     repeated_aug: int = 0  # number of repeats (3 in DeiT); 0 or 1 = off
     interpolation: str = "bicubic"
@@ -138,6 +139,9 @@ class AugConfig:
         _choice("aug.remode", self.remode, ("pixel", "rand", "const"))
         if self.recount < 1:
             raise KdkitError(f"aug.recount must be >= 1, got {self.recount}")
+        mm = self.cutmix_minmax
+        if mm is not None and not (len(mm) == 2 and 0 < mm[0] < mm[1] <= 1):
+            raise KdkitError(f"aug.cutmix_minmax takes MIN MAX with 0 < MIN < MAX <= 1, got {mm}")
 
 
 @dataclass

@@ -125,7 +125,8 @@ def test_earlier_recipes_keep_their_meaning(tmp_path):
     ("data.std=[0.0]", "data.std"), ("optim.opt_eps=0", "optim.opt_eps"), ("optim.opt_betas=[0.9, 1.5]", "opt_betas"),
     ("optim.decay_rate=0", "optim.decay_rate"), ("optim.lr_base_scale='cubic'", "lr_base_scale"),
     ("optim.lr=-1", "optim.lr"), ("optim.lr_base_size=0", "lr_base_size"), ("model.drop_rate=1.0", "drop_rate"),
-    ("run.eval_metric='loss'", "run.eval_metric"),
+    ("run.eval_metric='loss'", "run.eval_metric"), ("aug.cutmix_minmax=[0.5, 0.5]", "cutmix_minmax"),
+    ("aug.remode='zero'", "aug.remode"), ("aug.recount=0", "aug.recount"),
 ])
 def test_new_keys_are_validated(override, match):
     with pytest.raises(KdkitError, match=match):

@@ -159,6 +159,13 @@ def _output_dir(value: object) -> dict[str, object]:
     return {"run.output": str(path.parent), "run.name": path.name}
 
 
+def _mixup_mode(mode: object) -> dict[str, object]:
+    if mode != "pair":
+        raise KdkitError(f"--mixup-mode {mode}: kdkit mixes pairs of views (timm's pair mode: one lambda per pair, "
+                         f"both ways), which a logit cache can replay; give --mixup-mode pair or leave it out")
+    return {}
+
+
 def _lr_scale(value: object) -> str:
     return "auto" if value == "" else str(value)  # timm's '' = by optimizer
 
@@ -235,6 +242,13 @@ RUN_FLAGS: dict[str, Flag] = {
     "--recount": Flag("aug.recount", int, "random erasing: most boxes erased per image", "augmentation"),
     "--mixup": Flag("aug.mixup", float, "Mixup alpha, 0 = off", "augmentation"),
     "--cutmix": Flag("aug.cutmix", float, "CutMix alpha, 0 = off", "augmentation"),
+    "--cutmix-minmax": Flag("aug.cutmix_minmax", float, "CutMix box side range (fractions of the image); turns "
+                            "CutMix on, its alpha unused (timm's)", "augmentation", nargs=2, metavar=("MIN", "MAX"),
+                            default="not set"),
+    "--mixup-mode": Flag("", str, "timm's: how Mixup/CutMix draws its lambda; kdkit's is pair (one lambda per pair "
+                         "of views, both ways: what a logit cache can replay), so batch and elem are refused",
+                         "augmentation", choices=("batch", "pair", "elem"), implies=lambda m: _mixup_mode(m),
+                         default="pair"),
     "--mixup-prob": Flag("aug.mixup_prob", float, "probability of Mixup or CutMix on a batch", "augmentation"),
     "--mixup-switch-prob": Flag("aug.mixup_switch_prob", float, "probability of CutMix instead of Mixup when both "
                                 "are on", "augmentation"),
