@@ -4,18 +4,31 @@ RUN_FLAGS (train, distill, cache) and DISTILL_FLAGS (distill, cache) are the sin
 flags: the parsers, their grouped help with the default a run would use, `recipe_from_args`,
 `kdkit completion` and docs/cli.md's tables follow them. A new flag is one entry here.
 
-Only kdkit.config (dataclasses, PRESETS) is imported here: `kdkit VERB --help` needs no torch.
+Only kdkit.config (dataclasses, PRESETS) and kdkit.cli.compat (timm's and DeiT's flags that need
+more than a key) are imported here: `kdkit VERB --help` needs no torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+from kdkit.cli.compat import (
+    REFUSED,
+    TIMM_KD,
+    Refuse,
+    check_teacher_url,
+    input_size,
+    lr_scale,
+    mixup_mode,
+    opt_kwargs,
+    output_dir,
+    teacher_from_url,
+    teacher_path,
+)
 from kdkit.config import (
     CHANNELS_LAST,
     EVAL_METRICS,
@@ -91,108 +104,6 @@ class Flag:
     check: Callable[[object, dict], None] | None = None
 
 
-def _input_size(values: list[int]) -> int:
-    """DeiT's --input-size N, or timm's C H W (3 channels, square): the student's image size."""
-    if len(values) == 1 or (len(values) == 3 and values[0] == 3 and values[1] == values[2]):
-        return values[-1]
-    raise KdkitError(f"--input-size takes N (DeiT) or 3 N N (timm's C H W; kdkit reads RGB, square images), got "
-                     f"{' '.join(map(str, values))}")
-
-
-def _opt_kwargs(items: list[str]) -> dict:
-    """timm's --opt-kwargs k=v ...: each value a Python literal where it reads as one, else a string."""
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise KdkitError(f"--opt-kwargs takes KEY=VALUE items, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
-
-
-def _url_weights(url: str) -> str | None:
-    """The timm pretrained tag whose weights are downloaded from `url` (DeiT's --teacher-path URLs
-    are the origin of timm's .deit_in1k weights), or None."""
-    import timm
-    from timm.models import get_pretrained_cfg
-
-    return next((n for n in timm.list_pretrained() if (get_pretrained_cfg(n).url or "") == url), None)
-
-
-def _teacher_path(value: object) -> object:
-    """DeiT's --teacher-path: a local file as is; a URL of weights timm has (DeiT's regnety_160)
-    reads them from timm's hub ("" in model.teacher_weights); any other URL is refused."""
-    if not str(value).startswith(("http://", "https://")):
-        return value
-    if _url_weights(str(value)) is None:
-        raise KdkitError(f"--teacher-path {value}: kdkit downloads no weights during a run; download the file and "
-                         f"give its path (--teacher-path FILE or --teacher-weights FILE)")
-    return ""
-
-
-def _teacher_from_url(value: object) -> dict[str, object]:
-    name = _url_weights(str(value)) if str(value).startswith(("http://", "https://")) else None
-    return {"model.teacher": name} if name else {}
-
-
-def _check_teacher_url(value: object, given: dict) -> None:
-    """The teacher named beside a --teacher-path URL must be the model those weights are for."""
-    tag = _teacher_from_url(value).get("model.teacher")
-    flag, teacher = given.get("model.teacher", ("", None))
-    if tag and teacher is not None and flag != "--teacher-path":
-        from kdkit.models import resolve_model_name  # torch: a verb is running anyway
-
-        names = teacher if isinstance(teacher, list) else [teacher]
-        if len(names) != 1 or resolve_model_name(names[0]) != tag:
-            raise KdkitError(f"--teacher-path {value} holds the weights of timm's {tag}, and {flag} names "
-                             f"{teacher}: give {flag} {tag} (or leave it out)")
-
-
-def _output_dir(value: object) -> dict[str, object]:
-    """DeiT's --output_dir DIR: the run is written to DIR itself (kdkit's --output PARENT --name NAME)."""
-    path = Path(str(value)).expanduser()
-    if not path.name:
-        raise KdkitError(f"--output_dir {value!r}: name the run's folder (--output_dir runs/my-run)")
-    return {"run.output": str(path.parent), "run.name": path.name}
-
-
-def _mixup_mode(mode: object) -> dict[str, object]:
-    if mode != "pair":
-        raise KdkitError(f"--mixup-mode {mode}: kdkit mixes pairs of views (timm's pair mode: one lambda per pair, "
-                         f"both ways), which a logit cache can replay; give --mixup-mode pair or leave it out")
-    return {}
-
-
-def _lr_scale(value: object) -> str:
-    return "auto" if value == "" else str(value)  # timm's '' = by optimizer
-
-
-TIMM_KD = {"loss.kind": "soft", "model.head": "shared", "loss.tau": 4.0, "loss.task_weight": 1.0,
-           "loss.kd_weight": 1.0, "loss.kl_reduction": "batchmean"}  # timm train.py's logit distillation defaults
-
-# timm's and DeiT's flags that have no kdkit meaning: the line each is answered with
-REFUSED: dict[str, tuple[int | str, str]] = {  # flag -> (nargs, message)
-    "--eval": (0, "DeiT's evaluation-only run: evaluate with `kdkit eval --weights RUN/student --data DIR` (or --model NAME)"),
-    "--unscale-lr": (0, "kdkit's --lr is already absolute (timm's); DeiT's scaled --lr X is "
-                        "--lr-base X --lr-base-size 512 --lr-base-scale linear"),
-    "--lr-base-batch": ("?", "now --lr-base-size (timm's name), the batch size --lr-base is for; "
-                             "--lr is absolute"),
-    "--device": ("?", "the device comes from Accelerate: accelerate launch (--cpu), CUDA_VISIBLE_DEVICES"),
-    "--dist-eval": (0, "evaluation is always distributed over the processes (each image counted once)"),
-    "--world_size": ("?", "the launcher sets the processes: accelerate launch --num_processes N -m kdkit distill ..."),
-    "--dist_url": ("?", "the launcher sets the rendezvous: accelerate launch (--main_process_ip/--main_process_port)"),
-    "--data-set": ("?", "give the images with --data DIR (ImageFolder train/ val/), "
-                        "a save_to_disk folder or hf:NAME"),
-    "--use_volta32": (0, "run_with_submitit.py's Slurm flags: submit `accelerate launch -m kdkit distill ...` with "
-                         "your scheduler"),
-    "--nodes": ("?", "run_with_submitit.py's Slurm flags: launch with accelerate launch --num_machines N"),
-    "--ngpus": ("?", "run_with_submitit.py's Slurm flags: launch with accelerate launch --num_processes N"),
-}
-
-
 RUN_FLAGS: dict[str, Flag] = {
     # model
     "--head": Flag("model.head", str, "student head strategy: auto (token for ViTs with a class token, else dual "
@@ -205,7 +116,7 @@ RUN_FLAGS: dict[str, Flag] = {
     "--drop-path": Flag("model.drop_path", float, "stochastic depth rate of the student", "model"),
     "--drop": Flag("model.drop_rate", float, "dropout rate of the student (timm's and DeiT's --drop)", "model"),
     "--input-size": Flag("model.img_size", int, "DeiT's --input-size N or timm's C H W (3 N N): the student's "
-                         "image size, as --img-size", "model", nargs="+", metavar="N", convert=_input_size,
+                         "image size, as --img-size", "model", nargs="+", metavar="N", convert=input_size,
                          default="the model's own"),
     "--grad-checkpointing": Flag("model.grad_checkpointing", bool, "gradient checkpointing through the student's "
                                  "blocks (timm's set_grad_checkpointing: less memory, a slower step)", "model"),
@@ -247,7 +158,7 @@ RUN_FLAGS: dict[str, Flag] = {
                             default="not set"),
     "--mixup-mode": Flag("", str, "timm's: how Mixup/CutMix draws its lambda; kdkit's is pair (one lambda per pair "
                          "of views, both ways: what a logit cache can replay), so batch and elem are refused",
-                         "augmentation", choices=("batch", "pair", "elem"), implies=lambda m: _mixup_mode(m),
+                         "augmentation", choices=("batch", "pair", "elem"), implies=mixup_mode,
                          default="pair"),
     "--mixup-prob": Flag("aug.mixup_prob", float, "probability of Mixup or CutMix on a batch", "augmentation"),
     "--mixup-switch-prob": Flag("aug.mixup_switch_prob", float, "probability of CutMix instead of Mixup when both "
@@ -277,13 +188,13 @@ RUN_FLAGS: dict[str, Flag] = {
                            implies=lambda v: {"optim.lr_base_scale": "auto"}),
     "--lr-base-scale": Flag("optim.lr_base_scale", str, "how --lr-base follows the batch: linear, sqrt, or auto "
                             "(timm's '': sqrt for adam/lamb-family optimizers, else linear)", "optimisation",
-                            names=LR_BASE_SCALES, metavar="SCALE", convert=_lr_scale),
+                            names=LR_BASE_SCALES, metavar="SCALE", convert=lr_scale),
     "--opt": Flag("optim.opt", str, "optimizer, a timm name (adamw, sgd, lamb, ...)", "optimisation"),
     "--opt-eps": Flag("optim.opt_eps", float, "optimizer epsilon", "optimisation", default="the optimizer's"),
     "--opt-betas": Flag("optim.opt_betas", float, "optimizer betas", "optimisation", nargs="+", metavar="BETA",
                         default="the optimizer's"),
     "--opt-kwargs": Flag("optim.opt_kwargs", str, "other optimizer arguments, KEY=VALUE ... (timm's)",
-                         "optimisation", nargs="*", metavar="KEY=VALUE", convert=_opt_kwargs, default="none"),
+                         "optimisation", nargs="*", metavar="KEY=VALUE", convert=opt_kwargs, default="none"),
     "--weight-decay": Flag("optim.weight_decay", float, "weight decay", "optimisation"),
     "--momentum": Flag("optim.momentum", float, "SGD momentum", "optimisation"),
     "--sched": Flag("optim.sched", str, "learning-rate schedule, a timm name (cosine, step, ...)", "optimisation"),
@@ -321,7 +232,7 @@ RUN_FLAGS: dict[str, Flag] = {
                           "RUN/student (timm's model_best): top1 / top5 = the student's prediction, or a head's",
                           "run", choices=EVAL_METRICS),
     "--output_dir": Flag("", str, "DeiT's: write the run to DIR itself (= --output PARENT --name NAME)", "run",
-                         metavar="DIR", implies=_output_dir, default="not set"),
+                         metavar="DIR", implies=output_dir, default="not set"),
     "--keep-checkpoints": Flag("run.keep_checkpoints", int, "newest checkpoints kept, 0 = write none", "run",
                                aliases=("--checkpoint-hist",)),
     "--on-nonfinite": Flag("run.on_nonfinite", str, "what a NaN/inf loss does: stop the run, or skip the step",
@@ -365,8 +276,8 @@ DISTILL_FLAGS: dict[str, Flag] = {
                               "model", metavar="FILE", repeat=True),
     "--teacher-path": Flag("model.teacher_weights", str, "DeiT's: the teacher's weights, a local file; the URL of "
                            "weights timm has (DeiT's regnety_160) reads timm's copy and names that teacher",
-                           "model", metavar="FILE", convert=_teacher_path, implies=_teacher_from_url,
-                           check=_check_teacher_url, default="not set"),
+                           "model", metavar="FILE", convert=teacher_path, implies=teacher_from_url,
+                           check=check_teacher_url, default="not set"),
     "--logits": Flag("model.teacher_logits", str, "read the teacher's outputs from a `kdkit cache` folder (the "
                      "teacher is not loaded, unless the run is longer than the cache)", "model", metavar="DIR"),
     "--logits-cycle": Flag("model.teacher_logits_cycle", bool, "past the cached epochs, replay them again instead "
@@ -511,17 +422,6 @@ def add_flag(group: argparse._ActionsContainer, name: str, flag: Flag, preset: s
     if flag.names:
         action.complete = flag.names  # read by `kdkit completion`
     return action
-
-
-class Refuse(argparse.Action):
-    """A timm or DeiT flag kdkit has no meaning for: refused in one line naming kdkit's way."""
-
-    def __init__(self, option_strings, dest, message: str = "", **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.message = message
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string}: {self.message}")
 
 
 def add_recipe_args(p: argparse.ArgumentParser, flags: dict[str, Flag],
