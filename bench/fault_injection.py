@@ -106,7 +106,7 @@ def distill_args(data: Path, teacher: Path, run_dir: Path, workers: int, drop_pa
             "--student", "deit_tiny", "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}",
             "--img-size", "32", "--patch-size", "8", "--data", str(data), "--output", str(run_dir.parent),
             "--name", run_dir.name, "--loss", "soft", "--tau", "2", "--epochs", str(EPOCHS), "--batch-size", "16",
-            "--lr", "1e-3", "--workers", str(workers), "--no-progress", "--set", "optim.lr_base_batch=0",
+            "--lr", "1e-3", "--workers", str(workers), "--no-progress",
             "--set", "optim.warmup_epochs=1", "--set", "aug.mixup=0.8",
             "--set", "run.checkpoint_every=1", "--set", "run.keep_checkpoints=2",
             "--set", "run.log_every=1", "--set", "run.teacher_check_batches=1", "--set", "run.deterministic=true"]

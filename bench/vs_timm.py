@@ -76,7 +76,7 @@ SETTING = {
     "aug.interpolation": "bicubic",
     "loss.kind": "soft", "loss.task_weight": 0.1, "loss.kd_weight": 0.9, "loss.tau": 4.0,
     "loss.kl_reduction": "batchmean",
-    "optim.opt": "adamw", "optim.lr": 1e-3, "optim.lr_base_batch": 0, "optim.weight_decay": 0.05,
+    "optim.opt": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 0.05,
     "optim.epochs": 15, "optim.sched": "cosine", "optim.warmup_epochs": 1, "optim.warmup_lr": 1e-6,
     "optim.min_lr": 1e-5, "optim.clip_grad": 0.0, "optim.ema_decay": 0.0, "optim.layer_decay": 0.0,
     "run.eval_every": 5, "run.compile": False,

@@ -23,7 +23,10 @@ from kdkit.registry import KdkitError, suggest
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 NONFINITE = ("stop", "skip")  # run.on_nonfinite: what a non-finite loss does
 FUSED = ("auto", "fused", "foreach", "off")
-CHANNELS_LAST = ("auto", "on", "off")
+CHANNELS_LAST = ("auto", "on", "off")  # run.teacher_channels_last
+LR_BASE_SCALES = ("linear", "sqrt", "auto")  # optim.lr_base_scale; auto = timm's '' (by optimizer)
+EVAL_METRICS = ("top1", "top5", "class_top1", "class_top5", "dist_top1", "dist_top5", "fused_top1",
+                "fused_top5")  # run.eval_metric; top1 / top5 = fused_top1 / fused_top5 (the student's prediction)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")  # run.log_with: Accelerate's trackers kdkit installs as extras
 
 
@@ -50,9 +53,11 @@ class ModelConfig:
     img_size: int | None = None
     patch_size: int | None = None
     drop_path: float = 0.0
+    drop_rate: float = 0.0  # the student's dropout (timm's and DeiT's --drop)
     pretrained: bool = False  # student from timm's hub weights
     pretrained_path: str = ""  # student from a local timm/DeiT checkpoint, adapted (classes, size, tokens): no network
     student_weights: str = ""  # load a checkpoint of exactly this student, strictly (timm's --initial-checkpoint)
+    grad_checkpointing: bool = False  # timm's set_grad_checkpointing on the student (less memory, slower step)
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs for the student
     teacher: str | list[str] = ""  # a timm name; several = an ensemble (model.logits "ensemble")
     teacher_weights: str | list[str] = ""  # local weights (one per teacher); empty = timm's hub weights
@@ -74,6 +79,11 @@ class ModelConfig:
                              f"per --teacher, in the same order (\"\" for the hub's)")
         return list(zip(names, weights, strict=False))
 
+    def __post_init__(self) -> None:
+        for key in ("drop_path", "drop_rate"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise KdkitError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+
 
 @dataclass
 class DataConfig:
@@ -92,6 +102,11 @@ class DataConfig:
     target_key: str = ""  # label member ('cls') or column; "" = auto
     class_map: str = ""  # a file of class names, one a line (timm's --class-map): fixes the label space
     streaming: bool = False  # hf:NAME streamed (datasets' streaming=True); URL shards are always streamed
+    # evaluation centre crop: resize to img_size / crop_pct, crop img_size (timm's --crop-pct, DeiT's
+    # --eval-crop-ratio); not set = 1.0 for images of 64 px or less, else the student's timm config
+    crop_pct: float | None = None
+    mean: list[float] | None = None  # normalisation (timm's --mean); not set = the student's timm config
+    std: list[float] | None = None  # (timm's --std); one value = the same for the 3 channels
 
     def source_options(self) -> dict:
         """The keyword arguments kdkit.data.open_dataset takes for this data besides path and split."""
@@ -103,6 +118,23 @@ class DataConfig:
             raise KdkitError(f"data.unlabeled_ratio must be > 0, got {self.unlabeled_ratio}")
         if self.prefetch_factor < 1:
             raise KdkitError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise KdkitError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) not in (1, 3):
+                raise KdkitError(f"data.{key} takes 1 or 3 values (RGB), got {len(value)}: {value}")
+        if self.std is not None and min(self.std) <= 0:
+            raise KdkitError(f"data.std must be > 0, got {self.std}")
+
+    def normalization(self, model_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of the data: data.mean / data.std where set (one value for all 3 channels, as
+        timm's resolve_data_config), else the model's timm config's."""
+        return tuple(_rgb(self.mean, model_cfg["mean"])), tuple(_rgb(self.std, model_cfg["std"]))
+
+
+def _rgb(value: list[float] | None, default) -> list[float]:
+    return [float(x) for x in default] if value is None else [float(x) for x in value] * (3 // len(value))
 
 
 @dataclass
@@ -112,13 +144,24 @@ class AugConfig:
     color_jitter: float = 0.0
     auto_augment: str = ""  # e.g. "rand-m9-mstd0.5-inc1"
     reprob: float = 0.0
+    remode: str = "pixel"  # random erasing fill (timm's --remode): pixel | rand | const
+    recount: int = 1  # random erasing: most boxes per image (timm's --recount)
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
+    cutmix_minmax: list[float] | None = None  # CutMix box side range, as a fraction (timm's --cutmix-minmax): CutMix on
     label_smoothing: float = 0.0
     repeated_aug: int = 0  # number of repeats (3 in DeiT); 0 or 1 = off
     interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        _choice("aug.remode", self.remode, ("pixel", "rand", "const"))
+        if self.recount < 1:
+            raise KdkitError(f"aug.recount must be >= 1, got {self.recount}")
+        mm = self.cutmix_minmax
+        if mm is not None and not (len(mm) == 2 and 0 < mm[0] < mm[1] <= 1):
+            raise KdkitError(f"aug.cutmix_minmax takes MIN MAX with 0 < MIN < MAX <= 1, got {mm}")
 
 
 @dataclass
@@ -156,18 +199,28 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     opt: str = "adamw"
-    lr: float = 5e-4
-    lr_base_batch: int = 512  # lr is scaled by global_batch / lr_base_batch (DeiT); 0 = no scaling
+    # the learning rate, as timm's train.py: `lr` if set (absolute), else lr_base scaled by the
+    # global batch (x grad_accum) / lr_base_size, linearly or by its square root (learning_rate())
+    lr: float = 0.0  # absolute (timm's --lr); 0 = from lr_base
+    lr_base: float = 5e-4  # DeiT's 5e-4 per 512 images
+    lr_base_size: int = 512  # DeiT's 512 (timm's default: 256)
+    lr_base_scale: str = "linear"  # linear (DeiT) | sqrt | auto (timm's: sqrt for adam/lamb-family optimizers)
+    opt_eps: float | None = None  # optimizer epsilon (timm's --opt-eps); not set = the optimizer's default
+    opt_betas: list[float] | None = None  # optimizer betas (timm's --opt-betas); not set = the optimizer's
+    opt_kwargs: dict = field(default_factory=dict)  # other optimizer arguments (timm's --opt-kwargs)
     weight_decay: float = 0.05
     momentum: float = 0.9
     epochs: int = 300
     sched: str = "cosine"
+    decay_epochs: float = 90.0  # step schedule: epochs between decays (timm's --decay-epochs)
+    decay_rate: float = 0.1  # step schedule: lr factor at each decay (timm's --decay-rate)
     warmup_epochs: int = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     clip_grad: float = 0.0  # 0 = off
     grad_accum: int = 1
     ema_decay: float = 0.0  # EMA of the student's weights (timm ModelEmaV3), e.g. 0.99996; 0 = off
+    ema_warmup: bool = False  # EMA decay warm-up (timm's --model-ema-warmup: ModelEmaV3 use_warmup)
     layer_decay: float = 0.0  # layer-wise lr decay (timm param_groups_layer_decay), e.g. 0.75; 0 = off
     fused: str = "auto"  # auto | fused | foreach | off: optimizer kernel (auto: fused Adam(W), else foreach)
 
@@ -177,6 +230,37 @@ class OptimConfig:
         if not 0.0 <= self.layer_decay < 1.0:
             raise KdkitError(f"optim.layer_decay must be in [0, 1) (0 = off), got {self.layer_decay}")
         _choice("optim.fused", self.fused, FUSED)
+        _choice("optim.lr_base_scale", self.lr_base_scale, LR_BASE_SCALES)
+        if self.lr < 0 or not self.lr_base > 0:
+            raise KdkitError(f"optim.lr must be >= 0 (0 = from optim.lr_base) and optim.lr_base > 0, got "
+                             f"{self.lr} and {self.lr_base}")
+        if self.lr_base_size < 1:
+            raise KdkitError(f"optim.lr_base_size must be >= 1 (the batch size lr_base is for), got {self.lr_base_size}")
+        if self.opt_eps is not None and not self.opt_eps > 0:
+            raise KdkitError(f"optim.opt_eps must be > 0, got {self.opt_eps}")
+        if self.opt_betas is not None and not (1 <= len(self.opt_betas) <= 3 and all(0 <= b < 1 for b in self.opt_betas)):
+            raise KdkitError(f"optim.opt_betas takes 1 to 3 values in [0, 1), got {self.opt_betas}")
+        if not self.decay_epochs > 0 or not 0 < self.decay_rate <= 1:
+            raise KdkitError(f"optim.decay_epochs must be > 0 and optim.decay_rate in (0, 1], got "
+                             f"{self.decay_epochs} and {self.decay_rate}")
+
+    def learning_rate(self, batch_size: int) -> float:
+        """The optimizer's learning rate for a global batch of `batch_size`, as timm's train.py:
+        lr if set, else lr_base * ratio with ratio = batch_size * grad_accum / lr_base_size, or
+        sqrt(ratio) for sqrt scaling ("auto": sqrt when the optimizer's name contains "ada" or
+        "lamb", timm's rule, else linear). DeiT's main.py is lr_base_size 512, linear."""
+        if self.lr:
+            return self.lr
+        ratio = batch_size * self.grad_accum / self.lr_base_size
+        scale = self.lr_base_scale
+        if scale == "auto":
+            scale = "sqrt" if any(o in self.opt.lower() for o in ("ada", "lamb")) else "linear"
+        return self.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
+
+    def optimizer_kwargs(self) -> dict:
+        """opt_eps / opt_betas (where set) and opt_kwargs, as timm's optimizer_kwargs gives them."""
+        kwargs = {"eps": self.opt_eps, "betas": tuple(self.opt_betas) if self.opt_betas else None}
+        return {**{k: v for k, v in kwargs.items() if v is not None}, **self.opt_kwargs}
 
 
 @dataclass
@@ -187,9 +271,13 @@ class RunConfig:
     precision: str = "auto"  # auto (Accelerate decides: launcher flag, env, accelerate config) | no | bf16 | fp16
     teacher_precision: str = "auto"  # auto (= the run's precision) | no | bf16 | fp16: the teacher's autocast
     compile: bool = False  # torch.compile the student and the teacher
-    channels_last: str = "auto"  # auto (ConvNet teachers) | on | off: the teacher's memory format
+    channels_last: bool = False  # the student in channels-last memory format (timm's --channels-last)
+    teacher_channels_last: str = "auto"  # auto (ConvNet teachers) | on | off: the teacher's memory format
     log_every: int = 10
     eval_every: int = 1  # epochs between evaluations; 0 = the last epoch only
+    # the evaluation that picks RUN/student_best (timm's --eval-metric and model_best): top1 / top5
+    # are the student's prediction (fused_top1 / fused_top5), or a head's: class_top1, dist_top1
+    eval_metric: str = "top1"
     teacher_check_batches: int = 4  # evaluation batches the teacher is checked on before distilling
     progress: bool = True
     checkpoint_every: int = 500  # optimizer updates between checkpoints (plus one per epoch); 0 = per epoch only
@@ -204,7 +292,8 @@ class RunConfig:
             folder_name(self.name, "run.name")
         _choice("run.precision", self.precision, PRECISIONS)
         _choice("run.teacher_precision", self.teacher_precision, PRECISIONS)
-        _choice("run.channels_last", self.channels_last, CHANNELS_LAST)
+        _choice("run.teacher_channels_last", self.teacher_channels_last, CHANNELS_LAST)
+        _choice("run.eval_metric", self.eval_metric, EVAL_METRICS)
         if self.on_nonfinite not in NONFINITE:
             raise KdkitError(f"run.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for key in ("checkpoint_every", "keep_checkpoints", "eval_every"):
@@ -323,12 +412,40 @@ def _name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+# keys of earlier recipes: read from files (and checkpoints) by upgrade_recipe, refused elsewhere
+LEGACY = {
+    "optim.lr_base_batch": "optim.lr_base_batch is now optim.lr_base_size, the batch size optim.lr_base is for "
+                           "(optim.lr is absolute, as timm's --lr; 0 = from optim.lr_base)",
+    "run.channels_last": "run.channels_last is now the student's memory format (true/false, timm's "
+                         "--channels-last); the teacher's auto/on/off is run.teacher_channels_last",
+}
+
+
+def upgrade_recipe(data: dict) -> dict:
+    """A recipe dict of an earlier kdkit in today's keys, same run: optim.lr (then the base rate)
+    with optim.lr_base_batch N becomes optim.lr_base at lr_base_size N, linear (N = 0: an
+    absolute optim.lr); a string run.channels_last (the teacher's) becomes run.teacher_channels_last."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    optim, run = out.get("optim"), out.get("run")
+    if isinstance(optim, dict) and "lr_base_batch" in optim:
+        n, lr = optim.pop("lr_base_batch"), optim.pop("lr", 5e-4)
+        if n:
+            optim.update(lr_base=lr, lr_base_size=n, lr_base_scale="linear")
+        else:
+            optim["lr"] = lr
+    if isinstance(run, dict) and isinstance(run.get("channels_last"), str):
+        run["teacher_channels_last"] = run.pop("channels_last")
+    return out
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in LEGACY and (key not in names or isinstance(value, str) != (hints[key] is str)):
+            raise KdkitError(LEGACY[full])
         if key not in names:
             valid = [f"{prefix}{n}" for n in names]
             raise KdkitError(f"unknown recipe key {full!r}.{suggest(full, valid)} Valid keys: {', '.join(valid)}")
@@ -358,7 +475,7 @@ def read_recipe_file(path: str | Path) -> dict:
         raise KdkitError(f"cannot parse recipe {path}: {e}") from None
     if not isinstance(data, dict):
         raise KdkitError(f"recipe {path} must be a mapping of sections")
-    return data
+    return upgrade_recipe(data)
 
 
 def parse_override(item: str) -> dict:

@@ -100,9 +100,9 @@ def test_a_fixed_choice_is_refused_in_one_line_a_registry_name_is_left_to_the_re
     assert main(["distill", "--teachr", "x"]) == 2
     assert "Did you mean '--teacher'" in capsys.readouterr().err
     args = build_parser().parse_args(["distill", "--loss", "my_plugin_loss", "--head", "my_head",
-                                      "--preset", "function-matching", "--channels-last"])
-    assert (args.loss, args.head, args.preset, args.channels_last) == ("my_plugin_loss", "my_head",
-                                                                      "function_matching", "on")
+                                      "--preset", "function-matching", "--teacher-channels-last"])
+    assert (args.loss, args.head, args.preset, args.teacher_channels_last) == ("my_plugin_loss", "my_head",
+                                                                              "function_matching", "on")
 
 
 def _recipe(verb: str, *argv: str):
@@ -113,19 +113,20 @@ def _recipe(verb: str, *argv: str):
 
 
 @pytest.mark.parametrize("flag,alias,value,key,expected", [
-    ("--teacher", "--kd-model-name", "resnet10t", "model.teacher", "resnet10t"),
+    ("--teacher", "--teacher-model", "resnet10t", "model.teacher", "resnet10t"),
     ("--student", "--model", "resnet10t", "model.student", "resnet10t"),
     ("--tau", "--kd-temperature", "2.5", "loss.tau", 2.5),
-    ("--kd-weight", "--distill-loss-weight", "0.3", "loss.kd_weight", 0.3),
-    ("--task-weight", "--task-loss-weight", "0.7", "loss.task_weight", 0.7),
+    ("--tau", "--distillation-tau", "2.5", "loss.tau", 2.5),
     ("--workers", "-j", "3", "data.workers", 3),
+    ("--workers", "--num_workers", "3", "data.workers", 3),
     ("--data", "--data-dir", "/data/x", "data.path", "/data/x"),
+    ("--data", "--data-path", "/data/x", "data.path", "/data/x"),
+    ("--crop-pct", "--eval-crop-ratio", "0.9", "data.crop_pct", 0.9),
+    ("--decay-rate", "--dr", "0.5", "optim.decay_rate", 0.5),
     ("--label-smoothing", "--smoothing", "0.2", "aug.label_smoothing", 0.2),
     ("--auto-augment", "--aa", "rand-m7", "aug.auto_augment", "rand-m7"),
     ("--repeated-aug", "--aug-repeats", "2", "aug.repeated_aug", 2),
     ("--grad-accum", "--grad-accum-steps", "4", "optim.grad_accum", 4),
-    ("--ema-decay", "--model-ema-decay", "0.999", "optim.ema_decay", 0.999),
-    ("--lr-base-batch", "--lr-base-size", "256", "optim.lr_base_batch", 256),
     ("--name", "--experiment", "exp1", "run.name", "exp1"),
     ("--log-every", "--log-interval", "7", "run.log_every", 7),
     ("--keep-checkpoints", "--checkpoint-hist", "5", "run.keep_checkpoints", 5),
@@ -160,9 +161,9 @@ def test_b_is_per_process_and_batch_size_global(monkeypatch):
 
 def test_switches_and_values_land_on_their_keys():
     r = _recipe("distill", "--scale", "0.35", "1", "--strict", "--no-progress", "--logits-cycle", "--compile",
-                "--channels-last", "off", "--preset", "none")
+                "--teacher-channels-last", "off", "--channels-last", "--preset", "none")
     assert r.aug.scale == (0.35, 1.0) and r.data.strict and not r.run.progress and r.model.teacher_logits_cycle
-    assert r.run.compile and r.run.channels_last == "off" and r.preset == ""
+    assert r.run.compile and r.run.teacher_channels_last == "off" and r.run.channels_last is True and r.preset == ""
     with pytest.raises(UsageError, match="unrecognized arguments: --loss"):
         build_parser().parse_args(["train", "--loss", "soft"])
 

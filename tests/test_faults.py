@@ -20,7 +20,7 @@ from kdkit.registry import KdkitError
 from .test_api import TinyConvNet
 
 RUN = dict(head="shared", loss="soft", tau=2.0, epochs=1, img_size=32, batch_size=16, workers=0, warmup_epochs=0,
-           lr_base_batch=0, progress=False)  # 120 training images: 7 steps
+           lr=5e-4, progress=False)  # 120 training images: 7 steps
 
 
 class NaNTeacher(nn.Module):

@@ -29,7 +29,7 @@ def distill_args(teacher: Path, data: Path, run_dir: Path) -> list[str]:
             "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--img-size", "32", "--patch-size", "8",
             "--data", data, "--output", run_dir.parent, "--name", run_dir.name, "--loss", "soft", "--tau", "2",
             "--epochs", str(EPOCHS), "--batch-size", "16", "--lr", "1e-3", "--workers", "0", "--no-progress",
-            "--set", "optim.lr_base_batch=0", "--set", "optim.warmup_epochs=1", "--set", "model.drop_path=0.1",
+            "--set", "optim.warmup_epochs=1", "--set", "model.drop_path=0.1",
             "--set", "aug.mixup=0.8", "--set", "optim.ema_decay=0.9", "--set", "run.checkpoint_every=2",
             "--set", "run.keep_checkpoints=3", "--set", "run.log_every=1", "--set", "run.teacher_check_batches=1"]
 

@@ -23,7 +23,14 @@ class UsageError(KdkitError):
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser, with a usage mistake raised as UsageError (one line, with a suggestion for a
-    misspelt choice) instead of the usage text and sys.exit(2): `main` prints it and returns 2."""
+    misspelt choice) instead of the usage text and sys.exit(2): `main` prints it and returns 2.
+    No prefix abbreviations (allow_abbrev=False), for this parser and the verbs' (add_subparsers
+    builds them with this class): timm's --drop must not become --drop-path, nor --model-ema
+    ambiguous."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)

@@ -28,8 +28,8 @@ same command is run again; a larger --epochs extends it.
 # the flags that decide the teacher and the views it sees: those of the distillation run to replay
 FLAGS = {k: v for k, v in {**DISTILL_FLAGS, **RUN_FLAGS}.items()
          if v.group in ("recipe", "data", "augmentation", "distributed")
-         or k in ("--teacher", "--teacher-weights", "--student", "--img-size", "--patch-size", "--epochs", "--seed",
-                  "--no-progress")}
+         or k in ("--teacher", "--teacher-weights", "--teacher-path", "--student", "--img-size", "--input-size",
+                  "--patch-size", "--epochs", "--seed", "--no-progress")}
 MODES = ("replay", "fixed")
 DTYPES = ("float16", "bfloat16", "float32")  # kdkit.cache.store.DTYPES, which imports torch
 

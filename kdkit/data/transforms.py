@@ -28,13 +28,14 @@ for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
 def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, ...], is_training: bool,
                       scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, color_jitter: float = 0.0,
                       auto_augment: str = "", reprob: float = 0.0, interpolation: str = "bicubic",
-                      crop_pct: float | None = None) -> Callable:
-    """timm's create_transform: RandomResizedCrop/flip/RandAugment/random erasing when training,
-    resize + centre crop otherwise."""
+                      crop_pct: float | None = None, remode: str = "pixel", recount: int = 1) -> Callable:
+    """timm's create_transform: RandomResizedCrop/flip/RandAugment/random erasing (reprob, with
+    timm's remode fill and up to recount boxes) when training, resize + centre crop otherwise."""
     if is_training:
         t = create_transform(img_size, is_training=True, scale=tuple(scale), hflip=hflip,
                              color_jitter=color_jitter or None, auto_augment=auto_augment or None,
-                             re_prob=reprob, re_mode="pixel", interpolation=interpolation, mean=mean, std=std)
+                             re_prob=reprob, re_mode=remode, re_count=recount, interpolation=interpolation,
+                             mean=mean, std=std)
     else:
         t = create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
                              crop_pct=crop_pct if crop_pct is not None else (1.0 if img_size <= 64 else 0.875))

@@ -14,6 +14,10 @@ from kdkit.data.transforms import create_transforms
 
 AUG_KEYS = ("scale", "hflip", "color_jitter", "auto_augment", "reprob", "mixup", "cutmix", "mixup_prob",
             "mixup_switch_prob", "label_smoothing", "repeated_aug")
+# random erasing's fill and box count (timm's --remode, --recount): recorded only where they differ
+# from these, so that the caches made before they were settings keep their identity
+ERASE_DEFAULTS = {"remode": "pixel", "recount": 1}
+# likewise CutMix's box-size range (timm's --cutmix-minmax), recorded only when set
 # settings that do not change the pixels a teacher sees (the teacher's input bridge undoes the
 # student's normalisation; label smoothing only changes targets)
 NOT_PIXELS = ("mean", "std", "label_smoothing")
@@ -27,14 +31,21 @@ def view_settings(data_cfg: dict, aug: dict | None = None) -> dict:
     if aug is None:
         return {**views, "interpolation": data_cfg["interpolation"], "crop_pct": float(data_cfg["crop_pct"])}
     augment = {k: list(aug[k]) if isinstance(aug[k], tuple) else aug[k] for k in AUG_KEYS}
-    return {**views, "interpolation": aug["interpolation"], **augment}
+    erase = {k: aug[k] for k, default in ERASE_DEFAULTS.items() if aug.get(k, default) != default}
+    if aug.get("cutmix_minmax"):
+        erase["cutmix_minmax"] = [float(x) for x in aug["cutmix_minmax"]]
+    return {**views, "interpolation": aug["interpolation"], **augment, **erase}
 
 
 def is_augmented(views: dict) -> bool:
     """Whether training views differ from epoch to epoch (any random augmentation on)."""
     return views["train"] and (tuple(views["scale"]) != (1.0, 1.0) or views["hflip"] > 0 or views["color_jitter"] > 0
-                               or bool(views["auto_augment"]) or views["reprob"] > 0 or views["mixup"] > 0
-                               or views["cutmix"] > 0)
+                               or bool(views["auto_augment"]) or views["reprob"] > 0 or mixes(views))
+
+
+def mixes(views: dict) -> bool:
+    """Whether training views are mixed: Mixup or CutMix alpha > 0, or a CutMix box range."""
+    return views["train"] and (views["mixup"] > 0 or views["cutmix"] > 0 or bool(views.get("cutmix_minmax")))
 
 
 def view_transform(views: dict) -> Callable:
@@ -46,7 +57,7 @@ def view_transform(views: dict) -> Callable:
                                  crop_pct=v["crop_pct"])
     return create_transforms(v["img_size"], v["mean"], v["std"], True, scale=v["scale"], hflip=v["hflip"],
                              color_jitter=v["color_jitter"], auto_augment=v["auto_augment"], reprob=v["reprob"],
-                             interpolation=v["interpolation"])
+                             interpolation=v["interpolation"], **{k: v.get(k, d) for k, d in ERASE_DEFAULTS.items()})
 
 
 def apply_views(dataset: SeededDataset, views: dict, num_classes: int) -> SeededDataset:
@@ -55,9 +66,9 @@ def apply_views(dataset: SeededDataset, views: dict, num_classes: int) -> Seeded
     dataset.transform = view_transform(v)
     dataset.repeats = max(int(v.get("repeated_aug", 1)), 1)  # Mixup pairs follow the sampler's order
     dataset.mixup = SampleMixup(Mixup(mixup_alpha=v["mixup"], cutmix_alpha=v["cutmix"], prob=v["mixup_prob"],
-                                      switch_prob=v["mixup_switch_prob"], label_smoothing=v["label_smoothing"],
-                                      num_classes=num_classes)) if v["train"] and (v["mixup"] > 0 or v["cutmix"] > 0) \
-        else None
+                                      cutmix_minmax=v.get("cutmix_minmax"), switch_prob=v["mixup_switch_prob"],
+                                      label_smoothing=v["label_smoothing"], num_classes=num_classes)) \
+        if mixes(v) else None
     return dataset
 
 

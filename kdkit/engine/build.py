@@ -19,7 +19,7 @@ from torch import nn
 
 from kdkit.accelerator import create_accelerator, set_deterministic
 from kdkit.cache import build_manifest, data_identity
-from kdkit.config import PRESETS, LossConfig, Recipe
+from kdkit.config import PRESETS, DataConfig, LossConfig, Recipe
 from kdkit.console import console
 from kdkit.data import (
     SemiSupervisedDataset,
@@ -73,14 +73,18 @@ def check_student_classes(student: nn.Module, num_classes: int, data_cfg: dict) 
         raise KdkitError(f"the student predicts {k} classes but the data has {num_classes}: build it with "
                          f"num_classes={num_classes} (or give the data its {k} classes)")
 
-def student_data_config(student: nn.Module, img_size: int | None) -> dict:
+def student_data_config(student: nn.Module, img_size: int | None, data: DataConfig | None = None) -> dict:
     """The student's timm data config, at `img_size` when given; tiny images (CIFAR) are evaluated
-    whole (crop_pct 1.0), as the teacher is."""
+    whole (crop_pct 1.0), as the teacher is. `data`'s crop_pct, mean and std win where set."""
     cfg = model_data_config(student.model)
     if img_size:
         cfg["input_size"] = (3, img_size, img_size)
     if cfg["input_size"][-1] <= 64:
         cfg["crop_pct"] = 1.0
+    if data is not None:
+        cfg["mean"], cfg["std"] = data.normalization(cfg)
+        if data.crop_pct is not None:
+            cfg["crop_pct"] = data.crop_pct
     return cfg
 
 def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
@@ -118,13 +122,16 @@ def kernel_kwargs(opt: str, fused: str, device: torch.device) -> dict:
 def build_optimizer(r: Recipe, student: nn.Module, batches_per_epoch: int, device: torch.device):
     """timm optimizer (parameter groups as timm builds them for the bare model: no weight decay on
     what its no_weight_decay() names and on 1-D parameters; optional layer-wise lr decay) and
-    per-update scheduler; lr scaled by global batch / lr_base_batch (DeiT)."""
+    per-update scheduler; the learning rate as timm's train.py (OptimConfig.learning_rate: optim.lr, or
+    optim.lr_base scaled by the global batch)."""
     o = r.optim
-    lr = o.lr * (r.data.batch_size * o.grad_accum / o.lr_base_batch if o.lr_base_batch else 1)
+    lr = o.learning_rate(r.data.batch_size)
     optimizer = create_optimizer_v2(student, o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                    layer_decay=o.layer_decay or None, **kernel_kwargs(o.opt, o.fused, device))
+                                    layer_decay=o.layer_decay or None, **o.optimizer_kwargs(),
+                                    **kernel_kwargs(o.opt, o.fused, device))
     scheduler, _ = create_scheduler_v2(optimizer, o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs,
-                                       warmup_lr=o.warmup_lr, min_lr=o.min_lr, step_on_epochs=False,
+                                       warmup_lr=o.warmup_lr, min_lr=o.min_lr, decay_epochs=o.decay_epochs,
+                                       decay_rate=o.decay_rate, step_on_epochs=False,
                                        updates_per_epoch=max(batches_per_epoch // o.grad_accum, 1))
     return optimizer, scheduler, lr
 
@@ -273,24 +280,35 @@ def warn_unused_settings(r: Recipe, loss: DistillationLoss) -> None:
 
 def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_classes: int,
                   report: Callable[[str], object] | None = None) -> nn.Module:
-    """The recipe's student (or the given module) wrapped with its head strategy; `report` receives
-    the one-line record of a model.pretrained_path load."""
+    """The recipe's student (or the given module) wrapped with its head strategy, with model.drop_rate
+    (timm's drop_rate), in channels-last memory format with run.channels_last, and with gradient
+    checkpointing with model.grad_checkpointing; `report` receives the one-line record of a
+    model.pretrained_path load."""
     head = r.model.head
     if mode == "train" and head == "auto":
         # plain supervised training; a model with a distillation token still trains both heads
         head = "token" if getattr(student, "dist_token", None) is not None or (
             student is None and "distilled" in resolve_model_name(r.model.student)) else "shared"
-    return create_student(student if student is not None else r.model.student, num_classes, head,
-                          pretrained=r.model.pretrained, weights=r.model.student_weights or None,
-                          pretrained_path=r.model.pretrained_path or None, report=report,
-                          img_size=r.model.img_size, patch_size=r.model.patch_size,
-                          drop_path_rate=r.model.drop_path, model_kwargs=r.model.kwargs, head_args=r.model.head_args)
+    kwargs = {**r.model.kwargs, "drop_rate": r.model.drop_rate} if r.model.drop_rate else r.model.kwargs
+    built = create_student(student if student is not None else r.model.student, num_classes, head,
+                           pretrained=r.model.pretrained, weights=r.model.student_weights or None,
+                           img_size=r.model.img_size, patch_size=r.model.patch_size,
+                           drop_path_rate=r.model.drop_path, model_kwargs=kwargs, head_args=r.model.head_args,
+                           pretrained_path=r.model.pretrained_path or None, report=report)
+    if r.run.channels_last:  # timm's --channels-last: the student's memory format
+        built.to(memory_format=torch.channels_last)
+    if r.model.grad_checkpointing:
+        if not hasattr(built.model, "set_grad_checkpointing"):
+            raise KdkitError(f"model.grad_checkpointing: {type(built.model).__name__} has no set_grad_checkpointing "
+                             f"(timm's models have it)")
+        built.model.set_grad_checkpointing(True)
+    return built
 
 
 def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, data_cfg: dict,
                   acc: Accelerator | None = None, weights: str | None = None) -> Teacher:
     """The recipe's teacher (or the given module), frozen, bridged to the student's normalisation,
-    in the run's precision (`acc`) and memory format (run.channels_last), compiled with
+    in the run's precision (`acc`) and memory format (run.teacher_channels_last), compiled with
     run.compile. Built under a forked RNG so that a teacher (or none, with a cache) never changes
     the student's random stream: a run reading cached logits draws the same dropout as one running
     the teacher."""
@@ -305,7 +323,7 @@ def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, 
     t.set_student_normalization(data_cfg["mean"], data_cfg["std"])
     if acc is not None:
         t.amp_dtype = amp_dtype(teacher_precision(r, acc))
-        cl = r.run.channels_last
+        cl = r.run.teacher_channels_last
         if cl == "on" or (cl == "auto" and is_convnet(t.model)):
             t.use_channels_last()
     if r.run.compile:
@@ -427,7 +445,7 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
     student = build_student(r, mode, student, len(classes), report=loaded.append)
     if loaded and acc.is_main_process:
         console.print(loaded[0], highlight=False)
-    data_cfg = student_data_config(student, r.model.img_size)
+    data_cfg = student_data_config(student, r.model.img_size, r.data)
     check_student_classes(student, len(classes), data_cfg)
     empty = train_ds.issues().get("empty_classes")
     if empty and acc.is_main_process:

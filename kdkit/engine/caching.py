@@ -43,7 +43,7 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
     if isinstance(train_ds, StreamDataset):
         raise KdkitError(STREAM_NO_CACHE)
     num_classes = len(train_ds.classes)
-    data_cfg = student_data_config(build_student(r, "distill", None, num_classes), r.model.img_size)
+    data_cfg = student_data_config(build_student(r, "distill", None, num_classes), r.model.img_size, r.data)
     if logit_source_name(r) == "cache":
         raise KdkitError("kdkit cache runs the teacher: pass --teacher (a cache cannot be written from a cache)")
     source = build_logit_source(r, None, data_cfg, train_ds, None, acc, {})  # live teacher, or an ensemble

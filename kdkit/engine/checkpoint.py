@@ -45,6 +45,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from kdkit.config import load_recipe, upgrade_recipe
 from kdkit.console import console
 from kdkit.engine.metrics import MetricsLog
 from kdkit.files import (
@@ -70,6 +71,7 @@ class Position:
     skipped_images: int = 0  # unreadable training images met by this process, over the run
     metrics_lines: int = 0  # lines of metrics.jsonl written up to here
     eval: dict = field(default_factory=dict)  # the last evaluation
+    best: dict = field(default_factory=dict)  # the evaluation of RUN/student_best: {"epoch", "metric", "value"}
 
 
 # Recipe keys a resume may change: they do not change the steps the resumed run shares with the
@@ -342,7 +344,8 @@ class Checkpointer:
         tensors = load_tensors(files["state.safetensors"])
         tree = decode(json.loads(files["state.json"]), tensors)
         if self.recipe is not None and tree.get("recipe") is not None:
-            changed = recipe_changes(tree["recipe"], self.recipe)
+            # a checkpoint of an earlier kdkit records earlier keys: compare in today's
+            changed = recipe_changes(load_recipe(None, upgrade_recipe(tree["recipe"])).to_dict(), self.recipe)
             if changed:
                 raise KdkitError(f"{path} was written by another recipe; resuming would change {', '.join(changed)}. "
                                  f"Resume with the recorded recipe (only {', '.join(RESUME_SAFE)} may change)")

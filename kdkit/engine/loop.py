@@ -38,9 +38,11 @@ class LoopSettings:
 
     clip_grad: gradient-norm clipping, 0 = off. log_every: steps between metrics.jsonl lines.
     eval_every: epochs between evaluations (0: the last one only). ema_decay: timm's ModelEmaV3 of
-    the student, evaluated too as ema_*, 0 = off. checkpoint_every: updates between checkpoints
-    (plus one per epoch); keep_checkpoints: how many are kept (0: none written). on_nonfinite:
-    "stop" or "skip" a step whose loss is NaN/inf.
+    the student, evaluated too as ema_*, 0 = off; ema_warmup: its decay warm-up (use_warmup).
+    checkpoint_every: updates between checkpoints (plus one per epoch); keep_checkpoints: how many
+    are kept (0: none written). on_nonfinite: "stop" or "skip" a step whose loss is NaN/inf.
+    eval_metric: the evaluation key (or top1 / top5: fused_top1 / fused_top5) whose highest value
+    saves the student as "student_best" too (timm's --eval-metric and model_best).
     """
 
     clip_grad: float = 0.0
@@ -48,9 +50,11 @@ class LoopSettings:
     eval_every: int = 1
     progress: bool = True
     ema_decay: float = 0.0
+    ema_warmup: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"
+    eval_metric: str = "top1"
 
     def __post_init__(self) -> None:
         if self.on_nonfinite not in NONFINITE:
@@ -59,9 +63,11 @@ class LoopSettings:
 
 @dataclass
 class FitResult:
-    """The last evaluation and the run's counters (skipped_images summed over processes)."""
+    """The last evaluation, the best one's {"epoch", "metric", "value"} (RUN/student_best) and the
+    run's counters (skipped_images summed over processes)."""
 
     eval: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
     updates: int = 0
     skipped_steps: int = 0
     skipped_images: int = 0
@@ -128,8 +134,13 @@ class Trainer:
         last = epoch + 1 == epochs
         if self.eval_loader is not None and (last or (s.eval_every > 0 and (epoch + 1) % s.eval_every == 0)):
             result = self.evaluate(epoch, pos.updates)
+        best = is_best(result, pos.best, s.eval_metric) if result is not pos.eval else False
+        if best:
+            pos.best = {"epoch": epoch + 1, "metric": s.eval_metric, "value": result[metric_key(s.eval_metric)]}
         if acc.is_main_process and self.save is not None and (last or self.eval_loader is not None):
             self.save(acc.unwrap_model(self.student), "student")
+            if best:
+                self.save(acc.unwrap_model(self.student), "student_best")
             if self.ema is not None:
                 self.save(self.ema.module, "student_ema")
         pos.epoch, pos.step, pos.eval = epoch + 1, 0, result
@@ -149,6 +160,18 @@ class Trainer:
         return result
 
 
+def metric_key(metric: str) -> str:
+    """The evaluation key of a run.eval_metric: timm's top1 / top5 are the student's prediction (fused)."""
+    return {"top1": "fused_top1", "top5": "fused_top5"}.get(metric, metric)
+
+
+def is_best(result: dict, best: dict, metric: str) -> bool:
+    """Whether evaluation `result` beats `best` ({} = none yet) on `metric` (higher is better;
+    a tie keeps the earlier one, as timm's CheckpointSaver)."""
+    value = result.get(metric_key(metric))
+    return value is not None and (not best or value > best["value"])
+
+
 def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
         optimizer: torch.optim.Optimizer, *, epochs: int, scheduler=None, eval_loader: DataLoader | None = None,
         accelerator: Accelerator | None = None, run_dir: str | Path | None = None,
@@ -158,7 +181,8 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
 
     Logs per-step loss terms, lr and images/s, and per-epoch evaluations, to RUN/metrics.jsonl.
     `save(module, name)` ("student", and "student_ema" with an EMA) is called by the main process
-    after every epoch that has an eval loader, and at the end. With a `run_dir`, the whole training
+    after every epoch that has an eval loader, and at the end; "student_best" too after an
+    evaluation that beats the earlier ones on settings.eval_metric. With a `run_dir`, the whole training
     state is checkpointed to RUN/checkpoints/ (engine/checkpoint.py), and `recipe` written to
     RUN/recipe.toml once the run has started (or a resume been accepted); `resume` continues from the
     newest valid checkpoint, under any number of processes; `recipe` (Recipe.to_dict()) is saved
@@ -183,7 +207,7 @@ def _fit(acc: Accelerator, student: nn.Module, step_fn: DistillationStep, train_
     student, optimizer = acc.prepare(student, optimizer)
     step_fn.to(acc.device)
     eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
-    ema = ModelEmaV3(acc.unwrap_model(student), decay=s.ema_decay) if s.ema_decay else None
+    ema = ModelEmaV3(acc.unwrap_model(student), decay=s.ema_decay, use_warmup=s.ema_warmup) if s.ema_decay else None
     streamed = isinstance(train_loader.dataset, IterableDataset)  # a stream: its readers decide the batches
     ckpt = Checkpointer(run_dir, acc, student, optimizer, scheduler, ema, every=s.checkpoint_every,
                         keep=s.keep_checkpoints, recipe=recipe,
@@ -211,4 +235,4 @@ def _fit(acc: Accelerator, student: nn.Module, step_fn: DistillationStep, train_
         log.close()  # on an error too: a long-lived process (the Python API) keeps no open file
     skipped = acc.reduce(torch.tensor(pos.skipped_images, device=acc.device), "sum").item()
     acc.wait_for_everyone()
-    return FitResult(pos.eval, pos.updates, pos.skipped_steps, int(skipped))
+    return FitResult(pos.eval, pos.best, pos.updates, pos.skipped_steps, int(skipped))

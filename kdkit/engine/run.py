@@ -139,9 +139,9 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
         note = PRESET_NOTES.get(r.preset, "") if r.preset or not r.description else ""
         console.print(f"recipe: {r.description or 'command line'}; preset {r.preset or 'none'}{note}")
     settings = LoopSettings(clip_grad=r.optim.clip_grad, log_every=r.run.log_every, eval_every=r.run.eval_every,
-                            progress=r.run.progress, ema_decay=r.optim.ema_decay,
+                            progress=r.run.progress, ema_decay=r.optim.ema_decay, ema_warmup=r.optim.ema_warmup,
                             checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
-                            on_nonfinite=r.run.on_nonfinite)
+                            on_nonfinite=r.run.on_nonfinite, eval_metric=r.run.eval_metric)
     start = time.perf_counter()
     recorded = r.to_dict()
     trackers = RunTrackers(acc, out_dir, recorded)  # run.log_with: started by fit as it opens metrics.jsonl
@@ -152,7 +152,7 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
                      resume=bool(resume), recipe=recorded)
     finally:  # a failed run's trackers are closed too (what they got is flushed; no stale mirror)
         trackers.finish()
-    summary.update(eval=result.eval, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
+    summary.update(eval=result.eval, best=result.best, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
                    student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
                    data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images},
                          "eval": {**eval_ds.issues(), "skipped_images": result.eval.get("skipped", 0)}})
