@@ -234,11 +234,14 @@ class TimmPipeline:
         from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
 
+        from kdkit.data.transforms import fix_posterize
+
         self.settings = dict(input_size=size, is_training=True, scale=tuple(aug["scale"]), hflip=aug["hflip"],
                              color_jitter=aug.get("color_jitter") or None, auto_augment=aug.get("auto_augment") or None,
                              re_prob=aug.get("reprob", 0.0), re_mode="pixel", interpolation="bicubic",
                              mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-        self.ds = ImageFolder(str(root / "train"), transform=create_transform(**self.settings))
+        # Pillow >= 10 refuses inc1's posterize to 0 bits: timm's pipeline gets kdkit's fix of that op
+        self.ds = ImageFolder(str(root / "train"), transform=fix_posterize(create_transform(**self.settings)))
         self.sampler = None
         if repeats > 1:  # timm's train.py with --aug-repeats: its RASampler, one process
             from timm.data.distributed_sampler import RepeatAugSampler
