@@ -27,8 +27,9 @@ timm: torchvision ImageFolder + timm.data.create_transform(...), DataLoader(batc
 drop_last), and for 224 timm's Mixup on each collated batch as timm's train.py applies it (its
 time counts). kdkit: open_dataset + apply_views(view_settings(data_cfg, AugConfig)) + create_loader;
 each epoch is entered the trainer's way (kdkit.engine.checkpoint.seek: sampler and dataset epoch).
-Note: importing kdkit.data replaces timm's Posterize ops with one that accepts 0 bits (recent
-Pillow refuses posterize(0)); both pipelines run with it.
+Note: recent Pillow refuses posterize(0), which DeiT's inc1 RandAugment asks for at its top
+magnitude; kdkit's transforms give those ops the black image the policy means
+(kdkit.data.transforms.fix_posterize), and timm's pipeline here gets the same fix.
 
 Data is prepared once under --cache-dir (default $KDKIT_BENCH_CACHE or ~/.cache/kdkit-bench) and
 reused. Prints a table and JSON (stdout); writes --json (default bench/results/data_pipeline.json).
