@@ -149,8 +149,8 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
         result = fit(student, DistillationStep(loss, logits), train_loader, optimizer, epochs=r.optim.epochs,
                      scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, run_dir=out_dir,
                      save=lambda module, name: save_student(out_dir / name, module, config), settings=settings,
-                     resume=bool(resume), recipe=recorded)
-    finally:  # a failed run's trackers are closed too (what they got is flushed; no stale mirror)
+                     resume=bool(resume), recipe=recorded, tracker=trackers if acc.log_with else None)
+    finally:  # a failed run's trackers are closed too (what they got is flushed)
         trackers.finish()
     summary.update(eval=result.eval, best=result.best, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
                    student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
