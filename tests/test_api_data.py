@@ -73,7 +73,10 @@ def test_a_run_from_a_dataset_a_loader_or_a_datasetdict_is_the_run_from_the_fold
     loader_run = {k: v for k, v in common.items() if k not in ("batch_size", "workers")}
     result = kdkit.distill(student, "resnet10t", loader, eval_data=test, name="loader", **loader_run)
     assert_same_run(tmp_path / "loader", tmp_path / "folder")
-    assert result.summary["data_identity"]["train"]["source"] == "<DataLoader ImageFolder>"
+    identity = result.summary["data_identity"]["train"]
+    assert identity["source"] == "<DataLoader ImageFolder>"
+    # torchvision's ImageFolder has the folder's own fingerprint: a logit cache of the folder serves it
+    assert identity["fingerprint"] == open_dataset(tiny_data, "train").fingerprint()
 
 
 def test_a_run_from_an_in_memory_dataset_resumes_exactly(tiny_data, teacher_dir, student, tmp_path):

@@ -148,9 +148,10 @@ class TorchImageDataset(SeededDataset):
     classes: the label space, else the dataset's own `classes` (torchvision's), else "0".."K-1"
     (K = the largest label + 1). The labels come from the dataset's `targets` (torchvision's) when
     it has them, else from one read of every sample, now.
-    fingerprint(): for a torchvision folder dataset (`samples`: (path, class) pairs), sha256 over
-    each file's path, size and class, as for a folder; otherwise over every sample's pixels and
-    class (one more read of the dataset, when the run records it).
+    fingerprint(): for a torchvision folder dataset (`samples`: (path, class) pairs under `root`),
+    sha256 over each file's path under the root, size and class: the folder's own fingerprint
+    (ImageFolderDataset's), so that a logit cache written from the folder serves it; otherwise over
+    every sample's pixels and class (one more read of the dataset, when the run records it).
     """
 
     def __init__(self, dataset: Dataset, transform: Callable | None = None, classes: list[str] | None = None,
@@ -209,8 +210,10 @@ class TorchImageDataset(SeededDataset):
         samples = getattr(self.dataset, "samples", None)
         if isinstance(samples, list) and len(samples) == len(self) and all(
                 isinstance(s, tuple | list) and len(s) == 2 and isinstance(s[0], str) for s in samples[:1]):
+            root = getattr(self.dataset, "root", None)
             for (path, _), target in zip(samples, self.targets, strict=True):
-                h.update(f"{path}|{os.path.getsize(path)}|{int(target)}\n".encode())
+                name = os.path.relpath(path, root) if root else path
+                h.update(f"{name}|{os.path.getsize(path)}|{int(target)}\n".encode())
             return h.hexdigest()
         for i in range(len(self)):
             img = np.asarray(self.read(i)[0])
