@@ -67,6 +67,8 @@ class Result:
     model: the trained student as one plain nn.Module, forward(images) -> (B, K) logits: a
       two-headed student's heads fused (their average, DeiT's late fusion), as `kdkit export
       --format timm` saves it; a module you passed comes back as (a trained copy of) its own class.
+      A head no single module computes (a plugin's) comes as the student behind kdkit's OneHead,
+      which gives the same fused logits.
     summary: the run summary (RUN/summary.json): "eval" (top1, top5, loss, n), "best",
       "conventions" (the loss's settings), data fingerprints, timings.
     run_dir: the run directory (recipe.toml, metrics.jsonl, student/ for timm, checkpoints/).
@@ -116,12 +118,23 @@ def _data_settings(data: object, settings: dict) -> tuple[dict, object | None]:
 
 
 def _finish(summary: dict) -> Result:
+    """The Result of a run's summary: the student collapsed into one plain module where its head
+    allows (kdkit.models.fused.plain_model), else (a plugin's head, say) the head-wrapped student
+    behind a module that gives its fused logits."""
+    from kdkit.console import console
+    from kdkit.export import OneHead
     from kdkit.models.fused import plain_model
     from kdkit.models.saved import read_config
+    from kdkit.registry import KdkitError
 
     student = summary.pop("model")
     config = read_config(Path(summary["student"]))
-    return Result(plain_model(student, config), summary, Path(summary["run_dir"]))
+    try:
+        model = plain_model(student, config)
+    except KdkitError as e:
+        console.print(f"note: {e}: Result.model is the student with its heads fused (kdkit's OneHead)")
+        model = OneHead(student.eval(), "fused")
+    return Result(model, summary, Path(summary["run_dir"]))
 
 
 def distill(student: str | nn.Module, teacher: str | nn.Module, data: object, *, eval_data: object | None = None,
