@@ -10,10 +10,10 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from kdkit import __version__
 from kdkit.data.dataset import SeededDataset
 from kdkit.data.sampler import unlabeled_per_epoch
 from kdkit.data.views import NOT_PIXELS
+from kdkit.version import __version__
 
 FORMAT = "kdkit-logits/2"  # 2: cheap view seeds, Mixup pairs of the epoch order
 MODES = ("replay", "fixed")
