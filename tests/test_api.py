@@ -148,3 +148,31 @@ def test_teacher_sees_the_mixed_batch_and_task_term_takes_soft_targets():
         logits, t.argmax(1))
     assert torch.allclose(out.loss, expected, atol=1e-6)
     assert isinstance(out.out, StudentOut) and set(out.terms) == {"task", "kd"}
+
+
+@pytest.mark.parametrize(("student", "head"), [("deit_tiny_patch16_224", "token"), ("deit_tiny", "auto"),
+                                               ("resnet10t", "dual")])
+def test_a_timm_student_comes_back_as_one_plain_timm_model_with_its_heads_fused(student, head, tiny_data, teacher_dir,
+                                                                                 tmp_path):
+    """kdkit's inserted token becomes timm's distilled DeiT, a distilled DeiT stays one (timm fuses its
+    heads), a dual head is averaged into the classifier: each gives the late fusion of the saved
+    student, rebuilt in its head strategy from the run's folder."""
+    from kdkit.models import load_saved
+
+    kwargs = {"channels": [8, 16, 32, 64], "stem_width": 8} if student == "resnet10t" else \
+        {"depth": 2, "embed_dim": 32, "num_heads": 2}
+    patch = {} if student == "resnet10t" else {"patch_size": 8}
+    result = kdkit.distill(student, "resnet10t", tiny_data, teacher_weights=str(teacher_dir), head=head,
+                           preset="none", kwargs=kwargs, **patch, **SMALL, output=str(tmp_path), name="t")
+    saved, _, _ = load_saved(tmp_path / "t" / "student")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = saved.eval()(x).fused
+        got = result.model.eval()(x)
+    assert isinstance(got, torch.Tensor) and torch.allclose(got, want, atol=1e-5)
+    expected = {"resnet10t": "ResNet"}.get(student, "VisionTransformerDistilled")
+    assert type(result.model).__name__ == expected and not any(isinstance(m, kdkit.TokenHead | kdkit.DualHead)
+                                                             for m in result.model.modules())
+    result.model.train()
+    with torch.no_grad():  # one tensor in training mode too: no pair of heads left to the caller
+        assert isinstance(result.model(x), torch.Tensor)

@@ -145,3 +145,16 @@ def test_data_kdkit_cannot_replay_is_refused_in_one_line_before_anything_is_writ
         kdkit.distill(TinyConvNet(), TinyConvNet(), make(tiny_data), epochs=1, output=str(tmp_path), **RUN)
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_datasets_format_or_transform_is_set_aside_for_the_raw_images(tiny_data, capsys):
+    """A datasets.Dataset formatted for torch (or with a transform) gives tensors; kdkit reads its
+    stored images instead, the very pixels of the files, and says so."""
+    folder = open_dataset(tiny_data, "test")
+    formatted = _hf_dict(tiny_data)["test"].with_format("torch")
+    ds = open_dataset(formatted, "auto-eval")
+    assert "format (torch) is set aside" in capsys.readouterr().err
+    for i in (0, 31):
+        img, target = ds.read(i)
+        assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(folder.read(i)[0])) and target == folder.read(i)[1]
+    assert ds.classes == folder.classes
