@@ -66,7 +66,7 @@ def open_object(data: object, split: str, transform: Callable | None = None, cla
                 seed: int = 0, strict: bool = False, *, input_key: str | None = None,
                 target_key: str | None = None) -> SeededDataset:
     """A SeededDataset over a data object (see the module docstring). `split` picks a DatasetDict's
-    split ("auto-eval": validation, val or test); a single dataset is its own every split."""
+    split ("auto-eval": val, validation or test); a single dataset is its own every split."""
     if isinstance(data, DataLoader):
         data = dataset_of_loader(data)
     if type(data).__module__.startswith("datasets.") and "Iterable" in type(data).__name__:
