@@ -9,8 +9,22 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset, load_rgb
+from kdkit.data.dataset import (
+    EVAL_SPLITS,
+    HFImageDataset,
+    ImageFolderDataset,
+    SeededDataset,
+    hf_split,
+    load_rgb,
+)
 from kdkit.data.mixup import SampleMixup
+from kdkit.data.objects import (
+    TorchImageDataset,
+    describe_object,
+    is_data_object,
+    loader_settings,
+    open_object,
+)
 from kdkit.data.sampler import EpochSampler, MixedSampler, epoch_views, mixed_epoch_views
 from kdkit.data.seeding import sample_seed
 from kdkit.data.shards import TarShardDataset, is_url, split_shards
@@ -22,7 +36,8 @@ from kdkit.registry import KdkitError
 
 __all__ = [
     "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "MixedSampler", "SampleMixup",
-    "SeededDataset", "SemiSupervisedDataset", "StreamDataset", "TarShardDataset", "read_class_map", "ToNormalizedTensor", "UnlabeledFolderDataset", "collate",
+    "SeededDataset", "SemiSupervisedDataset", "StreamDataset", "TarShardDataset", "TorchImageDataset", "read_class_map",
+    "ToNormalizedTensor", "UnlabeledFolderDataset", "collate", "describe_object", "is_data_object", "loader_settings",
     "create_loader", "fuse_to_tensor",
     "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
     "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
@@ -30,8 +45,6 @@ __all__ = [
 
 EMBEDDED_SAMPLE = "cifar10-sample"
 
-
-EVAL_SPLITS = ("val", "validation", "test")
 
 
 def sample_path() -> Path:
@@ -82,7 +95,7 @@ def _resolve_split(root: Path, split: str) -> Path | list[Path]:
     return found
 
 
-def open_dataset(data: str | Path, split: str, transform: Callable | None = None,
+def open_dataset(data: str | Path | object, split: str, transform: Callable | None = None,
                  classes: list[str] | None = None, seed: int = 0, strict: bool = False, *,
                  input_key: str | None = None, target_key: str | None = None,
                  class_map: str | Path | None = None, streaming: bool = False) -> SeededDataset | StreamDataset:
@@ -91,7 +104,9 @@ def open_dataset(data: str | Path, split: str, transform: Callable | None = None
     data: a folder with split sub-folders (train/, val|validation|test/) of class folders; a folder
       of webdataset tar shards (`KEY.jpg` + `KEY.cls`, as timm and the Hub's -wds datasets write
       them) or one .tar file; a folder written by `datasets.save_to_disk`; "hf:NAME" for a hub
-      dataset (needs internet); or "cifar10-sample" for the bundled sample.
+      dataset (needs internet); or "cifar10-sample" for the bundled sample. Or a Python object: a
+      map-style torch Dataset of (image, class) pairs, a DataLoader over one, a `datasets.Dataset`
+      or `DatasetDict` (kdkit/data/objects.py: what each keeps, and what is refused).
     split: a split name ("train", "val", ...), "auto-eval" (val, validation or test), or for
       shards a brace pattern relative to the folder ('train-{000000..000146}.tar'), as timm's
       --train-split / --val-split take them.
@@ -105,6 +120,8 @@ def open_dataset(data: str | Path, split: str, transform: Callable | None = None
     """
     if class_map and classes is None:
         classes = read_class_map(class_map)
+    if is_data_object(data):
+        return open_object(data, split, transform, classes, seed, strict, input_key=input_key, target_key=target_key)
     data = str(data)
     keys = {"input_key": input_key, "target_key": target_key}
     if data.startswith("hf:") and streaming:
@@ -161,14 +178,7 @@ def _open_hf(name: str, split: str, transform, seed: int, strict: bool, local: b
         where = "from disk" if local else "from the hub (no internet?)"
         raise KdkitError(f"could not load dataset {name!r} {where}: {type(e).__name__}: {str(e)[:200]}") from None
     if isinstance(ds, datasets.DatasetDict):
-        names = list(ds)
-        if split == "auto-eval":
-            split = next((s for s in EVAL_SPLITS if s in ds), None) or ""
-        if not labeled and split not in ds and len(names) == 1:
-            split = names[0]  # unlabeled images: the only split, whatever its name
-        if split not in ds:
-            raise KdkitError(f"dataset {name!r} has no split {split!r}; it has {names}")
-        ds = ds[split]
+        ds = hf_split(ds, split, f"dataset {name!r}", labeled)
     return HFImageDataset(ds, transform, image_key=input_key, label_key=target_key, seed=seed, strict=strict,
                           labeled=labeled, classes=classes)
 

@@ -368,6 +368,22 @@ class ImageFolderDataset(SeededDataset):
             return f.read(), path.rpartition(".")[2].lower()
 
 
+EVAL_SPLITS = ("val", "validation", "test")  # the names an evaluation split goes by, in the order tried
+
+
+def hf_split(ds, split: str, what: str, labeled: bool = True):
+    """Split `split` of a DatasetDict ("auto-eval": the first of val, validation, test it has; for
+    unlabeled images, its only split whatever its name). `what` names it in the error."""
+    names = list(ds)
+    if split == "auto-eval":
+        split = next((s for s in EVAL_SPLITS if s in ds), None) or ""
+    if not labeled and split not in ds and len(names) == 1:
+        split = names[0]  # unlabeled images: the only split, whatever its name
+    if split not in ds:
+        raise KdkitError(f"{what} has no split {split!r}; it has {names}")
+    return ds[split]
+
+
 # the label column names tried when neither a ClassLabel column nor --target-key names one
 LABEL_KEYS = ("label", "labels", "cls", "class", "target", "fine_label")
 

@@ -15,7 +15,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from kdkit.accelerator import create_accelerator, peers_watched
+from kdkit.accelerator import check_not_sharded, create_accelerator, peers_watched
 from kdkit.config import NONFINITE
 from kdkit.console import console, progress_bar
 from kdkit.data.sampler import seek
@@ -193,6 +193,7 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
     """
     s = settings or LoopSettings()
     acc = accelerator or create_accelerator()
+    check_not_sharded(acc.distributed_type)  # an Accelerator of the caller's
     hint = f"--resume {run_dir} continues from its newest checkpoint" if run_dir and s.keep_checkpoints else ""
     # a collective failing on a dead or hung process is one line (kdkit.accelerator.peer_failure)
     with peers_watched(acc, hint):
