@@ -3,11 +3,12 @@ timm transforms; loaders whose samples carry their index."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from kdkit.data.dataset import (
     EVAL_SPLITS,
@@ -218,13 +219,23 @@ def collate(samples: list[dict]) -> dict:
     if not good:
         return {"images": None, "target": None, "index": None, "skipped": len(samples), "epoch": epoch}
     targets = [s["target"] for s in good]
+    # torch's default_collate stacks in a loader worker straight into shared memory: the batch is
+    # not built in the worker's heap and copied again to be sent (each worker's heap then grows by
+    # hundreds of MB of freed batch buffers that glibc keeps)
     return {
-        "images": torch.stack([s["image"] for s in good]),
-        "target": torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets),
+        "images": default_collate([s["image"] for s in good]),
+        "target": default_collate(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets),
         "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
         "skipped": len(samples) - len(good),
         "epoch": epoch,
     }
+
+
+def freeze_inherited_objects(worker_id: int) -> None:
+    """A loader worker's init: the objects it inherits from the main process leave the garbage
+    collector's reach (gc.freeze). A collection visits every object it tracks, writing to the page
+    of each, so a forked worker would otherwise copy the main process's whole heap bit by bit."""
+    gc.freeze()
 
 
 def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, workers: int = 2, seed: int = 0,
@@ -249,6 +260,7 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
         # each epoch, so that they read the epoch (and resume step) seek() gave the dataset
         part = dataset.plan_readers(batch_size, num_replicas, rank) if training else dataset
         return DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=training,
+                          worker_init_fn=freeze_inherited_objects,
                           pin_memory=torch.cuda.is_available(), **({"prefetch_factor": prefetch_factor} if workers else {}))
     if training and isinstance(dataset, SemiSupervisedDataset):
         # each step: batch_size labeled + MU * batch_size unlabeled views per process
@@ -260,4 +272,4 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     workers_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, drop_last=training, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed), **workers_kwargs)
+                      worker_init_fn=freeze_inherited_objects, generator=torch.Generator().manual_seed(seed), **workers_kwargs)
