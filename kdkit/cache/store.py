@@ -1,14 +1,33 @@
-"""On-disk teacher outputs: a manifest (JSON) and shards of top-K records (safetensors).
+"""On-disk teacher outputs: a manifest (JSON) and shards of records (safetensors).
 
     CACHE/manifest.json                    provenance and layout (see kdkit/cache/manifest.py)
     CACHE/shards/e0003-s00012.safetensors  records [12 * shard_size, 13 * shard_size) of epoch 3
 
-A record is the teacher's log-probabilities (log_softmax at tau = 1) for one view. With K < C it
-holds the top-K values, sorted, and their class indices (uint8 up to 256 classes, int16 up to
-32768); with K = C all C values in class order plus the top-1 class. Decoding rebuilds a (C,)
-log-probability vector: the mass the top K leave, 1 - sum(exp(top K)), is spread evenly over the
-other C - K classes, so softmax(x / tau) of the result is a distribution at any tau, and its arg-max
-is the teacher's top-1 exactly (a tie made by rounding is broken toward the stored top-1).
+Format 3. A record is what the teacher said about one view, as log-probabilities at tau = 1
+(l = z - logsumexp(z): the logits z less their log-sum-exp, which every kdkit loss ignores, since
+each reads logits through a softmax, a z-score or an arg-max):
+
+- K = C: `values`, all C log-probabilities in class order, and `top1`, the arg-max class.
+- K < C: `values`, the top-K log-probabilities, sorted, and `indices`, their classes (uint8 up to
+  256 classes, int16 up to 32768); `mean` and `std`, the mean and the sample standard deviation
+  (divisor C - 1, as torch.std and the z-score of kdkit/losses/standardize.py) of all C
+  log-probabilities; `label`, the log-probability of the record's label class (`record_labels`;
+  NaN where the view has no label). The label's class itself is not stored: a reader passes it
+  (the training batch carries it).
+
+`decode` densifies records to (n, C) float32 log-probabilities: the stored classes (top K, and
+the label where it is outside them) get their stored values; the other classes, the tail, all get
+one value c, the `tail` fill:
+
+- "mass" (default): c = log(M / n), M = 1 - sum of the stored probabilities, n the tail's size:
+  the tail keeps its total probability at tau = 1, spread evenly.
+- "std": c below the tail, such that the densified row's standard deviation is the stored `std`:
+  the z-score (logit standardisation) of every stored class is then exact up to a shift common to
+  all classes, which a softmax ignores. For runs whose loss standardises.
+
+Either way c is below the K-th stored value, and a tie with the top-1 made by rounding is broken
+toward the stored top-1: the arg-max is the teacher's top-1 exactly. What is exact and what is
+approximate for K < C, with bounds: docs/cache.md.
 
 Every shard is written whole through a temporary file and a rename, and carries in its metadata
 the sha256 of its tensor bytes. A reader checks it (and the shard's layout: names, dtypes, shapes,
@@ -35,25 +54,50 @@ from kdkit.files import atomic_write
 from kdkit.registry import KdkitError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STATS = ("mean", "std", "label")  # per record beside the top K (K < C)
+TAILS = ("mass", "std")
 
 
 def index_dtype(num_classes: int) -> torch.dtype:
     return torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32768 else torch.int32
 
 
-def encode(logits: Tensor, topk: int, dtype: torch.dtype) -> dict[str, Tensor]:
-    """(n, C) teacher logits -> the record tensors of n records (see the module docstring)."""
+def record_labels(target: Tensor) -> Tensor:
+    """(B,) int64: the class whose log-probability a record keeps as its label. A (B,) target: the
+    label (-1: none); a (B, C) Mixup/CutMix row: its larger weight's class, -1 for an all-zero row
+    (no label). The losses' gt class (kdkit.losses.gt_index) of every labeled sample."""
+    if target.ndim == 1:
+        return target.long()
+    return torch.where(target.sum(dim=1) > 0, target.argmax(dim=1), -1)
+
+
+def encode(logits: Tensor, topk: int, dtype: torch.dtype, labels: Tensor | None = None) -> dict[str, Tensor]:
+    """(n, C) teacher logits -> the record tensors of n records (module docstring). labels: (n,)
+    each record's label class (-1: none; None: no labels at all), kept when K < C."""
     logp = logits.float().log_softmax(dim=1)
     num_classes = logp.shape[1]
     idt = index_dtype(num_classes)
     if topk >= num_classes:
         return {"values": logp.to(dtype), "top1": logp.argmax(1).to(idt)}
     values, indices = logp.topk(topk, dim=1)
-    return {"values": values.to(dtype), "indices": indices.to(idt)}
+    label = torch.full((logp.shape[0],), float("nan"))
+    if labels is not None:
+        labels = labels.long().cpu()
+        has = (labels >= 0) & (labels < num_classes)
+        label[has] = logp.cpu()[has, labels[has]]
+    return {"values": values.to(dtype), "indices": indices.to(idt), "mean": logp.mean(1).to(dtype),
+            "std": logp.std(1).to(dtype), "label": label.to(dtype)}
 
 
-def decode(record: dict[str, Tensor], num_classes: int) -> Tensor:
-    """Record tensors of n records -> (n, C) float32 log-probabilities."""
+def decode(record: dict[str, Tensor], num_classes: int, labels: Tensor | None = None,
+           tail: str = "mass") -> Tensor:
+    """Record tensors of n records -> (n, C) float32 log-probabilities (module docstring).
+
+    labels: (n,) the label class of each record (-1: none), where its stored label goes; None
+    leaves the label out (its class is then in the tail). tail: "mass" or "std", the tail's fill.
+    K = C records are returned as stored (labels and tail do not apply)."""
+    if tail not in TAILS:
+        raise KdkitError(f"unknown cache tail fill {tail!r}: {', '.join(TAILS)}")
     values = record["values"].float()
     if "top1" in record:  # all classes, in class order
         full, top1 = values.clone(), record["top1"].long()
@@ -62,24 +106,57 @@ def decode(record: dict[str, Tensor], num_classes: int) -> Tensor:
         tied = full[rows, top1] < best  # rounding made another class reach the top-1's value
         full[rows[tied], top1[tied]] = torch.nextafter(best[tied], torch.full_like(best[tied], float("inf")))
         return full
-    topk = values.shape[1]
+    n, topk = values.shape
     values = values.clone()
     if topk > 1:  # sorted, so only the stored runner-up can tie the top-1 after rounding
         second = values[:, 1]
         tied = values[:, 0] <= second
         values[tied, 0] = torch.nextafter(second[tied], torch.full_like(second[tied], float("inf")))
-    # the other classes share the remaining mass evenly; each is below the K-th value, so the
-    # arg-max stays the stored top-1
-    rest = (1.0 - values.exp().sum(1, keepdim=True)).clamp_min(1e-12) / max(num_classes - topk, 1)
-    full = rest.log().expand(-1, num_classes).contiguous()
-    return full.scatter_(1, record["indices"].long(), values)
+    indices = record["indices"].long()
+    rows = torch.arange(n)
+    extra = torch.zeros(n, dtype=torch.bool)  # records whose label is stored outside their top K
+    label = record["label"].float() if "label" in record else torch.full((n,), float("nan"))
+    if labels is not None:
+        labels = labels.long().cpu()
+        known = (labels >= 0) & (labels < num_classes) & label.isfinite()
+        in_top = (indices == labels.clamp(0, num_classes - 1)[:, None]).any(dim=1)
+        extra = known & ~in_top
+    stored = torch.cat([values, torch.where(extra, label, float("nan"))[:, None]], dim=1)  # (n, K + 1), NaN: none
+    kept = stored.isfinite()
+    m = kept.sum(dim=1).float()  # stored classes
+    size = (num_classes - m).clamp_min(1)  # the tail's size
+    if tail == "mass":
+        left = 1.0 - torch.where(kept, stored.exp(), 0.0).sum(dim=1)
+        fill = (left.clamp_min(1e-12) / size).log()
+    else:
+        fill = _std_fill(stored, kept, m, size, record["std"].float(), num_classes)
+    # strictly below every stored top-K value, so that the arg-max stays the stored top-1
+    fill = torch.minimum(fill, torch.nextafter(values[:, -1], torch.full_like(fill, -float("inf"))))
+    full = fill[:, None].expand(-1, num_classes).contiguous()
+    full.scatter_(1, indices, values)
+    if labels is not None:
+        full[rows[extra], labels[extra]] = label[extra]
+    return full
+
+
+def _std_fill(stored: Tensor, kept: Tensor, m: Tensor, size: Tensor, std: Tensor, num_classes: int) -> Tensor:
+    """(n,) the value c below the stored values for which a row of the m stored values and `size`
+    copies of c has sample standard deviation `std`: with mean s and squared deviations V of the
+    stored values, (C - 1) std^2 = V + m n (c - s)^2 / C, the lower root. A tail of n values with
+    mean t and any spread would need c = t to keep the sum, and a spread of 0 gives a smaller
+    std; so c <= t, the true tail's mean (equality when the tail is flat)."""
+    mean = torch.where(kept, stored, 0.0).sum(dim=1) / m
+    squares = torch.where(kept, (stored - mean[:, None]).square(), 0.0).sum(dim=1)
+    missing = ((num_classes - 1) * std.square() - squares).clamp_min(0.0)  # rounding can make it negative
+    return mean - (num_classes * missing / (m * size)).sqrt()
 
 
 def record_bytes(topk: int, num_classes: int, dtype: str) -> int:
-    """Bytes on disk per record, headers aside."""
+    """Bytes on disk per record, headers aside: K = C, C values and the top-1 index; K < C, K values
+    and K indices, then the mean, std and label value."""
     value = DTYPES[dtype].itemsize
     idx = index_dtype(num_classes).itemsize
-    return num_classes * value + idx if topk >= num_classes else topk * (value + idx)
+    return num_classes * value + idx if topk >= num_classes else topk * (value + idx) + len(STATS) * value
 
 
 def tensors_sha256(tensors: dict[str, Tensor]) -> str:
@@ -199,7 +276,8 @@ class LogitStore:
         if m["topk"] >= self.num_classes:
             want = {"values": ((rows, self.num_classes), DTYPES[m["dtype"]]), "top1": ((rows,), idt)}
         else:
-            want = {"values": ((rows, m["topk"]), DTYPES[m["dtype"]]), "indices": ((rows, m["topk"]), idt)}
+            want = {"values": ((rows, m["topk"]), DTYPES[m["dtype"]]), "indices": ((rows, m["topk"]), idt),
+                    **{name: ((rows,), DTYPES[m["dtype"]]) for name in STATS}}
         if set(record) != set(want):
             return f"it holds tensors {sorted(record)}, expected {sorted(want)}"
         for name, (shape, dtype) in want.items():
@@ -215,8 +293,8 @@ class LogitStore:
                           f"check every shard, then delete the bad ones and rerun the same `kdkit cache` to "
                           f"recompute them")
 
-    def rows(self, epoch: int, positions: Tensor) -> Tensor:
-        """(n, C) log-probabilities of the records at `positions` of `epoch`: positions in
+    def records(self, epoch: int, positions: Tensor) -> dict[str, Tensor]:
+        """The record tensors (as stored) of the records at `positions` of `epoch`: positions in
         [0, records_per_epoch), epoch in [0, epochs); others are a KdkitError."""
         records = self.manifest["records_per_epoch"]
         if not 0 <= epoch < self.manifest["epochs"]:
@@ -239,7 +317,12 @@ class LogitStore:
                 if name not in gathered:
                     gathered[name] = torch.empty((positions.shape[0], *t.shape[1:]), dtype=t.dtype)
                 gathered[name][mask] = t[row_of[mask]]
-        return decode(gathered, self.num_classes)
+        return gathered
+
+    def rows(self, epoch: int, positions: Tensor, labels: Tensor | None = None, tail: str = "mass") -> Tensor:
+        """(n, C) log-probabilities of the records at `positions` of `epoch` (see `records`),
+        densified by `decode` with the records' label classes `labels` and the `tail` fill."""
+        return decode(self.records(epoch, positions), self.num_classes, labels, tail)
 
     def verify(self) -> dict[str, list[str]]:
         """Check every shard the manifest promises: returns {"missing": [...], "corrupt": [...],
