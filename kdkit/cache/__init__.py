@@ -107,7 +107,7 @@ class LogitCache:
     def lookup(self, epoch: int, views: Tensor, labels: Tensor | None = None, tail: str = "mass") -> Tensor:
         """(B, C) float32 log-probabilities of the (B,) view ids `views` in `epoch`. labels: (B,) the
         views' label classes (store.record_labels; None: the stored label is left out); tail: the
-        fill of the classes a top-K record does not hold ("mass" or "std", see store.decode)."""
+        fill of the classes a top-K record does not hold ("mass" or "normal", see store.decode)."""
         return self.store.rows(0 if self.mode == "fixed" else epoch, self.positions(epoch, views), labels, tail)
 
     def records(self, epoch: int, views: Tensor) -> dict[str, Tensor]:

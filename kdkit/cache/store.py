@@ -19,13 +19,15 @@ each reads logits through a softmax, a z-score or an arg-max):
 the label where it is outside them) get their stored values; the other classes, the tail, all get
 one value c, the `tail` fill:
 
-- "mass" (default): c = log(M / n), M = 1 - sum of the stored probabilities, n the tail's size:
-  the tail keeps its total probability at tau = 1, spread evenly.
-- "std": c below the tail, such that the densified row's standard deviation is the stored `std`:
-  the z-score (logit standardisation) of every stored class is then exact up to a shift common to
-  all classes, which a softmax ignores. For runs whose loss standardises.
+- "mass" (default): one value c = log(M / n), M = 1 - the stored probabilities, n the tail's
+  size: the tail keeps its total probability at tau = 1, spread evenly.
+- "normal": the tail's values at the quantiles of a normal distribution with the tail's own mean
+  and variance (known from the record's mean and std of all C values), each class placed in that
+  order by a hash of the record: the densified row has the teacher's mean and standard deviation,
+  so the z-score (logit standardisation) of every stored class is exact. For runs whose loss
+  standardises.
 
-Either way c is below the K-th stored value, and a tie with the top-1 made by rounding is broken
+Either way the tail stays below the K-th stored value, and a tie with the top-1 made by rounding is broken
 toward the stored top-1: the arg-max is the teacher's top-1 exactly. What is exact and what is
 approximate for K < C, with bounds: docs/cache.md.
 
@@ -55,7 +57,7 @@ from kdkit.registry import KdkitError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STATS = ("mean", "std", "label")  # per record beside the top K (K < C)
-TAILS = ("mass", "std")
+TAILS = ("mass", "normal")
 
 
 def index_dtype(num_classes: int) -> torch.dtype:
@@ -94,7 +96,7 @@ def decode(record: dict[str, Tensor], num_classes: int, labels: Tensor | None = 
     """Record tensors of n records -> (n, C) float32 log-probabilities (module docstring).
 
     labels: (n,) the label class of each record (-1: none), where its stored label goes; None
-    leaves the label out (its class is then in the tail). tail: "mass" or "std", the tail's fill.
+    leaves the label out (its class is then in the tail). tail: "mass" or "normal", the tail's fill.
     K = C records are returned as stored (labels and tail do not apply)."""
     if tail not in TAILS:
         raise KdkitError(f"unknown cache tail fill {tail!r}: {', '.join(TAILS)}")
@@ -123,32 +125,77 @@ def decode(record: dict[str, Tensor], num_classes: int, labels: Tensor | None = 
         extra = known & ~in_top
     stored = torch.cat([values, torch.where(extra, label, float("nan"))[:, None]], dim=1)  # (n, K + 1), NaN: none
     kept = stored.isfinite()
-    m = kept.sum(dim=1).float()  # stored classes
-    size = (num_classes - m).clamp_min(1)  # the tail's size
-    if tail == "mass":
-        left = 1.0 - torch.where(kept, stored.exp(), 0.0).sum(dim=1)
-        fill = (left.clamp_min(1e-12) / size).log()
-    else:
-        fill = _std_fill(stored, kept, m, size, record["std"].float(), num_classes)
+    mask = torch.zeros(n, num_classes, dtype=torch.bool).scatter_(1, indices, True)
+    if labels is not None:
+        mask[rows[extra], labels[extra]] = True
     # strictly below every stored top-K value, so that the arg-max stays the stored top-1
-    fill = torch.minimum(fill, torch.nextafter(values[:, -1], torch.full_like(fill, -float("inf"))))
-    full = fill[:, None].expand(-1, num_classes).contiguous()
+    upper = torch.nextafter(values[:, -1], torch.full((n,), -float("inf")))
+    if tail == "mass":
+        size = (num_classes - kept.sum(dim=1)).clamp_min(1)  # the tail's size
+        left = 1.0 - torch.where(kept, stored.exp(), 0.0).sum(dim=1)
+        fill = torch.minimum((left.clamp_min(1e-12) / size).log(), upper)
+        full = fill[:, None].expand(-1, num_classes).contiguous()
+    else:
+        full = _normal_tail(stored, kept, mask, record["mean"], record["std"], upper)
     full.scatter_(1, indices, values)
     if labels is not None:
         full[rows[extra], labels[extra]] = label[extra]
     return full
 
 
-def _std_fill(stored: Tensor, kept: Tensor, m: Tensor, size: Tensor, std: Tensor, num_classes: int) -> Tensor:
-    """(n,) the value c below the stored values for which a row of the m stored values and `size`
-    copies of c has sample standard deviation `std`: with mean s and squared deviations V of the
-    stored values, (C - 1) std^2 = V + m n (c - s)^2 / C, the lower root. A tail of n values with
-    mean t and any spread would need c = t to keep the sum, and a spread of 0 gives a smaller
-    std; so c <= t, the true tail's mean (equality when the tail is flat)."""
-    mean = torch.where(kept, stored, 0.0).sum(dim=1) / m
-    squares = torch.where(kept, (stored - mean[:, None]).square(), 0.0).sum(dim=1)
-    missing = ((num_classes - 1) * std.square() - squares).clamp_min(0.0)  # rounding can make it negative
-    return mean - (num_classes * missing / (m * size)).sqrt()
+CAP_WINDOW = 64  # the most top quantiles `_normal_tail` sets to the cap (beyond it the tail is clipped)
+
+
+def _normal_tail(stored: Tensor, kept: Tensor, mask: Tensor, mean: Tensor, std: Tensor, upper: Tensor) -> Tensor:
+    """(n, C) float32 rows whose tail (where `mask` is False) holds n_t values at the normal
+    quantiles (i + 1/2) / n_t, i = 0 .. n_t - 1, scaled to the tail's mean and variance, which the
+    record's mean and std of all C values and its stored values determine. Where the top of that
+    scale would pass `upper`, the fewest top quantiles (up to CAP_WINDOW) are set to `upper` and
+    the others rescaled to keep the mean and variance. Each class's place in the order comes from
+    a hash of the record's values and the class index: the same record always gets the same tail,
+    and no class is favoured across records. The rows then have the teacher's mean and standard
+    deviation."""
+    n, c = mask.shape
+    size = c - kept.sum(dim=1)  # the tail's size, (n,)
+    width = int(size.max())
+    mu, sigma = mean.double(), std.double()
+    dev = torch.where(kept, stored.double() - mu[:, None], 0.0)
+    # in deviations from the mean, so that a float16 mean does not cancel away the tail's variance
+    off = dev.sum(dim=1)  # the stored values' sum of (s - mean): the tail's is -off
+    nt = size.clamp_min(1).double()
+    tail_mean = mu - off / nt
+    tail_var = (((c - 1) * sigma.square() - dev.square().sum(dim=1)) / nt - (off / nt).square()).clamp_min(0.0)
+    # the standard normal quantiles of each tail size (mean 0, variance 1), ascending, and their running sums
+    sizes, which = size.unique(return_inverse=True)
+    r = torch.arange(width, dtype=torch.float64)
+    table = torch.stack([torch.where(r < k, torch.special.ndtri(((r + 0.5) / max(k, 1)).clamp(max=1 - 1e-12)), 0.0)
+                         for k in sizes.tolist()])
+    table = table / (table.square().sum(dim=1, keepdim=True) / sizes.clamp_min(1)[:, None]).sqrt().clamp_min(1e-12)
+    sums, squares_sum = table.cumsum(dim=1), table.square().cumsum(dim=1)
+    # with the f smallest quantiles free (a + b q) and the rest at the cap, the a, b that keep the
+    # tail's sum and sum of squares; the largest f (the fewest capped) whose free values stay under it
+    top = upper.double()[:, None]
+    f = (size[:, None] - torch.arange(min(CAP_WINDOW, width))).clamp_min(1)  # (n, J): candidates, largest first
+    capped, row = nt[:, None] - f, which[:, None]
+    total = nt[:, None] * tail_mean[:, None] - capped * top
+    squares = nt[:, None] * (tail_var + tail_mean.square())[:, None] - capped * top.square()
+    s1, s2, last = sums[row, f - 1], squares_sum[row, f - 1], table[row, f - 1]
+    spread = (squares - total.square() / f) / (s2 - s1.square() / f).clamp_min(1e-12)
+    b = spread.clamp_min(0.0).sqrt()
+    a = (total - b * s1) / f
+    ok = (spread >= 0) & (a + b * last <= top + 1e-9 * top.abs().clamp_min(1))
+    pick = torch.where(ok.any(dim=1), ok.double().argmax(dim=1), 0)[:, None]  # the first ok: the largest f
+    free, a, b, top = f.gather(1, pick), a.gather(1, pick).float(), b.gather(1, pick).float(), top.float()
+    vals = torch.where(torch.arange(width) < free, a + b * table.float()[which], top)
+    vals = torch.minimum(vals, top)  # (n, width): the tail's values, ascending
+    # the tail classes in an order drawn from the record: the keys (A j + B) mod P, P a prime above
+    # C, are distinct for the C classes; A and B come from the record's values
+    seed = (stored.nan_to_num(0.0).double() * 1024).round().long().sum(dim=1).abs()
+    prime = next(x for x in range(c + 1, 2 * c + 3) if all(x % d for d in range(2, int(x ** 0.5) + 1)))
+    step, shift = 1 + seed % (prime - 1), (seed // prime) % prime
+    key = (step[:, None] * torch.arange(c) + shift[:, None]) % prime
+    order = key.masked_fill(mask, prime).argsort(dim=1)[:, :width]  # the stored classes last
+    return torch.empty(n, c).scatter_(1, order, vals)  # stored classes: overwritten by the caller
 
 
 def record_bytes(topk: int, num_classes: int, dtype: str) -> int:

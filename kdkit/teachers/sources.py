@@ -42,7 +42,7 @@ class RunPieces:
     cache_cycle: bool = False
     expected_manifest: Callable[[str], dict] | None = None
     augmented: bool = False  # training views are augmented (a fixed cache then answers for the clean image)
-    standardize: bool = False  # the loss z-scores the teacher's logits (a top-K cache then fills its tail by std)
+    standardize: bool = False  # the loss z-scores the teacher's logits (a top-K cache then fills its tail "normal")
     set_view_cycle: Callable[[int], None] = lambda epochs: None
     info: dict = field(default_factory=dict)
 
@@ -110,8 +110,8 @@ class CachedLogits(LogitSource):
     A top-K record's label goes to the batch's label class (store.record_labels of batch.target,
     the class the writer saw for the same view); a fixed cache under Mixup/CutMix, whose record
     was written for the clean image, leaves it out. `tail` fills the classes a top-K record does
-    not hold: "mass" (the tail's probability at tau = 1, spread evenly) or "std" (the row's
-    standard deviation kept, for a loss that z-scores the logits); "auto": "std" when the run's
+    not hold: "mass" (the tail's probability at tau = 1, spread evenly) or "normal" (the tail's
+    mean and variance kept, for a loss that z-scores the logits); "auto": "normal" when the run's
     loss standardises, else "mass".
     """
 
@@ -128,11 +128,11 @@ class CachedLogits(LogitSource):
     def from_run(cls, run: RunPieces, tail: str = "auto") -> CachedLogits:
         """The run's cache (model.teacher_logits), checked against the manifest this run expects; a
         live teacher serves the epochs past a replay cache, unless its epochs are cycled. tail:
-        model.logits_args.tail, "auto" (by the loss), "mass" or "std"."""
+        model.logits_args.tail, "auto" (by the loss), "mass" or "normal"."""
         if not run.cache:
             raise KdkitError("logit source 'cache' reads a `kdkit cache` folder: pass --logits CACHE")
         if tail == "auto":
-            tail = "std" if run.standardize else "mass"
+            tail = "normal" if run.standardize else "mass"
         cache = LogitCache(run.cache)
         if run.expected_manifest is not None:
             cache.check_run(run.expected_manifest(cache.mode))
