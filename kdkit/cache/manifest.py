@@ -10,11 +10,11 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from kdkit import __version__
 from kdkit.cache.store import STATS
 from kdkit.data.dataset import SeededDataset
 from kdkit.data.sampler import unlabeled_per_epoch
 from kdkit.data.views import NOT_PIXELS
+from kdkit.version import __version__
 
 FORMAT = "kdkit-logits/3"  # 3: K < C records keep the mean, std and label of all C (2: cheap view seeds)
 MODES = ("replay", "fixed")

@@ -63,7 +63,7 @@ class _VerbsFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from importlib import import_module
 
-    from kdkit import __version__
+    from kdkit.version import __version__
 
     parser = Parser(prog="kdkit", description="Knowledge distillation for image classifiers (the DeiT recipe for "
                     "any timm teacher and student).", epilog="`kdkit VERB --help` lists a verb's flags, grouped, "

@@ -92,7 +92,7 @@ def _bash_value(arg: Arg) -> str:
 
 
 def bash_script(parser: argparse.ArgumentParser) -> str:
-    from kdkit import __version__
+    from kdkit.version import __version__
 
     top, verbs = describe(parser)
     cases = []
@@ -198,7 +198,7 @@ def _zsh_spec(arg: Arg) -> str:
 
 
 def zsh_script(parser: argparse.ArgumentParser) -> str:
-    from kdkit import __version__
+    from kdkit.version import __version__
 
     top, verbs = describe(parser)
     functions, cases, entries = [], [], []

@@ -199,8 +199,16 @@ def is_hidden(name: str) -> bool:
 def is_image_file(path: str | Path, root: str | Path) -> bool:
     """Whether a file under `root` is read as an image: an image extension, and neither it nor a
     folder between it and `root` hidden."""
-    return str(path).lower().endswith(IMG_EXTENSIONS) and not any(
-        is_hidden(part) for part in Path(path).relative_to(root).parts)
+    path = str(path)
+    return path.lower().endswith(IMG_EXTENSIONS) and not any(
+        is_hidden(part) for part in relative_to(path, str(root)).split(os.sep))
+
+
+def relative_to(path: str, root: str) -> str:
+    """`path` relative to `root`, by its prefix where it has one (a string slice: listing 1.28M
+    files, os.path.relpath's normalisation costs more than the listing)."""
+    prefix = root.rstrip(os.sep) + os.sep
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
 
 
 def read_image_file(path: str | Path) -> Image.Image:
@@ -220,7 +228,7 @@ class PathTable:
 
     def __init__(self, root: Path, pairs: list[tuple[str, int]]):
         self.root = str(root)
-        rel = [os.path.relpath(p, root).encode("utf-8", "surrogateescape") for p, _ in pairs]
+        rel = [relative_to(p, self.root).encode("utf-8", "surrogateescape") for p, _ in pairs]
         self.blob = np.frombuffer(b"".join(rel), np.uint8)
         self.ends = np.cumsum(np.fromiter((len(r) for r in rel), np.int64, len(rel)))
         self.targets = np.fromiter((t for _, t in pairs), np.int64, len(pairs))
@@ -251,20 +259,27 @@ def list_images(root: Path, class_to_idx: dict[str, int], is_image: Callable[[st
         if not top.is_dir():
             continue
         seen: set[tuple[int, int]] = set()
-        walked = []
-        for folder, subfolders, files in os.walk(top, followlinks=True):
+        walked, stack = [], [str(top)]
+        while stack:  # top-down, subfolders in sorted order: os.walk(followlinks=True)'s visits
+            folder = stack.pop()
             st = os.stat(folder)
             if (st.st_dev, st.st_ino) in seen:
-                subfolders[:] = []
                 repeated.append(folder)
                 continue
             seen.add((st.st_dev, st.st_ino))
-            subfolders.sort()  # a deterministic first visit of a folder reached twice
+            files, subfolders = [], []
+            try:
+                with os.scandir(folder) as entries:
+                    for e in entries:  # the entry's type comes with the listing: no stat per regular file
+                        (subfolders if e.is_dir() else files).append((e.name, e.is_symlink()))
+            except OSError:  # unreadable folder: skipped, as os.walk skips it
+                continue
             walked.append((folder, files))
+            stack.extend(os.path.join(folder, d) for d, _ in sorted(subfolders, reverse=True))
         for folder, files in sorted(walked):
-            for file in sorted(files):
+            for file, link in sorted(files):
                 path = os.path.join(folder, file)
-                if not os.path.exists(path):
+                if link and not os.path.exists(path):  # only a link can point at nothing
                     dangling.append(path)
                 elif is_image(path):
                     samples.append((path, class_to_idx[name]))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from torch import nn
 
-from kdkit import __version__
 from kdkit.card import write_model_card
 from kdkit.config import PRESET_NOTES, Recipe
 from kdkit.console import console
@@ -25,6 +24,7 @@ from kdkit.files import atomic_write_text, check_new_output, clear_folder, exclu
 from kdkit.models import HEADS
 from kdkit.models.saved import save_student
 from kdkit.registry import KdkitError
+from kdkit.version import __version__
 
 
 def run_dir_for(recipe: Recipe, mode: str) -> Path:
