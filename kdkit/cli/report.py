@@ -86,11 +86,11 @@ def print_cache_plan(plan: dict) -> None:
                  "loader + compute (no workers)"))
     table = Table(title=f"{runs} run(s) x {plan['epochs']} epochs x {plan['steps_per_epoch']} steps of "
                         f"{plan['global_batch_size']}")
-    for col in ("strategy", "train images/s", "teacher passes", "cache", "cache write", "total", ""):
-        table.add_column(col, justify="left" if col in ("strategy", "") else "right")
+    for col in ("strategy", "train images/s", "teacher passes", "cache", "cache write", "total", "note"):
+        table.add_column(col, justify="left" if col in ("strategy", "note") else "right")
     for name in ("online", "cached", "hybrid"):
         s = plan[name]
-        label = name if name != "hybrid" else f"hybrid ({s['cache_epochs']} epochs cached)"
+        label = name if name != "hybrid" else f"hybrid, {s['cache_epochs']} cached"
         note = "fastest" if name == plan["fastest"] else (s["why_not"] or "")
         table.add_row(label, f"{s['images_per_s']:.0f}", str(s["teacher_passes"]),
                       _si(s["cache_bytes"], "B") if s["cache_epochs"] else "-",
