@@ -267,6 +267,14 @@ def test_a_replay_cache_under_mixup_places_each_views_label_and_verify_checks_th
                                                                 "teacher_weights": "",
                                                                 "teacher_logits": str(tmp_path / "c")}})
     assert build_run(with_cache, "distill").logits.tail == "normal"
+    # and through the command line, DKD on standardised logits from the top-3 cache
+    assert run_cli("distill", "--logits", tmp_path / "c", "--student", "deit_tiny", "--img-size", "32", "--patch-size",
+                   "8", "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--data", tiny_data, "--preset",
+                   "none", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--seed", "3", "--no-progress",
+                   *(x for a in AUG for x in ("--set", a)), "--loss", "dkd", "--set", "loss.args={standardize=true}",
+                   "--output", tmp_path / "runs", "--name", "dkd") == 0
+    summary = json.loads((tmp_path / "runs" / "dkd" / "summary.json").read_text())
+    assert summary["logits"]["topk"] == 3 and summary["logits"]["tail"] == "normal"
     capsys.readouterr()
     assert run_cli("cache", "--verify", tmp_path / "c", "--teacher", "resnet10t", "--teacher-weights", teacher_dir,
                    "--json") == 0
