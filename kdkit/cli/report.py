@@ -80,6 +80,9 @@ def print_cache_plan(plan: dict) -> None:
                       ("encode", "cache records: encode + serialise"), ("read", "cache records: densify")):
         table.add_row(name, f"{1e3 * m[key]:.2f}", f"{b / m[key]:.0f}" if m[key] else "-")
     out.print(table)
+    if plan.get("load_average") and plan["cpus"] and plan["load_average"] > plan["cpus"]:
+        out.print(f"[bold yellow]note: the machine was busy (load average {plan['load_average']:.1f} on "
+                  f"{plan['cpus']} CPUs): these times include waiting for other jobs")
     out.print(f"teacher's share of a step: {100 * plan['measured_teacher_share']:.1f}% measured "
               f"(FLOPs estimate {100 * plan['teacher_share_of_step']:.1f}%); a step is "
               + ("max(loader, compute): workers load beside it" if plan["loader_overlaps"] else

@@ -17,6 +17,7 @@ allows). `compare_strategies` is the arithmetic, on measured `StepTimes`.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import statistics
 import time
@@ -279,7 +280,9 @@ def plan_cache(recipe: Recipe, steps: int = 5, runs: int = 1, topk: int = 0, dty
         images_per_step=r.data.batch_size, epochs=epochs, runs=runs, cache_epochs=hybrid,
         cache_bytes_per_epoch=per_epoch, free_bytes=free, cacheable=not parts.loss.needs_features)
     device = parts.acc.device
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report.update(
+        cpus=os.cpu_count(), load_average=load,
         runs=runs, workers=r.data.workers, loader_overlaps=r.data.workers > 0,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), timed_steps=steps,
         measured=asdict(times),
