@@ -134,7 +134,7 @@ def valid_settings(draw) -> dict:
                                                               st.floats(-1e6, 1e6)), max_size=3)
     return {
         "description": draw(text),
-        "model": {"student": draw(name), "kwargs": draw(kwargs), "drop_path": draw(st.floats(0, 1)),
+        "model": {"student": draw(name), "kwargs": draw(kwargs), "drop_path": draw(st.floats(0, 1, exclude_max=True)),
                   "img_size": draw(st.one_of(st.none(), st.integers(1, 1024)))},
         "data": {"batch_size": draw(st.integers(1, 4096)), "strict": draw(st.booleans()), "path": draw(text)},
         "aug": {"scale": draw(st.tuples(st.floats(0, 1), st.floats(0, 1))), "auto_augment": draw(text)},

@@ -15,6 +15,7 @@ logits before it is returned.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import timm
@@ -23,7 +24,7 @@ from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from kdkit.models.student import HEADS
+from kdkit.models.student import HEADS, final_linear
 from kdkit.registry import KdkitError
 
 # largest |plain - fused| accepted, relative to the logits' scale (float32 reordering is ~1e-7)
@@ -54,7 +55,8 @@ def fused_timm_model(student: nn.Module, config: dict) -> tuple[dict[str, Tensor
 
 def _average_into_classifier(student: nn.Module, state: dict[str, Tensor]) -> None:
     model, dist = student.model, student.head_dist
-    cls = model.get_classifier() if hasattr(model, "get_classifier") else None
+    found = final_linear(model) if getattr(student, "plain", False) else None
+    cls = found[1] if found else model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(cls, nn.Linear) or cls.bias is None or cls.weight.shape != dist.weight.shape:
         raise KdkitError(f"the dual head of {type(model).__name__} cannot be collapsed into its classifier "
                          f"({type(cls).__name__}, not a linear layer with a bias on the pooled features): "
@@ -107,6 +109,40 @@ def _as_distilled(student: nn.Module, state: dict[str, Tensor], config: dict) ->
     return name, {**config.get("model_args", {}), **derived}
 
 
+def plain_model(student: nn.Module, config: dict) -> nn.Module:
+    """`student` (head-wrapped, trained) as one plain module whose forward gives its fused logits,
+    (B, K), checked against them on a random batch of config's input size (a new module: the
+    student is left as it is). A single head: the model itself (a copy). `dual`: a copy with the
+    two heads averaged into its classifier. timm's own distillation head (`native`, a distilled
+    DeiT's token): a copy, which timm fuses. kdkit's inserted token: timm's distilled DeiT
+    (fused_timm_model). config: the student's config.json (run's student/ folder)."""
+    head = HEADS.name_of(student)
+    if head == "token" and not student.native:
+        state, out, _ = fused_timm_model(student, config)
+        model = timm.create_model(out["architecture"], num_classes=out["num_classes"], **out.get("model_args", {}))
+        model.load_state_dict(state)
+        model.to(next(student.parameters()).device)
+    elif head in ("dual", "shared", "token", "native"):
+        model = copy.deepcopy(student.model)
+        if head == "dual":
+            state = dict(model.state_dict())
+            _average_into_classifier(student, state)
+            model.load_state_dict(state)
+        if hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(False)  # timm's distilled models: the average of both heads
+    else:
+        raise KdkitError(f"cannot collapse a {head} student into one plain module")
+    x = torch.randn(2, *config["pretrained_cfg"]["input_size"], generator=torch.Generator().manual_seed(0))
+    x = x.to(next(student.parameters()).device)
+    was = student.training
+    with torch.no_grad():
+        want, got = student.eval()(x).fused, model.eval()(x)
+    student.train(was)
+    if not (got - want).abs().max().item() <= TOLERANCE * max(1.0, want.abs().max().item()):
+        raise KdkitError(f"the plain {type(model).__name__} differs from the student's fused logits")
+    return model
+
+
 def needs_kdkit(architecture: str) -> bool:
     """Whether timm knows `architecture` only once kdkit is imported (kdkit's CIFAR models, T2T-ViT)."""
     name = architecture.split(".")[0]
@@ -124,9 +160,10 @@ def check_fused(student: nn.Module, state: dict[str, Tensor], config: dict) -> f
     except Exception as e:
         raise KdkitError(f"plain timm cannot rebuild the collapsed {config['architecture']}: "
                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    device = next(student.parameters()).device
     x = torch.randn(2, *config["pretrained_cfg"]["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = student.eval()(x).fused, plain.eval()(x)
+        want, got = student.eval()(x.to(device)).fused.cpu(), plain.eval()(x)
     diff = (got - want).abs().max().item()
     if not diff <= TOLERANCE * max(1.0, want.abs().max().item()):
         raise KdkitError(f"the collapsed {config['architecture']} differs from the student's fused logits by "
