@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from kdkit.accelerator import create_accelerator, peers_watched
 from kdkit.cache import LogitCache
 from kdkit.cache.manifest import differences
-from kdkit.cache.store import DTYPES, LogitStore, encode, read_manifest, record_bytes
+from kdkit.cache.store import DTYPES, LogitStore, encode, read_manifest, record_bytes, record_labels
 from kdkit.console import progress_bar
 from kdkit.data import SeededDataset, collate
 from kdkit.files import LOCK_NAME, atomic_write_text, exclusive_lock, remove_stale_temporaries
@@ -116,7 +116,8 @@ def _write(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, root: Pa
                 if raw["images"] is None:
                     continue
                 rows = torch.tensor([row_of[v] for v in raw["index"].tolist()])
-                for k, v in encode(teacher(raw["images"].to(acc.device)).cpu(), topk, dtype).items():
+                logits = teacher(raw["images"].to(acc.device)).cpu()
+                for k, v in encode(logits, topk, dtype, record_labels(raw["target"])).items():
                     record[k][rows] = v
             store.write(epoch, shard, record)
             records += len(views)

@@ -13,8 +13,8 @@ import sys
 
 from kdkit.registry import KdkitError, suggest
 
-VERBS = ("train", "distill", "cache", "shards", "eval", "compare", "benchmark", "export", "push", "plot", "quickstart",
-         "recipes", "completion")
+VERBS = ("train", "distill", "cache", "plan", "shards", "eval", "compare", "benchmark", "export", "push", "plot",
+         "quickstart", "recipes", "completion")
 
 
 class UsageError(KdkitError):

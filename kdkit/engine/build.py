@@ -383,6 +383,7 @@ def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dic
                        cache=r.model.teacher_logits, cache_cycle=r.model.teacher_logits_cycle,
                        expected_manifest=lambda mode: expected_manifest(r, train_ds, data_cfg, mode),
                        augmented=is_augmented(view_settings(data_cfg, dataclasses.asdict(r.aug))),
+                       standardize=bool(r.loss.args.get("standardize", False)),
                        set_view_cycle=set_view_cycle, info=summary)
     name = logit_source_name(r)
     return call_with(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", {"run": pieces})
