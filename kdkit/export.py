@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -103,7 +104,19 @@ def _to_onnx(module: nn.Module, example: Tensor, dynamic_batch: bool, opset: int
             return program.model_proto
         except Exception as e:
             raise KdkitError(f"torch could not export the student to ONNX (opset {opset or 'default'}): "
-                             f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+                             f"{export_cause(e)}") from None
+
+
+def export_cause(e: BaseException) -> str:
+    """One line for an exporter's exception: the innermost error of its "## Exception summary" (the
+    cause, which its message puts after a page of next steps), else its own first 300 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    summary = text.split("## Exception summary", 1)
+    causes = re.findall(r"^<class '(?:[\w.]+\.)?(\w+)'>: (.+)$", summary[1], re.MULTILINE) if len(summary) == 2 else []
+    if causes:
+        kind, message = causes[0]
+        return f"{type(e).__name__}, caused by {kind}: {' '.join(message.split())[:300]}"
+    return f"{type(e).__name__}: {' '.join(text.split())[:300]}"
 
 
 def _default_onnx_path(folder: Path, config: dict, head: str) -> Path:

@@ -8,6 +8,8 @@ that `timm.create_model("local-dir:DIR", pretrained=True)` gives the fused logit
 - `token` inserted into a plain class-token ViT: the same network as timm's
   VisionTransformerDistilled (class token, distillation token, patches; the token has no position
   embedding, which is a zero row in the distilled model's), so it is saved as `deit_*_distilled_*`.
+- `token` inserted into a T2T-ViT: the same network as T2T-ViT built with `distilled=True` (its
+  token is inserted after the position embedding, as kdkit's), saved under its own name.
 
 Anything else is refused with the reason. Every collapse is checked against the student's fused
 logits before it is returned.
@@ -24,6 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from kdkit.models.student import HEADS
+from kdkit.models.t2t_vit import T2TViT
 from kdkit.registry import KdkitError
 
 # largest |plain - fused| accepted, relative to the logits' scale (float32 reordering is ~1e-7)
@@ -45,6 +48,8 @@ def fused_timm_model(student: nn.Module, config: dict) -> tuple[dict[str, Tensor
                            "from_head": head, "kdkit_version": config.get("kdkit", {}).get("version")}
     if head == "dual":
         _average_into_classifier(student, state)
+    elif head == "token" and not student.native and isinstance(student.model, T2TViT):
+        out["model_args"] = _as_distilled_t2t(student, state, config)
     elif head == "token" and not student.native:
         out["architecture"], out["model_args"] = _as_distilled(student, state, config)
     elif head not in ("token", "shared", "native"):  # native: timm averages its own two heads
@@ -105,6 +110,20 @@ def _as_distilled(student: nn.Module, state: dict[str, Tensor], config: dict) ->
     name = f"deit_{m[1]}_distilled_patch16_{m[2]}" if m else "deit_tiny_distilled_patch16_224"
     # the architecture name only picks timm's distilled class: every size is in model_args
     return name, {**config.get("model_args", {}), **derived}
+
+
+def _as_distilled_t2t(student: nn.Module, state: dict[str, Tensor], config: dict) -> dict:
+    """The model_args of a T2T-ViT with kdkit's inserted token as T2T-ViT(distilled=True); `state`
+    gains dist_token and head_dist (the position table is unchanged: the token has no row in it)."""
+    t2t = student.model
+    if t2t.global_pool != "token":
+        raise KdkitError(f"the inserted distillation token of {config['architecture']} cannot be collapsed into a "
+                         f"distilled T2T-ViT (it pools with {t2t.global_pool!r}; the distilled model reads its class "
+                         f"token): export ONNX instead (kdkit export RUN --format onnx --head fused)")
+    state["dist_token"] = student.dist_token.detach().clone()
+    state["head_dist.weight"] = student.head_dist.weight.detach().clone()
+    state["head_dist.bias"] = student.head_dist.bias.detach().clone()
+    return {**config.get("model_args", {}), "distilled": True}
 
 
 def needs_kdkit(architecture: str) -> bool:
