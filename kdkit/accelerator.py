@@ -145,6 +145,16 @@ def peers_watched(acc: Accelerator, resume_hint: str = "") -> Iterator[None]:
 _SIGTERM = {"pid": None}
 
 
+def _ignore(signum: int, frame: object) -> None:
+    """A handler that does nothing (SIG_IGN would make Python report a signal already pending)."""
+
+
+class Stopped(SystemExit):
+    """The exit (status 128 + SIGTERM) that stop_on_sigterm's handler raises once its line is out. The
+    `finally` blocks run as it unwinds (locks released, temporary files removed); the CLI then ends
+    the process at once (os._exit), as after a PeerFailure: the process group it leaves is broken."""
+
+
 def stop_on_sigterm(process: int, processes: int) -> None:
     """On SIGTERM, print one line and exit with 143 (128 + SIGTERM), running `finally` blocks (locks
     released, temporary files removed). torchrun and `accelerate launch` end every process with
@@ -168,6 +178,10 @@ def stop_on_sigterm(process: int, processes: int) -> None:
         print(f"kdkit: process {process} of {processes} stopped by SIGTERM (a launcher sends it to every process "
               f"when one fails, a scheduler at its time limit; the first failure is in the other processes' logs "
               f"or the launcher's report). {_HINT['text'][0].upper()}{_HINT['text'][1:]}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signum)
+        # the data loader's workers got the same SIGTERM (a launcher signals the process group) and die:
+        # torch's SIGCHLD handler would raise "DataLoader worker ... killed" over this exit
+        signal.signal(signal.SIGCHLD, _ignore)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

@@ -18,12 +18,13 @@ from kdkit.data.stream import StreamDataset, open_hub_stream, open_url_stream
 from kdkit.data.transforms import ToNormalizedTensor, create_transforms, fuse_to_tensor
 from kdkit.data.unlabeled import SemiSupervisedDataset, UnlabeledFolderDataset, check_readable
 from kdkit.data.views import apply_views, eval_transform, is_augmented, view_settings, view_transform
+from kdkit.data.workers import die_with_parent
 from kdkit.registry import KdkitError
 
 __all__ = [
     "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "MixedSampler", "SampleMixup",
     "SeededDataset", "SemiSupervisedDataset", "StreamDataset", "TarShardDataset", "read_class_map", "ToNormalizedTensor", "UnlabeledFolderDataset", "collate",
-    "create_loader", "fuse_to_tensor",
+    "create_loader", "die_with_parent", "fuse_to_tensor",
     "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
     "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
 ]
@@ -232,14 +233,16 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     starting an epoch (or resuming in the middle of one) leaves the training's random stream
     (dropout, drop_path) as it was, and the views are seeded by the dataset anyway. Training
     samplers yield (epoch, view id), so `persistent_workers` (kept between epochs) need no epoch
-    of their own; `prefetch_factor` batches per worker are prepared ahead.
+    of their own; `prefetch_factor` batches per worker are prepared ahead. Workers die with their
+    process (kdkit.data.workers.die_with_parent).
     """
     if isinstance(dataset, StreamDataset):
         # a stream: readers (processes x workers) plan their own shards; workers are started anew
         # each epoch, so that they read the epoch (and resume step) seek() gave the dataset
         part = dataset.plan_readers(batch_size, num_replicas, rank) if training else dataset
         return DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=training,
-                          pin_memory=torch.cuda.is_available(), **({"prefetch_factor": prefetch_factor} if workers else {}))
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=die_with_parent,
+                          **({"prefetch_factor": prefetch_factor} if workers else {}))
     if training and isinstance(dataset, SemiSupervisedDataset):
         # each step: batch_size labeled + MU * batch_size unlabeled views per process
         sampler = MixedSampler(dataset, batch_size * num_replicas, seed, num_replicas, rank, max(repeated_aug, 1))
@@ -250,4 +253,4 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     workers_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, drop_last=training, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed), **workers_kwargs)
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=die_with_parent, **workers_kwargs)
