@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
 
+from kdkit.console import console
 from kdkit.registry import KdkitError
 
 TIMEOUT_ENV = "KDKIT_DIST_TIMEOUT"
@@ -67,7 +68,23 @@ def create_accelerator(precision: str = "auto", grad_accum: int = 1, timeout: fl
         raise KdkitError(f"cannot set up precision {wanted!r}: {e}") from None
     if acc.num_processes > 1:
         stop_on_sigterm(acc.process_index, acc.num_processes)
+    note = lone_launch_note(acc.num_processes)
+    if note:
+        console.print(f"[bold yellow]note:[/] {note}", soft_wrap=True, highlight=False)
     return acc
+
+
+def lone_launch_note(processes: int, env: dict[str, str] | None = None) -> str | None:
+    """One line when `accelerate launch` was asked for several processes and started this one alone:
+    its simple launcher (taken with --cpu, and without --multi_gpu where there is no GPU) runs one
+    process whatever --num_processes says. It marks the process with ACCELERATE_USE_CPU and, for
+    more than one process, MASTER_ADDR/MASTER_PORT, but starts no others (no WORLD_SIZE). None otherwise."""
+    env = os.environ if env is None else env
+    if processes != 1 or "ACCELERATE_USE_CPU" not in env or "MASTER_PORT" not in env or "WORLD_SIZE" in env:
+        return None
+    return ("accelerate launch started 1 process, not the --num_processes asked for: its simple launcher (taken with "
+            "--cpu, or without --multi_gpu) runs one. For N processes on CPU: accelerate launch --multi_gpu "
+            "--num_processes N, without --cpu (with no GPU each process runs on the CPU)")
 
 
 def set_deterministic() -> None:

@@ -134,7 +134,8 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
         console.print(f"{mode}: {config['architecture']} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
                       f"params, head {HEADS.name_of(student)}) on {summary['train_images']} images"
                       f"{f' + {len(train_ds.unlabeled)} unlabeled' if semi else ''}, {len(classes)} classes, "
-                      f"loss {kind}, lr {lr:.3g}, {r.optim.epochs} epochs, precision {acc.mixed_precision}"
+                      f"loss {kind}, lr {lr:.3g}, {r.optim.epochs} epochs, precision {acc.mixed_precision}, "
+                      f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
                       f"{', compiled' if r.run.compile else ''} -> {out_dir}")
         note = PRESET_NOTES.get(r.preset, "") if r.preset or not r.description else ""
         console.print(f"recipe: {r.description or 'command line'}; preset {r.preset or 'none'}{note}")

@@ -43,13 +43,14 @@ def token_refusal(model: nn.Module) -> str | None:
     name = type(model).__name__
     if getattr(model, "dist_token", None) is not None:
         return None  # its own token (timm's distilled DeiT)
+    other = "native" if _has_native_distillation(model) else "dual"
     if getattr(model, "cls_token", None) is None:
-        return f"{name} has no class token: use head 'dual'"
+        return f"{name} has no class token: use head '{other}'"
     if not isinstance(getattr(model, "patch_drop", None), nn.Module) or getattr(model, "rope", None) is not None:
         return (f"{name} has a class token, but not the layout of timm's VisionTransformer family that the token "
-                f"is inserted into: use head 'dual'")
+                f"is inserted into: use head '{other}'")
     if getattr(model, "dynamic_img_size", False):
-        return f"{name} takes any image size (dynamic_img_size), which the token does not: use head 'dual'"
+        return f"{name} takes any image size (dynamic_img_size), which the token does not: use head '{other}'"
     return None
 
 
