@@ -24,7 +24,7 @@ from kdkit.registry import KdkitError
 __all__ = [
     "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "MixedSampler", "SampleMixup",
     "SeededDataset", "SemiSupervisedDataset", "StreamDataset", "TarShardDataset", "read_class_map", "ToNormalizedTensor", "UnlabeledFolderDataset", "collate",
-    "create_loader", "die_with_parent", "fuse_to_tensor",
+    "NAMED_SKIPS", "create_loader", "die_with_parent", "fuse_to_tensor", "note_skipped",
     "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
     "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
 ]
@@ -202,20 +202,38 @@ def open_unlabeled(data: str | Path, classes: list[str], seed: int = 0, strict: 
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack the readable samples; count the unreadable ones under "skipped". target is (B,) int64
-    class indices, or (B, K) float soft targets under Mixup/CutMix; epoch is the batch's view epoch."""
+    """Stack the readable samples; count the unreadable ones under "skipped" and name them under
+    "skipped_names" (their paths, or shard members). target is (B,) int64 class indices, or (B, K)
+    float soft targets under Mixup/CutMix; epoch is the batch's view epoch."""
     good = [s for s in samples if s["image"] is not None]
     epoch = samples[0]["epoch"] if samples else 0
+    names = [s.get("source") or f"sample {s['index']}" for s in samples if s["image"] is None]
     if not good:
-        return {"images": None, "target": None, "index": None, "skipped": len(samples), "epoch": epoch}
+        return {"images": None, "target": None, "index": None, "skipped": len(samples), "skipped_names": names,
+                "epoch": epoch}
     targets = [s["target"] for s in good]
     return {
         "images": torch.stack([s["image"] for s in good]),
         "target": torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets),
         "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
         "skipped": len(samples) - len(good),
+        "skipped_names": names,
         "epoch": epoch,
     }
+
+
+NAMED_SKIPS = 1000  # unreadable images named per process and run (all are counted)
+
+
+def note_skipped(names: list[str], new: list[str]) -> list[str]:
+    """`names` with those of `new` not in it yet appended, up to NAMED_SKIPS (a new list)."""
+    out = list(names)
+    for name in new:
+        if len(out) >= NAMED_SKIPS:
+            break
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, workers: int = 2, seed: int = 0,

@@ -155,8 +155,10 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
         trackers.finish()
     summary.update(eval=result.eval, best=result.best, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
                    student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
-                   data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images},
-                         "eval": {**eval_ds.issues(), "skipped_images": result.eval.get("skipped", 0)}})
+                   data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images,
+                                   "skipped_names": result.skipped_names},
+                         "eval": {**eval_ds.issues(), "skipped_images": result.eval.get("skipped", 0),
+                                  "skipped_names": result.eval.get("skipped_names", [])}})
     if semi:
         summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader, out_dir)
     if acc.is_main_process:
