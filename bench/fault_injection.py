@@ -26,7 +26,7 @@ nothing tells the other) with KDKIT_DIST_TIMEOUT=--timeout, and `--no-launcher` 
 two processes by hand (RANK, WORLD_SIZE, MASTER_ADDR: as on two machines, with no launcher to end
 the survivor) and SIGKILL one. Every trial is resumed with two processes under the launcher and
 compared with the uninterrupted two-process run (losses to 1e-5, weights to 1e-5; same process
-count, so bit for bit is expected).
+count, so bit for bit is expected). Loader workers: kdkit's default (2 per process) unless --workers.
 
 cache: `kdkit cache` of 6 epochs in shards of 16 records (48 shards), SIGKILL after a random number
 of shards, half of the kills a random fraction of a shard later, half while a shard's temporary
@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, kdkit_source  # noqa: E402
 
 from kdkit.cache.store import mmap_safetensors  # noqa: E402
+from kdkit.config import DataConfig  # noqa: E402
 from kdkit.data import sample_path  # noqa: E402
 
 STEPS_PER_EPOCH, EPOCHS = 7, 3
@@ -304,11 +305,11 @@ def run_single(args, root: Path, data: Path, teacher: Path, rng: random.Random) 
 # --- multi: one of two processes --------------------------------------------------------------------
 
 def multi_trial(data: Path, teacher: Path, run_dir: Path, how: str, victim: int, after_step: int, fraction: float,
-                step_s: float, in_write: bool, timeout: float) -> dict:
+                step_s: float, in_write: bool, timeout: float, workers: int) -> dict:
     """Start a two-process run, stop worker `victim` (how: "kill" under the launcher, "freeze" =
     SIGSTOP under the launcher, "no-launcher" = SIGKILL of one of two hand-started processes), time
     the other's exit, keep what the processes said."""
-    args = distill_args(data, teacher, run_dir, 0)
+    args = distill_args(data, teacher, run_dir, workers)
     env = {**os.environ, "KDKIT_DIST_TIMEOUT": str(timeout)} if how == "freeze" else dict(os.environ)
     deadline = time.monotonic() + 300
     logs = [Path(tempfile.mkstemp(prefix="kdkit-fi-", suffix=".log")[1]) for _ in range(2)]
@@ -344,8 +345,8 @@ def multi_trial(data: Path, teacher: Path, run_dir: Path, how: str, victim: int,
         log.unlink()
     folder = run_dir / "checkpoints"
     torn = [p.name for p in folder.glob(".step-*")]
-    resumed = subprocess.run([*LAUNCH, "distill", "--resume", str(run_dir), "--no-progress", "--workers", "0"],
-                             capture_output=True, text=True)
+    resumed = subprocess.run([*LAUNCH, "distill", "--resume", str(run_dir), "--no-progress", "--workers",
+                              str(workers)], capture_output=True, text=True)
     lines = kdkit_lines(said)
     return {"how": how, "victim_rank": victim, "after_step": after_step, "in_write": in_write,
             "fraction": round(fraction, 3), "finished_before_kill": finished, "survivor_exit_s": survivor_s and
@@ -358,7 +359,8 @@ def multi_trial(data: Path, teacher: Path, run_dir: Path, how: str, victim: int,
 
 def run_multi(args, root: Path, data: Path, teacher: Path, rng: random.Random) -> dict:
     reference = root / "runs" / "reference"
-    done = subprocess.run([*LAUNCH, *distill_args(data, teacher, reference, 0)], capture_output=True, text=True)
+    done = subprocess.run([*LAUNCH, *distill_args(data, teacher, reference, args.workers)], capture_output=True,
+                          text=True)
     if done.returncode:
         sys.exit(done.stderr[-3000:])
     step_s = json.loads((reference / "summary.json").read_text())["train_seconds"] / (STEPS_PER_EPOCH * EPOCHS)
@@ -370,7 +372,7 @@ def run_multi(args, root: Path, data: Path, teacher: Path, rng: random.Random) -
     for i, (how, victim, in_write) in enumerate(plan):
         run_dir = root / "runs" / f"trial{i:02d}"
         row = multi_trial(data, teacher, run_dir, how, victim, rng.randrange(1, STEPS_PER_EPOCH * EPOCHS - 1),
-                          rng.random(), step_s, in_write, args.timeout)
+                          rng.random(), step_s, in_write, args.timeout, args.workers)
         got = records(run_dir) if row["resume_rc"] == 0 else []
         row["loss_diff"] = loss_diff(got, want) if got else None
         row["weight_diff"] = weight_diff(run_dir, reference) if got else None
@@ -553,11 +555,14 @@ def main() -> None:
     p.add_argument("--no-launcher", type=int, default=2, help="multi: SIGKILL trials without a launcher")
     p.add_argument("--timeout", type=float, default=20.0, help="multi: KDKIT_DIST_TIMEOUT of the SIGSTOP trials")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data-loader workers (single, cache)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loader workers (default: multi kdkit's default, 2; the others 0)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     if args.kills is None:
         args.kills = {"single": 20, "multi": 10, "cache": 20, "elastic": 4}[args.kind]
+    if args.workers is None:
+        args.workers = DataConfig().workers if args.kind == "multi" else 0
     out = args.json_out or f"bench/results/fault_injection{'' if args.kind == 'single' else '_' + args.kind}.json"
     rng = random.Random(args.seed)
     start = time.perf_counter()

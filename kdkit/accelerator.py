@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
 
+from kdkit.console import console
 from kdkit.registry import KdkitError
 
 TIMEOUT_ENV = "KDKIT_DIST_TIMEOUT"
@@ -98,7 +99,23 @@ def create_accelerator(precision: str = "auto", grad_accum: int = 1, timeout: fl
     check_not_sharded(acc.distributed_type)
     if acc.num_processes > 1:
         stop_on_sigterm(acc.process_index, acc.num_processes)
+    note = lone_launch_note(acc.num_processes)
+    if note:
+        console.print(f"[bold yellow]note:[/] {note}", soft_wrap=True, highlight=False)
     return acc
+
+
+def lone_launch_note(processes: int, env: dict[str, str] | None = None) -> str | None:
+    """One line when `accelerate launch` was asked for several processes and started this one alone:
+    its simple launcher (taken with --cpu, and without --multi_gpu where there is no GPU) runs one
+    process whatever --num_processes says. It marks the process with ACCELERATE_USE_CPU and, for
+    more than one process, MASTER_ADDR/MASTER_PORT, but starts no others (no WORLD_SIZE). None otherwise."""
+    env = os.environ if env is None else env
+    if processes != 1 or "ACCELERATE_USE_CPU" not in env or "MASTER_PORT" not in env or "WORLD_SIZE" in env:
+        return None
+    return ("accelerate launch started 1 process, not the --num_processes asked for: its simple launcher (taken with "
+            "--cpu, or without --multi_gpu) runs one. For N processes on CPU: accelerate launch --multi_gpu "
+            "--num_processes N, without --cpu (with no GPU each process runs on the CPU)")
 
 
 def set_deterministic() -> None:
@@ -176,6 +193,16 @@ def peers_watched(acc: Accelerator, resume_hint: str = "") -> Iterator[None]:
 _SIGTERM = {"pid": None}
 
 
+def _ignore(signum: int, frame: object) -> None:
+    """A handler that does nothing (SIG_IGN would make Python report a signal already pending)."""
+
+
+class Stopped(SystemExit):
+    """The exit (status 128 + SIGTERM) that stop_on_sigterm's handler raises once its line is out. The
+    `finally` blocks run as it unwinds (locks released, temporary files removed); the CLI then ends
+    the process at once (os._exit), as after a PeerFailure: the process group it leaves is broken."""
+
+
 def stop_on_sigterm(process: int, processes: int) -> None:
     """On SIGTERM, print one line and exit with 143 (128 + SIGTERM), running `finally` blocks (locks
     released, temporary files removed). torchrun and `accelerate launch` end every process with
@@ -199,6 +226,10 @@ def stop_on_sigterm(process: int, processes: int) -> None:
         print(f"kdkit: process {process} of {processes} stopped by SIGTERM (a launcher sends it to every process "
               f"when one fails, a scheduler at its time limit; the first failure is in the other processes' logs "
               f"or the launcher's report). {_HINT['text'][0].upper()}{_HINT['text'][1:]}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signum)
+        # the data loader's workers got the same SIGTERM (a launcher signals the process group) and die:
+        # torch's SIGCHLD handler would raise "DataLoader worker ... killed" over this exit
+        signal.signal(signal.SIGCHLD, _ignore)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -87,11 +88,76 @@ def onnx_metadata(config: dict, head: str) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in values.items()}
 
 
-def _to_onnx(module: nn.Module, example: Tensor, dynamic_batch: bool, opset: int | None):
-    """The ModelProto of `module` from torch's (dynamo) ONNX exporter; opset None: torch's default."""
+def _to_onnx(module: nn.Module, size: tuple[int, ...], batch: int | None,
+             opset: int | None) -> tuple[bytes, int, float, str]:
+    """`module` as a checked ONNX graph: (the serialised ModelProto, its opset, the largest |onnxruntime
+    - PyTorch| on a random batch, how it was exported). batch None: a symbolic batch dimension;
+    opset None: torch's default.
+
+    torch's exporter is tried as it is first. Where it fails, or onnxruntime refuses or miscomputes
+    its graph, it is tried again without its graph optimiser (onnxscript's, which can leave a node
+    without its input: Gemma 4's ViT), then, on a model with timm's fused attention
+    (F.scaled_dot_product_attention, which some of the exporter's decompositions cannot reshape:
+    BEiT's), with timm's own switch of each attention layer (`fused_attn`) off: the same attention
+    written out (q k^T scaled, softmax, times v), restored afterwards. onnxruntime is compared with
+    PyTorch as the student runs by default. The first error is the one reported."""
     if opset is not None and opset < MIN_OPSET:
         raise KdkitError(f"--opset {opset} is older than torch's ONNX exporter writes: use {MIN_OPSET} or newer "
                          f"(onnxruntime reads them since 1.14)")
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(2 if batch is None else batch, *size, generator=gen)
+    x = torch.randn(3 if batch is None else batch, *size, generator=gen)
+    with torch.no_grad():
+        want = module(x)
+    fused = [m for m in module.modules() if getattr(m, "fused_attn", None) is True]
+    ways = [("as is", True, False), ("without the exporter's graph optimiser", False, False)]
+    if fused:
+        ways += [("with timm's fused attention off", True, True),
+                 ("with timm's fused attention off, without the exporter's graph optimiser", False, True)]
+    first = None
+    for how, optimize, unfused in ways:
+        for m in fused:
+            m.fused_attn = not unfused
+        try:
+            return (*_checked_onnx(module, example, x, want, batch is None, opset, optimize), how)
+        except KdkitError as e:
+            first = first or e
+        finally:
+            for m in fused:
+                m.fused_attn = True
+    raise first
+
+
+def _checked_onnx(module: nn.Module, example: Tensor, x: Tensor, want: Tensor, dynamic_batch: bool,
+                  opset: int | None, optimize: bool) -> tuple[bytes, int, float]:
+    """Export, then run the graph in onnxruntime on `x` against PyTorch's `want` (see _to_onnx)."""
+    import onnxruntime as ort
+
+    proto = _export_program(module, example, dynamic_batch, opset, optimize)
+    got_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset is not None and got_opset != opset:
+        raise KdkitError(f"torch's exporter could not produce opset {opset} (it gave {got_opset}): use --opset "
+                         f"{got_opset} or leave --opset out")
+    if proto.ByteSize() >= 2**31:
+        raise KdkitError("the ONNX graph is over 2 GB, which needs ONNX's external data files: kdkit export "
+                         "writes single files; export safetensors instead")
+    data = proto.SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings about kernels it does without are not ours
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    except Exception as e:  # onnxruntime's own errors (an invalid graph, a kernel it lacks)
+        raise KdkitError(f"onnxruntime {ort.__version__} cannot run the exported graph (opset {got_opset}): "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    diff = (got - want).abs().max().item()
+    if not diff <= 1e-3 * max(1.0, want.abs().max().item()):
+        raise KdkitError(f"the exported graph's logits differ from PyTorch's by {diff:.3g} (onnxruntime "
+                         f"{ort.__version__}): nothing written; try another --opset")
+    return data, got_opset, diff
+
+
+def _export_program(module: nn.Module, example: Tensor, dynamic_batch: bool, opset: int | None, optimize: bool):
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     # the exporter prints progress and conversion tracebacks of its own; the error says what failed
     noise = io.StringIO()
@@ -99,11 +165,24 @@ def _to_onnx(module: nn.Module, example: Tensor, dynamic_batch: bool, opset: int
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, (example,), None, input_names=["input"], output_names=["logits"],
-                                        opset_version=opset, dynamo=True, dynamic_shapes=shapes, verbose=False)
+                                        opset_version=opset, dynamo=True, dynamic_shapes=shapes, verbose=False,
+                                        optimize=optimize)
             return program.model_proto
         except Exception as e:
             raise KdkitError(f"torch could not export the student to ONNX (opset {opset or 'default'}): "
-                             f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+                             f"{export_cause(e)}") from None
+
+
+def export_cause(e: BaseException) -> str:
+    """One line for an exporter's exception: the innermost error of its "## Exception summary" (the
+    cause, which its message puts after a page of next steps), else its own first 300 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    summary = text.split("## Exception summary", 1)
+    causes = re.findall(r"^<class '(?:[\w.]+\.)?(\w+)'>: (.+)$", summary[1], re.MULTILINE) if len(summary) == 2 else []
+    if causes:
+        kind, message = causes[0]
+        return f"{type(e).__name__}, caused by {kind}: {' '.join(message.split())[:300]}"
+    return f"{type(e).__name__}: {' '.join(text.split())[:300]}"
 
 
 def _default_onnx_path(folder: Path, config: dict, head: str) -> Path:
@@ -124,7 +203,6 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str = "fu
     """
     _need_onnx()
     import onnx
-    import onnxruntime as ort
 
     folder = student_folder(path)
     config = read_config(folder)
@@ -139,33 +217,18 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str = "fu
     _, _, student = _load(folder)
     module = OneHead(student, head).eval()
     size = tuple(config["pretrained_cfg"]["input_size"])
-    gen = torch.Generator().manual_seed(0)
-    proto = _to_onnx(module, torch.randn(2 if dynamic_batch else batch, *size, generator=gen), dynamic_batch, opset)
+    data, got_opset, diff, how = _to_onnx(module, size, batch, opset)
+    proto = onnx.load_from_string(data)
     onnx.helper.set_model_props(proto, onnx_metadata(config, head))
     proto.producer_name, proto.doc_string = "kdkit", f"{config['architecture']} student, {head} head"
-    got_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if opset is not None and got_opset != opset:
-        raise KdkitError(f"torch's exporter could not produce opset {opset} (it gave {got_opset}): use --opset "
-                         f"{got_opset} or leave --opset out")
-    if proto.ByteSize() >= 2**31:
-        raise KdkitError(f"the ONNX graph of {config['architecture']} is over 2 GB, which needs ONNX's external data "
-                         f"files: kdkit export writes single files; export safetensors instead")
     data = proto.SerializeToString()
-    x = torch.randn(3 if dynamic_batch else batch, *size, generator=gen)
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        want = module(x)
-    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-    diff = (got - want).abs().max().item()
-    if not diff <= 1e-3 * max(1.0, want.abs().max().item()):
-        raise KdkitError(f"the exported graph's logits differ from PyTorch's by {diff:.3g} (onnxruntime "
-                         f"{ort.__version__}): nothing written; try another --opset")
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
+    exported = "" if how == "as is" else f", exported {how}"
     console.print(f"ONNX: {config['architecture']} ({head} head, opset {got_opset}, batch "
-                  f"{'dynamic' if dynamic_batch else batch}); onnxruntime vs PyTorch on a random batch: largest "
-                  f"|difference| {diff:.2g}")
+                  f"{'dynamic' if dynamic_batch else batch}{exported}); onnxruntime vs PyTorch on a random batch: "
+                  f"largest |difference| {diff:.2g}")
     return {"path": str(out), "head": head, "opset": got_opset, "dynamic_batch": dynamic_batch,
-            "max_abs_diff": diff}
+            "max_abs_diff": diff, "exported": how}
 
 
 TIMM_FILES = ("model.safetensors", "config.json")

@@ -165,3 +165,23 @@ def test_t2t_fixed_sinusoidal_position_embedding_is_not_trained():
     torch.testing.assert_close(pe[3, 0], torch.sin(torch.tensor(3.0)))
     learned = timm.create_model("t2t_vit_7", num_classes=K, learned_pos=True, **TINY_T2T)
     assert learned.pos_embed.requires_grad
+
+
+@pytest.mark.parametrize("name, kwargs, auto, token_says", [
+    # timm resamples a dynamic ViT's position table by its prefix-token count at every forward
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
+                                  dynamic_img_size=True), "dual", "dynamic_img_size.*use head 'dual'"),
+    # Eva's rotary embedding is built for its own prefix tokens; it has no patch-dropout module to hook
+    ("eva02_tiny_patch14_224", dict(img_size=28, depth=1), "dual", "not the layout.*use head 'dual'"),
+    # a model with its own distillation head is pointed to it, not to dual (which refuses it)
+    # (its attention is built for 224 px)
+    ("efficientformerv2_s0", dict(img_size=224, depths=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32)), "native",
+     "no class token: use head 'native'"),
+])
+def test_the_automatic_head_takes_a_head_that_fits_and_token_says_which(name, kwargs, auto, token_says):
+    student = create_student(create_model(name, K, **kwargs), K, "auto")
+    assert type(student).__name__.lower().startswith(auto)
+    out = student.train()(torch.randn(2, 3, kwargs.get("img_size", 32), kwargs.get("img_size", 32)))
+    (out.logits.sum() + out.dist_logits.sum()).backward()
+    with pytest.raises(KdkitError, match=token_says):
+        create_student(create_model(name, K, **kwargs), K, "token")

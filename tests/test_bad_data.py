@@ -87,15 +87,24 @@ def test_dataset_counts_and_skips_each_case(bad_data):
 FAST = ["--img-size", "32", "--epochs", "1", "--workers", "0", "--no-progress", "--set", "optim.warmup_epochs=0"]
 
 
-def test_a_run_skips_and_counts_bad_images_in_its_summary(bad_data, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_skips_counts_and_names_bad_images_in_its_summary(bad_data, tmp_path, capsys, workers):
     # one batch holds the whole training split, so every image is drawn once
     assert run_cli("train", "--model", "resnet10t", "--data", bad_data, "--output", tmp_path, "--name", "bad",
-                   *FAST, "--batch-size", "128", "--set", "run.log_every=1") == 0
+                   *FAST, "--batch-size", "128", "--set", "run.log_every=1", "--workers", workers) == 0
     summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
-    assert summary["data"]["train"] == {"empty_classes": ["zz_empty"], "ignored_files": 1, "skipped_images": 3}
-    assert summary["data"]["eval"] == {"empty_classes": [], "ignored_files": 0, "skipped_images": 3}
+    named = {split: sorted(str(bad_data / split / "cat" / n) for n in UNREADABLE) for split in ("train", "test")}
+    assert summary["data"]["train"] == {"empty_classes": ["zz_empty"], "ignored_files": 1, "skipped_images": 3,
+                                        "skipped_names": named["train"]}
+    assert summary["data"]["eval"] == {"empty_classes": [], "ignored_files": 0, "skipped_images": 3,
+                                       "skipped_names": named["test"]}
     assert summary["eval"]["n"] == 60 + len(READABLE)
     assert summary["classes"] == 11  # the empty class folder is a class without samples
+    # the console names them too (the first three: here all)
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"3 unreadable training images (views, over the epochs): {', '.join(named['train'])} (see summary.json)" \
+        in out, out
+    assert f"3 unreadable skipped: {', '.join(named['test'])}" in out, out
 
 
 def test_strict_makes_each_case_an_error_in_one_line(bad_data, tmp_path, capsys):

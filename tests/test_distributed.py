@@ -153,3 +153,29 @@ def test_an_accelerator_of_the_callers_that_shards_is_refused_by_fit():
             check_not_sharded(kind)
     check_not_sharded(DistributedType.MULTI_GPU)
     check_not_sharded(DistributedType.NO)
+
+
+def test_a_launch_that_starts_one_process_says_so(tmp_path, tiny_data, teacher_dir):
+    """`accelerate launch --cpu --num_processes 2` takes Accelerate's simple launcher, which runs one
+    process: the run is a correct one-process run, and one line says that it is not the two asked for."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kdkit", "distill",
+           *map(str, run_args(tiny_data, teacher_dir)), "--epochs", "1", "--output", str(tmp_path), "--name", "lone"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = " ".join(done.stderr.split())  # the console wraps lines
+    assert err.count("note: accelerate launch started 1 process, not the --num_processes asked for") == 1, err
+    assert "accelerate launch --multi_gpu --num_processes N, without --cpu" in err
+    assert ", 1 process -> " in err  # the run header
+    assert json.loads((tmp_path / "lone" / "summary.json").read_text())["processes"] == 1
+
+
+def test_the_lone_launch_note_reads_what_the_launchers_set():
+    from kdkit.accelerator import lone_launch_note
+
+    simple = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert lone_launch_note(1, simple) is not None
+    assert lone_launch_note(1, {"ACCELERATE_USE_CPU": "True"}) is None  # --num_processes 1: as asked
+    assert lone_launch_note(1, {**simple, "WORLD_SIZE": "1"}) is None  # torchrun with one process
+    assert lone_launch_note(2, {**simple, "WORLD_SIZE": "2"}) is None
+    assert lone_launch_note(1, {}) is None  # no launcher

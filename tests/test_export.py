@@ -1,6 +1,7 @@
 """`kdkit export`: ONNX files whose logits match PyTorch's on real images, with the preprocessing in
 their metadata; plain-timm folders whose one head gives the student's fused logits without kdkit."""
 
+import inspect
 import json
 import subprocess
 import sys
@@ -185,6 +186,43 @@ def test_dual_head_collapses_to_the_averaged_linear_layer(tiny_runs, timm_folder
     for p in ("weight", "bias"):
         torch.testing.assert_close(fused[f"fc.{p}"], (model[f"fc.{p}"] + head[f"head_dist.{p}"]) / 2)
     assert all(torch.equal(fused[k], v) for k, v in model.items() if not k.startswith("fc."))
+
+
+# classifiers that are not one linear layer on the pooled features: a 1x1 convolution (DLA), BatchNorm then
+# linear (EfficientViT-MSRA's NormLinear), branch heads averaged (CrossViT) or softmax-weighted (EfficientViM)
+NON_LINEAR_CLASSIFIERS = {
+    "dla46x_c": {},
+    "efficientvit_m0": dict(embed_dim=(16, 32, 48), depth=(1, 1, 1), num_heads=(2, 2, 2)),
+    "crossvit_tiny_240": dict(img_scale=(1.0, 1.0), patch_size=(8, 16), embed_dim=(16, 32), depth=((1, 1, 0),),
+                              num_heads=(2, 2)),
+    "efficientvim_m1": dict(embed_dim=(16, 32, 64), depths=(1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NON_LINEAR_CLASSIFIERS))
+def test_a_dual_head_collapses_into_a_classifier_that_is_not_one_linear_layer(name):
+    from kdkit.models.fused import fused_timm_model
+
+    kw = NON_LINEAR_CLASSIFIERS[name]
+    student = create_student(name, 10, "dual", img_size=32, model_kwargs=kw).eval()
+    with torch.no_grad():  # trained-looking statistics, so that a BatchNorm is no identity
+        for m in student.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
+        student.head_dist.weight.normal_(0, 0.1), student.head_dist.bias.normal_(0, 0.1)
+    args = {**kw, **({"img_size": 32} if "img_size" in str(inspect.signature(type(student.model).__init__)) else {})}
+    config = {"architecture": name, "num_classes": 10, "model_args": args, "kdkit": {},
+              "pretrained_cfg": {"input_size": [3, 32, 32]}}
+    state, cfg, _ = fused_timm_model(student, config)
+    plain = timm.create_model(cfg["architecture"], num_classes=10, **cfg["model_args"]).eval()
+    plain.load_state_dict(state, strict=True)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():  # the two heads' average, from the model's own forward and the dual head's linear map
+        feats = student.model.forward_features(x)
+        want = (student.model(x) + student.head_dist(student.model.forward_head(feats, pre_logits=True))) / 2
+        got = plain(x)
+    torch.testing.assert_close(got, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=0)
+    assert not torch.allclose(got, student.model(x), atol=1e-3)  # the dual head changed it
 
 
 def test_plain_timm_folder_loads_without_kdkit(tiny_runs, tiny_data, timm_folders, tmp_path):

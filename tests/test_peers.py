@@ -4,6 +4,7 @@ one clear line (kdkit.accelerator); and what a killed cache writer leaves is cle
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,8 +16,9 @@ import pytest
 import torch
 
 from kdkit.accelerator import DEFAULT_TIMEOUT, dist_timeout, peer_failure
+from kdkit.config import DataConfig
 from kdkit.registry import KdkitError
-from tests.test_distributed import run_args
+from tests.test_distributed import LAUNCH, run_args
 
 GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:7381: "
               "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the "
@@ -124,3 +126,61 @@ def test_a_hung_peer_makes_the_other_process_give_up_after_the_timeout(tmp_path,
     assert len(lines) == 1 and "Traceback" not in said, said[-2000:]
     assert lines[0].startswith("kdkit distill: error: process 0 of 2 waited 4 s (KDKIT_DIST_TIMEOUT) for the other "
                                "processes")
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` has exited (a zombie waiting for its parent counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_peer_with_loader_workers_ends_the_other_under_the_launcher_in_seconds(tmp_path, tiny_data,
+                                                                                       teacher_dir):
+    """kdkit's default loader workers (2 a process): the killed process's forked workers hold its sockets,
+    so the survivor's collectives saw it alive until they noticed their parent's death (torch polls every
+    5 s); they die with it now, and the launcher's SIGTERM ends the survivor with its one line."""
+    import psutil
+
+    workers = DataConfig().workers
+    assert workers > 0
+    args = [*run_args(tiny_data, teacher_dir), "--epochs", "50", "--workers", str(workers), "--output", tmp_path,
+            "--name", "run"]
+    log = tmp_path / "launch.log"
+    with log.open("w") as out:
+        launcher = subprocess.Popen([*LAUNCH, "distill", *map(str, args)], stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        metrics, deadline, pids = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120, {}
+        while len(pids) < 2 or not (metrics.is_file() and metrics.read_text().count('"step"') >= 3):
+            assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()[-2000:]
+            pids = {int(c.environ()["RANK"]): c.pid for c in psutil.Process(launcher.pid).children()
+                    if "RANK" in c.environ()}
+            time.sleep(0.05)
+        loader_workers = [c.pid for c in psutil.Process(pids[1]).children()]
+        assert len(loader_workers) >= workers  # the loaders' workers are running
+        t0 = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)
+        while not all(map(_gone, loader_workers)) and time.monotonic() - t0 < 60:
+            time.sleep(0.01)
+        workers_gone = time.monotonic() - t0
+        while not _gone(pids[0]) and time.monotonic() - t0 < 60:
+            time.sleep(0.02)
+        took = time.monotonic() - t0
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    said = log.read_text()
+    lines = [x for x in said.splitlines() if re.match(r"kdkit( \w+)?: (error|process)", x)]
+    # the killed process's workers die with it (they held its sockets open for up to torch's 5 s poll), and
+    # the survivor follows in seconds (it took 5 to 9 s; the bound leaves room for a loaded machine)
+    assert workers_gone < 1.5, workers_gone
+    assert took < 15, (took, said[-3000:])
+    # its own line: the launcher's SIGTERM, or the collective that failed first
+    assert len(lines) == 1 and re.match(r"kdkit: process 0 of 2 stopped by SIGTERM|kdkit distill: error: process 0 "
+                                        r"of 2 lost contact with the other processes", lines[0]), said[-3000:]
+    assert not re.search(r'File "[^"]*/kdkit/', said), said[-3000:]  # no kdkit traceback
+    assert f"--resume {tmp_path / 'run'}" in lines[0]

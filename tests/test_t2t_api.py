@@ -323,3 +323,47 @@ def test_resnet9_grad_checkpointing_and_torchscript():
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(plain)(x), model.eval()(x), rtol=1e-6, atol=1e-6)
+
+
+def test_t2t_layer_attention_is_single_head_attention_on_the_token_sequence():
+    """The T2T layer's attention, written out on (B, N, d) tensors as the paper's single head:
+    softmax(q k^T / sqrt(d)) v, its residual the value path; the 4-D layout torch's ONNX exporter takes
+    must not change it (1e-5)."""
+    from kdkit.models.t2t_vit import T2TLayer
+
+    torch.manual_seed(0)
+    layer = T2TLayer(27, 16).eval()
+    x = torch.randn(3, 10, 27)
+    with torch.no_grad():
+        q, k, v = layer.qkv(layer.norm1(x)).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / 16 ** 0.5, dim=-1) @ v
+        y = v + layer.proj(attn)
+        want = y + layer.mlp(layer.norm2(y))
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=0)
+
+
+def test_a_distilled_t2t_is_the_token_student_as_one_timm_model():
+    """T2T-ViT(distilled=True) has kdkit's token where the `token` head inserts it (after the position
+    embedding, no position of its own): with the student's weights, timm's distilled API gives the
+    student's two heads in distilled training and their average otherwise."""
+    student = create_student(t2t(), K, "token").eval()
+    with torch.no_grad():
+        for p in (student.dist_token, student.head_dist.weight, student.head_dist.bias):
+            p.normal_(0, 0.5)
+    distilled = t2t(distilled=True)
+    state = {**student.model.state_dict(), "dist_token": student.dist_token,
+             **{f"head_dist.{k}": v for k, v in student.head_dist.state_dict().items()}}
+    distilled.load_state_dict(state, strict=True)
+    x = torch.randn(B, 3, 32, 32)
+    with torch.no_grad():
+        out = student(x)
+        torch.testing.assert_close(distilled(x), (out.logits + out.dist_logits) / 2, atol=1e-6, rtol=0)
+        distilled.set_distilled_training(True)
+        cls, dist = distilled.train()(x)
+        torch.testing.assert_close(cls, out.logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(dist, out.dist_logits, atol=1e-6, rtol=0)
+    assert distilled.num_prefix_tokens == 2 and "dist_token" in distilled.no_weight_decay()
+    with pytest.raises(ValueError, match="global_pool 'token'"):
+        t2t(distilled=True, global_pool="avg")
+    with pytest.raises(ValueError, match="distilled=True"):
+        t2t().set_distilled_training(True)

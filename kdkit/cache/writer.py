@@ -28,7 +28,7 @@ from kdkit.cache import LogitCache
 from kdkit.cache.manifest import differences
 from kdkit.cache.store import DTYPES, LogitStore, encode, read_manifest, record_bytes, record_labels
 from kdkit.console import progress_bar
-from kdkit.data import SeededDataset, collate
+from kdkit.data import SeededDataset, collate, start_worker
 from kdkit.files import LOCK_NAME, atomic_write_text, exclusive_lock, remove_stale_temporaries
 from kdkit.registry import KdkitError
 
@@ -109,7 +109,7 @@ def _write(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, root: Pa
             lo = shard * store.shard_size
             views = reader.views_of_epoch(epoch)[lo:lo + store.shard_size]
             loader = DataLoader(dataset, batch_size=batch_size, sampler=views.tolist(), num_workers=workers,
-                                collate_fn=collate)
+                                collate_fn=collate, worker_init_fn=start_worker)
             record = encode(torch.zeros(len(views), m["num_classes"]), topk, dtype)  # unreadable views stay 0
             row_of = {v: r for r, v in enumerate(views.tolist())}
             for raw in loader:

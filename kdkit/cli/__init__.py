@@ -115,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kdkit {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        accelerator = sys.modules.get("kdkit.accelerator")
+        if accelerator is not None and isinstance(e, accelerator.Stopped):  # SIGTERM: its line is out
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(e.code))
+        raise
     finally:
         close_process_group()
 

@@ -17,17 +17,34 @@ def print_eval(result: dict, title: str) -> None:
             key = f"{prefix}{head}"
             table.add_row(key.replace("_", " "), f"{result[f'{key}_top1']:.2f}", f"{result[f'{key}_top5']:.2f}")
     out.print(table)
-    out.print(f"{result['n']} images, {result['images_per_s']:.0f} images/s, {result['skipped']} unreadable skipped")
+    out.print(f"{result['n']} images, {result['images_per_s']:.0f} images/s, {result['skipped']} unreadable skipped"
+              f"{named(result.get('skipped_names', []))}", soft_wrap=True)
+
+
+SHOWN_NAMES = 3  # unreadable images named on the console (all of them in summary.json)
+
+
+def named(names: list[str]) -> str:
+    """": a.jpg, b.jpg, c.jpg (+2 more in summary.json)" for the first unreadable images, "" for none."""
+    if not names:
+        return ""
+    more = f" (+{len(names) - SHOWN_NAMES} more in summary.json)" if len(names) > SHOWN_NAMES else ""
+    return f": {', '.join(names[:SHOWN_NAMES])}{more}"
 
 
 def print_summary(summary: dict) -> None:
     if summary.get("eval"):
         print_eval(summary["eval"], f"{summary['mode']}: {summary['run_dir']}")
     out.print(f"student saved to {summary['student']}  ({summary['train_seconds']:.0f} s)")
-    skipped = {split: d.get("skipped_images", 0) for split, d in summary.get("data", {}).items()}
+    data = summary.get("data", {})
+    skipped = {split: d.get("skipped_images", 0) for split, d in data.items()}
     if summary.get("skipped_steps") or any(skipped.values()):
+        train = data.get("train", {})
         out.print(f"skipped: {summary.get('skipped_steps', 0)} steps with a non-finite loss, "
-                  f"{skipped.get('train', 0)} unreadable training images (see summary.json)")
+                  f"{skipped.get('train', 0)} unreadable training images (views, over the epochs)"
+                  f"{named(train.get('skipped_names', []))}"
+                  f"{'' if len(train.get('skipped_names', [])) > SHOWN_NAMES else ' (see summary.json)'}",
+                  soft_wrap=True)
 
 
 def _si(n: float, unit: str = "") -> str:

@@ -3,7 +3,6 @@ timm transforms; loaders whose samples carry their index."""
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,13 +32,14 @@ from kdkit.data.stream import StreamDataset, open_hub_stream, open_url_stream
 from kdkit.data.transforms import ToNormalizedTensor, create_transforms, fuse_to_tensor
 from kdkit.data.unlabeled import SemiSupervisedDataset, UnlabeledFolderDataset, check_readable
 from kdkit.data.views import apply_views, eval_transform, is_augmented, view_settings, view_transform
+from kdkit.data.workers import start_worker
 from kdkit.registry import KdkitError
 
 __all__ = [
     "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "MixedSampler", "SampleMixup",
     "SeededDataset", "SemiSupervisedDataset", "StreamDataset", "TarShardDataset", "TorchImageDataset", "read_class_map",
     "ToNormalizedTensor", "UnlabeledFolderDataset", "collate", "describe_object", "is_data_object", "loader_settings",
-    "create_loader", "fuse_to_tensor",
+    "NAMED_SKIPS", "create_loader", "fuse_to_tensor", "note_skipped", "start_worker",
     "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
     "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
 ]
@@ -212,12 +212,15 @@ def open_unlabeled(data: str | Path, classes: list[str], seed: int = 0, strict: 
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack the readable samples; count the unreadable ones under "skipped". target is (B,) int64
-    class indices, or (B, K) float soft targets under Mixup/CutMix; epoch is the batch's view epoch."""
+    """Stack the readable samples; count the unreadable ones under "skipped" and name them under
+    "skipped_names" (their paths, or shard members). target is (B,) int64 class indices, or (B, K)
+    float soft targets under Mixup/CutMix; epoch is the batch's view epoch."""
     good = [s for s in samples if s["image"] is not None]
     epoch = samples[0]["epoch"] if samples else 0
+    names = [s.get("source") or f"sample {s['index']}" for s in samples if s["image"] is None]
     if not good:
-        return {"images": None, "target": None, "index": None, "skipped": len(samples), "epoch": epoch}
+        return {"images": None, "target": None, "index": None, "skipped": len(samples), "skipped_names": names,
+                "epoch": epoch}
     targets = [s["target"] for s in good]
     # torch's default_collate stacks in a loader worker straight into shared memory: the batch is
     # not built in the worker's heap and copied again to be sent (each worker's heap then grows by
@@ -227,15 +230,23 @@ def collate(samples: list[dict]) -> dict:
         "target": default_collate(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets),
         "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
         "skipped": len(samples) - len(good),
+        "skipped_names": names,
         "epoch": epoch,
     }
 
 
-def freeze_inherited_objects(worker_id: int) -> None:
-    """A loader worker's init: the objects it inherits from the main process leave the garbage
-    collector's reach (gc.freeze). A collection visits every object it tracks, writing to the page
-    of each, so a forked worker would otherwise copy the main process's whole heap bit by bit."""
-    gc.freeze()
+NAMED_SKIPS = 1000  # unreadable images named per process and run (all are counted)
+
+
+def note_skipped(names: list[str], new: list[str]) -> list[str]:
+    """`names` with those of `new` not in it yet appended, up to NAMED_SKIPS (a new list)."""
+    out = list(names)
+    for name in new:
+        if len(out) >= NAMED_SKIPS:
+            break
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, workers: int = 2, seed: int = 0,
@@ -253,15 +264,17 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     starting an epoch (or resuming in the middle of one) leaves the training's random stream
     (dropout, drop_path) as it was, and the views are seeded by the dataset anyway. Training
     samplers yield (epoch, view id), so `persistent_workers` (kept between epochs) need no epoch
-    of their own; `prefetch_factor` batches per worker are prepared ahead.
+    of their own; `prefetch_factor` batches per worker are prepared ahead. Workers die with their
+    process, and leave what they inherit out of the garbage collector's reach
+    (kdkit.data.workers.start_worker).
     """
     if isinstance(dataset, StreamDataset):
         # a stream: readers (processes x workers) plan their own shards; workers are started anew
         # each epoch, so that they read the epoch (and resume step) seek() gave the dataset
         part = dataset.plan_readers(batch_size, num_replicas, rank) if training else dataset
         return DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=training,
-                          worker_init_fn=freeze_inherited_objects,
-                          pin_memory=torch.cuda.is_available(), **({"prefetch_factor": prefetch_factor} if workers else {}))
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=start_worker,
+                          **({"prefetch_factor": prefetch_factor} if workers else {}))
     if training and isinstance(dataset, SemiSupervisedDataset):
         # each step: batch_size labeled + MU * batch_size unlabeled views per process
         sampler = MixedSampler(dataset, batch_size * num_replicas, seed, num_replicas, rank, max(repeated_aug, 1))
@@ -272,4 +285,4 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     workers_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, drop_last=training, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=freeze_inherited_objects, generator=torch.Generator().manual_seed(seed), **workers_kwargs)
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=start_worker, **workers_kwargs)

@@ -175,7 +175,7 @@ class SeededDataset(Dataset):
             return views[e, v]
 
         if self.mixup is None:
-            return [_sample(*view(e, v), v, e) for e, v in keyed]
+            return [self._sample(*view(e, v), v, e) for e, v in keyed]
         mixed: dict[tuple[int, int], tuple[Tensor | None, Tensor]] = {}
         for e in {e for e, _ in keyed}:
             mine = [v for ee, v in keyed if ee == e]
@@ -185,11 +185,12 @@ class SeededDataset(Dataset):
                 a, b = min(v, w), max(v, w)
                 (xa, ya), (xb, yb) = self.mixup(*view(e, a), *view(e, b), sample_seed(self.seed, e, a, MIX))
                 mixed[e, a], mixed[e, b] = (xa, ya), (xb, yb)
-        return [_sample(*mixed[e, v], v, e) for e, v in keyed]
+        return [self._sample(*mixed[e, v], v, e) for e, v in keyed]
 
-
-def _sample(image: Tensor | None, target: int | Tensor, view: int, epoch: int) -> dict:
-    return {"image": image, "target": target, "index": view, "epoch": epoch}
+    def _sample(self, image: Tensor | None, target: int | Tensor, view: int, epoch: int) -> dict:
+        """A sample dict; an unreadable one (image None) names its source (`describe`) for the summary."""
+        source = self.describe(view % len(self)) if image is None else None
+        return {"image": image, "target": target, "index": view, "epoch": epoch, "source": source}
 
 
 def is_hidden(name: str) -> bool:

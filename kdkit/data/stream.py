@@ -180,9 +180,10 @@ class StreamDataset(IterableDataset):
             if self.mixup is not None:
                 (xa, ya), (xb, yb) = out
                 out = list(self.mixup(xa, ya, xb, yb, sample_seed(self.seed, epoch, min(pair[0][0], pair[1][0]), MIX)))
-            for (v, _), (img, target) in zip(pair, out, strict=True):
+            for (v, raw), (img, target) in zip(pair, out, strict=True):
                 if done >= skip and done < skip + count:
-                    yield {"image": img, "target": target, "index": v, "epoch": epoch}
+                    yield {"image": img, "target": target, "index": v, "epoch": epoch,
+                           "source": None if img is not None else f"{self.source}: {raw[0]}"}
                 done += 1
 
     def plan_readers(self, batch_size: int, num_replicas: int, rank: int) -> StreamPart:
@@ -193,8 +194,9 @@ class StreamDataset(IterableDataset):
         info = get_worker_info()
         w, workers = (info.id, info.num_workers) if info else (0, 1)
         for raw in self._samples(w, workers, 0, shuffle=False):
-            yield {**dict(zip(("image", "target"), self._augment(self._decode(raw), key_id(raw[0]), 0),
-                              strict=True)), "index": key_id(raw[0]), "epoch": 0}
+            img, target = self._augment(self._decode(raw), key_id(raw[0]), 0)
+            yield {"image": img, "target": target, "index": key_id(raw[0]), "epoch": 0,
+                   "source": None if img is not None else f"{self.source}: {raw[0]}"}
 
 
 class StreamPart(IterableDataset):

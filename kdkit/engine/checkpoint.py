@@ -69,6 +69,7 @@ class Position:
     updates: int = 0  # optimizer updates so far
     skipped_steps: int = 0  # steps skipped for a non-finite loss (run.on_nonfinite = "skip")
     skipped_images: int = 0  # unreadable training images met by this process, over the run
+    skipped_names: list[str] = field(default_factory=list)  # and their names (kdkit.data.note_skipped)
     metrics_lines: int = 0  # lines of metrics.jsonl written up to here
     eval: dict = field(default_factory=dict)  # the last evaluation
     best: dict = field(default_factory=dict)  # the evaluation of RUN/student_best: {"epoch", "metric", "value"}
@@ -268,7 +269,7 @@ class Checkpointer:
             return None
         if log is not None:
             pos.metrics_lines = log.sync()
-        local = {"rng": rng_state(), "skipped_images": pos.skipped_images}
+        local = {"rng": rng_state(), "skipped_images": pos.skipped_images, "skipped_names": pos.skipped_names}
         processes = [local]
         if self.acc.num_processes > 1:
             from accelerate.utils import gather_object
@@ -374,8 +375,11 @@ class Checkpointer:
                              f"readers (processes x loader workers); this run has {self.stream_readers}: a stream's "
                              f"batches depend on its readers, so resume with the same processes and --workers")
         # the run's total stays right under any number of processes (fit sums the processes' counts)
-        pos.skipped_images = processes[index]["skipped_images"] if len(processes) == self.acc.num_processes else \
+        same = len(processes) == self.acc.num_processes
+        pos.skipped_images = processes[index]["skipped_images"] if same else \
             sum(p["skipped_images"] for p in processes) if self.acc.is_main_process else 0
+        pos.skipped_names = processes[index].get("skipped_names", []) if same else \
+            [n for p in processes for n in p.get("skipped_names", [])] if self.acc.is_main_process else []
         self.last = path
         if self.acc.is_main_process:
             console.print(f"resuming from {path}: epoch {pos.epoch + 1}, step {pos.step}, {pos.updates} updates")

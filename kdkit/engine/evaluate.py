@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from kdkit.accelerator import create_accelerator
 from kdkit.console import console, progress_bar
-from kdkit.data import create_loader, eval_transform, open_dataset
+from kdkit.data import NAMED_SKIPS, create_loader, eval_transform, note_skipped, open_dataset
 from kdkit.models import has_saved_config, load_saved
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError
@@ -33,16 +33,19 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
     model: returns StudentOut, or plain (B, K) logits (a teacher or any classifier; its "dist" and
     "fused" rows then equal its class row). Returns class_top1/top5, dist_top1/top5, fused_top1/top5,
     heads (1 when one head gives both logits: shared, or a plain classifier; else 2), n (images
-    counted), skipped (unreadable images) and images_per_s.
+    counted), skipped (unreadable images), skipped_names (their names, sorted; only when there are any)
+    and images_per_s.
     """
     acc = accelerator or create_accelerator()
     was_training = model.training
     model.eval()
     sums = {f"{h}_top{k}": 0.0 for h in ("class", "dist", "fused") for k in (1, 5)}
-    n, skipped, seconds, one_head = 0, 0, 0.0, True
+    n, skipped, seconds, one_head, names = 0, 0, 0.0, True, []
     with progress_bar(acc, description, total=len(loader), enabled=progress) as bar:
         for raw in loader:
             skipped += raw["skipped"]
+            if raw["skipped"]:
+                names = note_skipped(names, raw.get("skipped_names", ()))
             if raw["images"] is not None:
                 images, target = raw["images"].to(acc.device), raw["target"].to(acc.device)
                 start = time.perf_counter()
@@ -62,7 +65,19 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
     result = {k: 100.0 * v / max(n, 1) for k, v in sums.items()}
     result.update(heads=1 if one_head else 2, n=n, skipped=int(skipped),
                   images_per_s=n / seconds if seconds else 0.0)
+    names = gather_names(acc, names)
+    if names:
+        result["skipped_names"] = names
     return result
+
+
+def gather_names(acc: Accelerator, names: list[str]) -> list[str]:
+    """Every process's names (a collective under several processes), sorted, up to NAMED_SKIPS."""
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        names = [n for part in gather_object([names]) for n in part]
+    return sorted(set(names))[:NAMED_SKIPS]
 
 
 def check_teacher(teacher: Teacher, loader, num_classes: int, batches: int, accelerator: Accelerator,

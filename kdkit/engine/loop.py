@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from kdkit.accelerator import check_not_sharded, create_accelerator, peers_watched
 from kdkit.config import NONFINITE
 from kdkit.console import console, progress_bar
+from kdkit.data import note_skipped
 from kdkit.data.sampler import seek
 from kdkit.engine.checkpoint import Checkpointer, Position
-from kdkit.engine.evaluate import evaluate
+from kdkit.engine.evaluate import evaluate, gather_names
 from kdkit.engine.metrics import MetricsLog, Tracker
 from kdkit.engine.step import (
     DistillationStep,
@@ -64,13 +65,15 @@ class LoopSettings:
 @dataclass
 class FitResult:
     """The last evaluation, the best one's {"epoch", "metric", "value"} (RUN/student_best) and the
-    run's counters (skipped_images summed over processes)."""
+    run's counters (skipped_images summed over processes; skipped_names: the unreadable images, sorted,
+    up to kdkit.data.NAMED_SKIPS)."""
 
     eval: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
     updates: int = 0
     skipped_steps: int = 0
     skipped_images: int = 0
+    skipped_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,6 +110,8 @@ class Trainer:
                 nonfinite_step(s.on_nonfinite, self.ckpt, pos, self.log, bad)
             updated = acc.sync_gradients and not bad
         pos.step, pos.skipped_images = step + 1, pos.skipped_images + raw["skipped"]
+        if raw["skipped"]:
+            pos.skipped_names = note_skipped(pos.skipped_names, raw.get("skipped_names", ()))
         if raw["images"] is None:
             return
         if updated:
@@ -237,5 +242,7 @@ def _fit(acc: Accelerator, student: nn.Module, step_fn: DistillationStep, train_
     finally:
         log.close()  # on an error too: a long-lived process (the Python API) keeps no open file
     skipped = acc.reduce(torch.tensor(pos.skipped_images, device=acc.device), "sum").item()
+    names = gather_names(acc, pos.skipped_names)
     acc.wait_for_everyone()
-    return FitResult(pos.eval, pos.best, pos.updates, pos.skipped_steps, int(skipped))
+    return FitResult(pos.eval, pos.best, pos.updates, pos.skipped_steps, int(skipped), names)
+

@@ -136,7 +136,8 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
         console.print(f"{mode}: {config['architecture']} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
                       f"params, head {HEADS.name_of(student)}) on {summary['train_images']} images"
                       f"{f' + {len(train_ds.unlabeled)} unlabeled' if semi else ''}, {len(classes)} classes, "
-                      f"loss {kind}, lr {lr:.3g}, {r.optim.epochs} epochs, precision {acc.mixed_precision}"
+                      f"loss {kind}, lr {lr:.3g}, {r.optim.epochs} epochs, precision {acc.mixed_precision}, "
+                      f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
                       f"{', compiled' if r.run.compile else ''} -> {out_dir}")
         note = PRESET_NOTES.get(r.preset, "") if r.preset or not r.description else ""
         console.print(f"recipe: {r.description or 'command line'}; preset {r.preset or 'none'}{note}")
@@ -156,8 +157,10 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
         trackers.finish()
     summary.update(eval=result.eval, best=result.best, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
                    student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
-                   data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images},
-                         "eval": {**eval_ds.issues(), "skipped_images": result.eval.get("skipped", 0)}})
+                   data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images,
+                                   "skipped_names": result.skipped_names},
+                         "eval": {**eval_ds.issues(), "skipped_images": result.eval.get("skipped", 0),
+                                  "skipped_names": result.eval.get("skipped_names", [])}})
     if semi:
         summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader, out_dir)
     if acc.is_main_process:

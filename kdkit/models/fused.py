@@ -8,6 +8,8 @@ that `timm.create_model("local-dir:DIR", pretrained=True)` gives the fused logit
 - `token` inserted into a plain class-token ViT: the same network as timm's
   VisionTransformerDistilled (class token, distillation token, patches; the token has no position
   embedding, which is a zero row in the distilled model's), so it is saved as `deit_*_distilled_*`.
+- `token` inserted into a T2T-ViT: the same network as T2T-ViT built with `distilled=True` (its
+  token is inserted after the position embedding, as kdkit's), saved under its own name.
 
 Anything else is refused with the reason. Every collapse is checked against the student's fused
 logits before it is returned.
@@ -25,6 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from kdkit.models.student import HEADS, final_linear
+from kdkit.models.t2t_vit import T2TViT
 from kdkit.registry import KdkitError
 
 # largest |plain - fused| accepted, relative to the logits' scale (float32 reordering is ~1e-7)
@@ -45,7 +48,9 @@ def fused_timm_model(student: nn.Module, config: dict) -> tuple[dict[str, Tensor
     out["kdkit_export"] = {"head": "fused", "from_architecture": config["architecture"],
                            "from_head": head, "kdkit_version": config.get("kdkit", {}).get("version")}
     if head == "dual":
-        _average_into_classifier(student, state)
+        _average_into_classifier(student, state, config)
+    elif head == "token" and not student.native and isinstance(student.model, T2TViT):
+        out["model_args"] = _as_distilled_t2t(student, state, config)
     elif head == "token" and not student.native:
         out["architecture"], out["model_args"] = _as_distilled(student, state, config)
     elif head not in ("token", "shared", "native"):  # native: timm averages its own two heads
@@ -53,17 +58,125 @@ def fused_timm_model(student: nn.Module, config: dict) -> tuple[dict[str, Tensor
     return state, out, check_fused(student, state, out)
 
 
-def _average_into_classifier(student: nn.Module, state: dict[str, Tensor]) -> None:
+def _average_into_classifier(student: nn.Module, state: dict[str, Tensor], config: dict) -> None:
+    """Write the average of the model's classifier and the dual head into the classifier's own layers.
+
+    The classifier maps the pooled features p (what `head_dist` reads: forward_head(pre_logits=True))
+    to the logits through its final layers L_i (Linear, or 1x1 Conv2d, with a bias): one reading all
+    of p, or several reading consecutive slices p_i of it (CrossViT's and EfficientViM's branch heads),
+    each through an elementwise affine map z_i = s_i * p_i + t_i (identity, dropout, or an eval-mode
+    BatchNorm: EfficientViT's NormLinear), the logits being sum_i w_i (W_i z_i + b_i) + c (w_i = 1
+    for one layer; CrossViT averages its branches, EfficientViM weighs them). With the dual head
+    d = W_d p + b_d, the fused logits (y + d) / 2 are the classifier's own with
+
+        W_i' = (W_i + W_d,i diag(1 / s_i) / w_i) / 2
+        b_i' = (b_i + (b_d - sum_j W_d,j (t_j / s_j) - c) / sum_j w_j) / 2.
+
+    s_i, t_i, w_i and c are measured through the model on a random batch (forward hooks on the L_i;
+    w_i by moving b_i), in float64; check_fused then compares the result with the student's fused logits.
+    """
     model, dist = student.model, student.head_dist
-    found = final_linear(model) if getattr(student, "plain", False) else None
-    cls = found[1] if found else model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(cls, nn.Linear) or cls.bias is None or cls.weight.shape != dist.weight.shape:
-        raise KdkitError(f"the dual head of {type(model).__name__} cannot be collapsed into its classifier "
-                         f"({type(cls).__name__}, not a linear layer with a bias on the pooled features): "
-                         f"export ONNX instead (kdkit export RUN --format onnx)")
-    name = next(n for n, m in model.named_modules() if m is cls)
-    state[f"{name}.weight"] = ((cls.weight + dist.weight) / 2).detach().contiguous()
-    state[f"{name}.bias"] = ((cls.bias + dist.bias) / 2).detach().contiguous()
+    if getattr(student, "plain", False):  # a module of the user's: the dual head averages into its final Linear
+        found = final_linear(model)
+        cls = found[1] if found else None
+        if not isinstance(cls, nn.Linear) or cls.bias is None or cls.weight.shape != dist.weight.shape:
+            raise KdkitError(f"the dual head of {type(model).__name__} cannot be collapsed into its classifier "
+                             f"({type(cls).__name__}, not a linear layer with a bias on the pooled features): "
+                             f"export ONNX instead (kdkit export RUN --format onnx)")
+        name = next(n for n, m in model.named_modules() if m is cls)
+        state[f"{name}.weight"] = ((cls.weight + dist.weight) / 2).detach().contiguous()
+        state[f"{name}.bias"] = ((cls.bias + dist.bias) / 2).detach().contiguous()
+        return
+    cls = model.get_classifier() if hasattr(model, "get_classifier") else None
+
+    def refuse(why: str) -> KdkitError:
+        return KdkitError(f"the dual head of {type(model).__name__} cannot be collapsed into its classifier ({why}): "
+                          f"export ONNX instead (kdkit export RUN --format onnx)")
+
+    layers = [m for m in cls.modules() if isinstance(m, (nn.Linear, nn.Conv2d))] if isinstance(cls, nn.Module) else []
+    if not layers:
+        raise refuse(f"{type(cls).__name__}, with no linear layer")
+    if any(m.bias is None for m in layers):
+        raise refuse("a classifier layer without a bias")
+    if any(isinstance(m, nn.Conv2d) and (m.kernel_size != (1, 1) or m.groups != 1) for m in layers):
+        raise refuse("a convolution wider than 1x1")
+    dims = [m.in_features if isinstance(m, nn.Linear) else m.in_channels for m in layers]
+    if sum(dims) != dist.in_features:
+        raise refuse(f"its layers read {sum(dims)} features, the pooled features are {dist.in_features}")
+    z, w = _measure_classifier(model, layers, config["pretrained_cfg"]["input_size"], refuse)
+    p, y = z.pop("p"), z.pop("y")
+    wd, bd = dist.weight.detach().double(), dist.bias.detach().double()
+    scales, shifts, lo = [], [], 0
+    for i, d in enumerate(dims):
+        s_i, t_i = _elementwise_affine(p[:, lo:lo + d], z[i], refuse)
+        scales.append(s_i)
+        shifts.append(t_i)
+        lo += d
+    own = sum(w[i] * (z[i] @ _matrix(m).T + m.bias.detach().double()) for i, m in enumerate(layers))
+    c = (y - own).mean(0)
+    if not torch.allclose(y - own, c.expand_as(y), atol=1e-5 * max(1.0, y.abs().max().item())):
+        raise refuse("its logits are not a weighted sum of its layers' outputs")
+    slices = torch.split(wd, dims, dim=1)
+    shift = bd - c - sum(sl @ (t / s) for sl, s, t in zip(slices, scales, shifts, strict=True))
+    names = {id(m): n for n, m in model.named_modules()}
+    for m, sl, s_i, w_i in zip(layers, slices, scales, w, strict=True):
+        weight = (_matrix(m) + sl / s_i[None, :] / w_i) / 2
+        bias = (m.bias.detach().double() + shift / sum(w)) / 2
+        state[f"{names[id(m)]}.weight"] = weight.reshape(m.weight.shape).to(m.weight.dtype).contiguous()
+        state[f"{names[id(m)]}.bias"] = bias.to(m.bias.dtype).contiguous()
+
+
+def _matrix(layer: nn.Module) -> Tensor:
+    """A Linear's or 1x1 Conv2d's weight as a (out, in) float64 matrix."""
+    return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+
+
+def _measure_classifier(model: nn.Module, layers: list[nn.Module], input_size: list[int], refuse) -> tuple[dict, list]:
+    """On a fixed random batch: the pooled features "p" (B, D), the logits "y" (B, K) and each layer's
+    input z[i] (B, D_i), in float64; and each layer's weight w_i in the logits (moving its bias by 1
+    moves every logit by w_i)."""
+    x = torch.randn(16, *input_size, generator=torch.Generator().manual_seed(0))
+    seen: dict = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, args[0].detach().flatten(1)))
+             for i, m in enumerate(layers)]
+    weights = []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            feats = model.forward_features(x)
+            p = model.forward_head(feats, pre_logits=True).double()
+            y = model.forward_head(feats).double()
+            z = {i: seen[i].double() for i in range(len(layers))}
+            for m in layers:
+                m.bias.add_(1.0)
+                try:
+                    moved = model.forward_head(feats).double() - y
+                finally:
+                    m.bias.sub_(1.0)
+                w_i = moved.mean().item()
+                tol = 1e-5 * max(1.0, y.abs().max().item())  # float32 logits, moved by 1
+                if abs(w_i) < 1e-6 or not torch.allclose(moved, torch.full_like(moved, w_i), atol=tol):
+                    raise refuse("its layers' outputs are not summed into the logits")
+                weights.append(w_i)
+    except KeyError:
+        raise refuse("a classifier layer is not run by forward_head") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    if p.ndim != 2:
+        raise refuse(f"pooled features of shape {tuple(p.shape)}")
+    return {"p": p, "y": y, **z}, weights
+
+
+def _elementwise_affine(p: Tensor, z: Tensor, refuse) -> tuple[Tensor, Tensor]:
+    """(s, t) with z = s * p + t per feature, fitted over the batch; a refusal when z is not such a map of p."""
+    pm, zm = p.mean(0), z.mean(0)
+    var = ((p - pm) ** 2).mean(0)
+    flat = var < 1e-12  # a feature constant over the batch: any s fits, 1 is chosen
+    s = torch.where(flat, torch.ones_like(var), ((p - pm) * (z - zm)).mean(0) / var.clamp_min(1e-12))
+    t = zm - s * pm
+    if not torch.allclose(s * p + t, z, atol=1e-5 * max(1.0, z.abs().max().item())) or (s.abs() < 1e-6).any():
+        raise refuse("its layers do not read the pooled features through an elementwise affine map")
+    return s, t
 
 
 def _as_distilled(student: nn.Module, state: dict[str, Tensor], config: dict) -> tuple[str, dict]:
@@ -126,7 +239,7 @@ def plain_model(student: nn.Module, config: dict) -> nn.Module:
         model = copy.deepcopy(student.model)
         if head == "dual":
             state = dict(model.state_dict())
-            _average_into_classifier(student, state)
+            _average_into_classifier(student, state, config)
             model.load_state_dict(state)
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)  # timm's distilled models: the average of both heads
@@ -141,6 +254,20 @@ def plain_model(student: nn.Module, config: dict) -> nn.Module:
     if not (got - want).abs().max().item() <= TOLERANCE * max(1.0, want.abs().max().item()):
         raise KdkitError(f"the plain {type(model).__name__} differs from the student's fused logits")
     return model
+
+
+def _as_distilled_t2t(student: nn.Module, state: dict[str, Tensor], config: dict) -> dict:
+    """The model_args of a T2T-ViT with kdkit's inserted token as T2T-ViT(distilled=True); `state`
+    gains dist_token and head_dist (the position table is unchanged: the token has no row in it)."""
+    t2t = student.model
+    if t2t.global_pool != "token":
+        raise KdkitError(f"the inserted distillation token of {config['architecture']} cannot be collapsed into a "
+                         f"distilled T2T-ViT (it pools with {t2t.global_pool!r}; the distilled model reads its class "
+                         f"token): export ONNX instead (kdkit export RUN --format onnx --head fused)")
+    state["dist_token"] = student.dist_token.detach().clone()
+    state["head_dist.weight"] = student.head_dist.weight.detach().clone()
+    state["head_dist.bias"] = student.head_dist.bias.detach().clone()
+    return {**config.get("model_args", {}), "distilled": True}
 
 
 def needs_kdkit(architecture: str) -> bool:

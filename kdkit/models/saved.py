@@ -24,8 +24,10 @@ HEAD_FILE = "kdkit_head.safetensors"
 
 
 def _split_state(student: nn.Module) -> tuple[dict, dict]:
-    model_state = {k: v.detach().contiguous() for k, v in student.model.state_dict().items()}
-    extra = {k: v.detach().contiguous() for k, v in student.state_dict().items()
+    # copies: safetensors refuses tensors that share memory (a module registered under two names, as
+    # CoaT's shared position convolutions); loading puts the same values back into the one module
+    model_state = {k: v.detach().clone().contiguous() for k, v in student.model.state_dict().items()}
+    extra = {k: v.detach().clone().contiguous() for k, v in student.state_dict().items()
              if not k.startswith(("model.", "adapters."))}  # a loss's training adapters are not the student
     return model_state, extra
 

@@ -32,8 +32,26 @@ from kdkit.types import StudentOut
 HEADS: Registry[type[nn.Module]] = Registry("student head")
 
 
-def _is_vit_with_class_token(model: nn.Module) -> bool:
-    return getattr(model, "cls_token", None) is not None and hasattr(model, "patch_drop")
+def token_refusal(model: nn.Module) -> str | None:
+    """Why kdkit's `token` head cannot take `model` (a sentence ending in the head to use), or None.
+
+    The token is inserted by a forward pre-hook on the ViT's `patch_drop` module (after the position
+    embedding, before the blocks), so the model needs a class token and that module; a ViT whose
+    layers fix their prefix-token count when built (rotary position embeddings, Eva's) or that
+    resamples its position table by that count at every forward (dynamic_img_size) cannot take one
+    more token."""
+    name = type(model).__name__
+    if getattr(model, "dist_token", None) is not None:
+        return None  # its own token (timm's distilled DeiT)
+    other = "native" if _has_native_distillation(model) else "dual"
+    if getattr(model, "cls_token", None) is None:
+        return f"{name} has no class token: use head '{other}'"
+    if not isinstance(getattr(model, "patch_drop", None), nn.Module) or getattr(model, "rope", None) is not None:
+        return (f"{name} has a class token, but not the layout of timm's VisionTransformer family that the token "
+                f"is inserted into: use head '{other}'")
+    if getattr(model, "dynamic_img_size", False):
+        return f"{name} takes any image size (dynamic_img_size), which the token does not: use head '{other}'"
+    return None
 
 
 def _has_native_distillation(model: nn.Module) -> bool:
@@ -105,16 +123,12 @@ class TokenHead(_Wrapped):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        if not _is_vit_with_class_token(model):
-            what = ("has a class token, but not the layout of timm's VisionTransformer family that the token is "
-                    "inserted into" if getattr(model, "cls_token", None) is not None else "has no class token")
-            raise KdkitError(f"head 'token' needs a ViT with a class token; {type(model).__name__} {what}: "
-                             f"use head 'dual'")
+        refusal = token_refusal(model)
+        if refusal:
+            raise KdkitError(f"head 'token' needs a ViT with a class token; {refusal}")
         self.model = model
         self.native = getattr(model, "dist_token", None) is not None
         if not self.native:
-            if getattr(model, "dynamic_img_size", False):
-                raise KdkitError("head 'token' does not support dynamic_img_size ViTs; use head 'dual'")
             dim, k = model.embed_dim, model.num_classes
             self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
             nn.init.trunc_normal_(self.dist_token, std=0.02)
@@ -249,10 +263,10 @@ class NativeHead(_Wrapped):
 
 
 def default_head(model: nn.Module) -> str:
-    """`token` for ViTs with a class token (DeiT's distilled ones use their own), `native` for
-    other models with their own distillation head (LeViT), `dual` for the rest that have pooled
-    features (timm's forward_head, or a plain module's final nn.Linear), `shared` otherwise."""
-    if _is_vit_with_class_token(model):
+    """`token` for ViTs that take one (DeiT's distilled ones use their own; see token_refusal),
+    `native` for other models with their own distillation head (LeViT), `dual` for the rest that
+    have pooled features (timm's forward_head, or a plain module's final nn.Linear), `shared` otherwise."""
+    if token_refusal(model) is None:
         return "token"
     if _has_native_distillation(model):
         return "native"

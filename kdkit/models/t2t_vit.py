@@ -31,6 +31,12 @@ last 3 blocks by default, as timm's ViT), gradient checkpointing (blocks and T2T
 `group_matcher` / `no_weight_decay` for timm's optimizer factory, TorchScript and torch.fx.
 The fixed sinusoidal table is a buffer (still `pos_embed` in the state dict); a learned one is a
 Parameter.
+
+`distilled=True` adds DeiT's distillation token and head, as timm's VisionTransformerDistilled: the
+token sits after the class token with no position embedding (it is inserted after the position
+embedding, where kdkit's `token` head inserts its own), `head_dist` reads it, and the model returns
+(class, dist) logits in training after `set_distilled_training(True)`, their average otherwise. A
+T2T-ViT student distilled with kdkit's `token` head is saved as such a model.
 """
 
 import math
@@ -109,7 +115,10 @@ class T2TLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        x = v + self.proj(F.scaled_dot_product_attention(q, k, v))
+        # one head, as (B, 1, N, token_dim): the same attention as on (B, N, token_dim), in the 4-D
+        # layout that torch's ONNX exporter takes (it refuses 3-D query, key and value)
+        attn = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        x = v + self.proj(attn)
         return x + self.mlp(self.norm2(x))
 
 
@@ -175,6 +184,8 @@ class T2TViT(nn.Module):
         global_pool: "token" (class token, the paper's), "avg", "max", "avgmax" (over the patch
             tokens) or "" (forward_head returns the tokens).
         learned_pos: learn the position embedding instead of the paper's fixed sinusoid.
+        distilled: add a distillation token and head (see the module docstring); needs
+            global_pool "token".
         dynamic_img_size: take any input size, resampling the position embedding to its token
             grid at every forward (as timm's ViT with dynamic_img_size); otherwise another input
             size is an error.
@@ -184,26 +195,31 @@ class T2TViT(nn.Module):
     """
 
     dynamic_img_size: Final[bool]
+    distilled: Final[bool]
 
     def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "token", token_dim: int = 64, embed_dim: int = 384, depth: int = 14,
                  num_heads: int = 6, mlp_ratio: float = 3.0, qkv_bias: bool = False, learned_pos: bool = False,
                  drop_rate: float = 0.0, pos_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 distilled: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
-        _check_pool(global_pool)
+        _check_pool(global_pool, distilled)
         dd = _factory(device, dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1
+        self.distilled = distilled
+        self.distilled_training = False  # set_distilled_training(True): forward gives (class, dist) in training
+        self.num_prefix_tokens = 2 if distilled else 1
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
         self.tokens_to_token = TokensToToken(to_2tuple(img_size), in_chans, token_dim, embed_dim, **dd)
         self.num_patches = self.tokens_to_token.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if distilled else None
         table = sinusoid_table(1 + self.num_patches, embed_dim)
         table = table.to(**dd) if dd else table
         if learned_pos:
@@ -225,7 +241,11 @@ class T2TViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head_dist = (nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()) \
+            if distilled else None
         trunc_normal_(self.cls_token, std=0.02)
+        if distilled:
+            trunc_normal_(self.dist_token, std=0.02)
         if learned_pos:
             trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
@@ -242,13 +262,14 @@ class T2TViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """The class token, and the position embedding when it is learned."""
-        return {"cls_token"} | ({"pos_embed"} if isinstance(self.pos_embed, nn.Parameter) else set())
+        """The class (and distillation) token, and the position embedding when it is learned."""
+        return ({"cls_token"} | ({"dist_token"} if self.distilled else set())
+                | ({"pos_embed"} if isinstance(self.pos_embed, nn.Parameter) else set()))
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for timm's layer-wise lr decay: embedding (T2T module, tokens), each block, norm."""
-        return dict(stem=r"^cls_token|^pos_embed|^tokens_to_token",
+        return dict(stem=r"^cls_token|^dist_token|^pos_embed|^tokens_to_token",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
@@ -259,20 +280,29 @@ class T2TViT(nn.Module):
         self.tokens_to_token.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """timm's switch of distilled models: in training, forward returns (class, dist) logits."""
+        if not self.distilled:
+            raise ValueError("set_distilled_training needs a distilled T2T-ViT (distilled=True)")
+        self.distilled_training = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, nn.Module]:
+        return (self.head, self.head_dist) if self.distilled else self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new classifier (none with num_classes=0) on the model's device and dtype, in its mode;
-        the pooling is kept unless `global_pool` is given."""
+        """A new classifier (none with num_classes=0; both heads of a distilled model) on the model's
+        device and dtype, in its mode; the pooling is kept unless `global_pool` is given."""
         self.num_classes = num_classes
         if global_pool is not None:
-            _check_pool(global_pool)
+            _check_pool(global_pool, self.distilled)
             self.global_pool = global_pool
         ref = self.cls_token
-        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
-                     else nn.Identity())
-        self.head.train(self.training)
+        for name in ("head", "head_dist") if self.distilled else ("head",):
+            head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
+                    else nn.Identity())
+            head.train(self.training)
+            setattr(self, name, head)
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None) -> None:
         """Rebuild for another input size: the token grid, and the position embedding resampled to it
@@ -296,7 +326,8 @@ class T2TViT(nn.Module):
         update_model_input_size(self, self.tokens_to_token.img_size)
 
     def _embed(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, 1 + N, embed_dim): T2T tokens, class token, position embedding."""
+        """(B, C, H, W) -> (B, num_prefix_tokens + N, embed_dim): T2T tokens, class token, position
+        embedding, then the distillation token of a distilled model after the class token."""
         h, w = x.shape[-2], x.shape[-1]
         x = self.tokens_to_token(x)
         if self.dynamic_img_size:
@@ -312,6 +343,8 @@ class T2TViT(nn.Module):
             pos_embed = self.pos_embed
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.pos_drop(x + pos_embed.to(x.dtype))
+        if self.distilled:
+            x = torch.cat([x[:, :1], self.dist_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, 1:]], dim=1)
         return self.patch_drop(x)
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None,
@@ -380,7 +413,17 @@ class T2TViT(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, T, embed_dim) features -> (B, num_classes) logits, or (B, embed_dim) with pre_logits
-        (the tokens themselves with global_pool "")."""
+        (the tokens themselves with global_pool ""). A distilled model reads its class and
+        distillation tokens, as timm's VisionTransformerDistilled: (class, dist) logits in distilled
+        training, their average otherwise (pre_logits: the average of the two tokens)."""
+        if self.distilled:
+            x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+            if pre_logits:
+                return (x + x_dist) / 2
+            x, x_dist = self.head(x), self.head_dist(x_dist)
+            if self.distilled_training and self.training and not torch.jit.is_scripting():
+                return x, x_dist
+            return (x + x_dist) / 2
         x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=self.num_prefix_tokens)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
@@ -389,9 +432,12 @@ class T2TViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _check_pool(global_pool: str) -> None:
+def _check_pool(global_pool: str, distilled: bool = False) -> None:
     if global_pool not in POOLS:
         raise ValueError(f"global_pool must be one of {POOLS}, not {global_pool!r}")
+    if distilled and global_pool != "token":
+        raise ValueError(f"a distilled T2T-ViT reads its class and distillation tokens: global_pool 'token', "
+                         f"not {global_pool!r}")
 
 
 def _cfg(**kwargs: Any) -> dict:
