@@ -7,11 +7,12 @@ Three steps, as the paper and its code:
 
 1. Layer selection (`layers`, recipe key `model.init_from_layers`). "first" (the default): the
    student's layer i is the larger model's layer i, in every numbered stack (`blocks.i` of a ViT,
-   `stages.s.blocks.i` of a ConvNeXt, `layerS.i` of a ResNet: the first N of each stage). The paper
-   chose first-N and found it better than uniform layer selection in its ablation; the authors'
-   code gets it by taking the student's own key names from the larger state dict. "uniform": the
-   student's i-th of n layers is the larger model's `idx(N, n)[i]`-th of N (the same spacing as for
-   channels, below), kept for that comparison.
+   `stages.s.blocks.i` of a ConvNeXt, `layerS.i` of a ResNet: the first N of each stage). First-N
+   is the paper's choice (it keeps the larger model's early layers together, as they were trained
+   to follow one another), and the authors' code gets it by taking the student's own key names from
+   the larger state dict. "uniform": the student's i-th of n layers is the larger model's
+   `idx(N, n)[i]`-th of N (the same spacing as for channels, below), the alternative the paper
+   compares first-N with.
 2. Component mapping: a student tensor takes the tensor of the same name (after the layer mapping).
    The classifier is not selected (the authors skip every `head` key): it keeps its random
    initialisation, whatever the class counts. A token layout that differs (a plain ViT's weights
