@@ -121,7 +121,14 @@ def main() -> None:
     ap.add_argument("--sources", nargs="+", choices=("live", "cache"), default=["live"])
     ap.add_argument("--larger", help="the larger model of the ws rows: a kdkit student folder or weights file")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "losses_quickstart.json"))
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="run nothing: print the table of these results "
+                    "files together (rows of several invocations, e.g. the ws rows run once --larger exists)")
     args = ap.parse_args()
+    if args.report:
+        done = [json.loads(Path(f).read_text()) for f in args.report]
+        rows = [r for d in done for r in d["rows"]]
+        print("\n".join(table(rows, sorted({r["seed"] for r in rows}))))
+        return
     rows, caches = [], {}
     larger = str(Path(args.larger).resolve()) if args.larger else None
 
