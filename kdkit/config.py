@@ -58,6 +58,8 @@ class ModelConfig:
     pretrained: bool = False  # student from timm's hub weights
     pretrained_path: str = ""  # student from a local timm/DeiT checkpoint, adapted (classes, size, tokens): no network
     student_weights: str = ""  # load a checkpoint of exactly this student, strictly (timm's --initial-checkpoint)
+    init_from: str = ""  # weight selection (Xu et al., ICLR 2024) from a larger model: timm name, weights file, student folder
+    init_from_layers: str = "first"  # which layers of a deeper model: first (the paper's first-N) | uniform
     grad_checkpointing: bool = False  # timm's set_grad_checkpointing on the student (less memory, slower step)
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs for the student
     teacher: str | list[str] = ""  # a timm name; several = an ensemble (model.logits "ensemble")
@@ -84,6 +86,7 @@ class ModelConfig:
         for key in ("drop_path", "drop_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise KdkitError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        _choice("model.init_from_layers", self.init_from_layers, ("first", "uniform"))
 
 
 @dataclass

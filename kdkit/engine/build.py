@@ -292,7 +292,7 @@ def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_cla
     """The recipe's student (or the given module) wrapped with its head strategy, with model.drop_rate
     (timm's drop_rate), in channels-last memory format with run.channels_last, and with gradient
     checkpointing with model.grad_checkpointing; `report` receives the one-line record of a
-    model.pretrained_path load."""
+    model.pretrained_path load or of a model.init_from weight selection."""
     head = r.model.head
     if mode == "train" and head == "auto":
         # plain supervised training; a model with a distillation token still trains both heads
@@ -303,7 +303,8 @@ def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_cla
                            pretrained=r.model.pretrained, weights=r.model.student_weights or None,
                            img_size=r.model.img_size, patch_size=r.model.patch_size,
                            drop_path_rate=r.model.drop_path, model_kwargs=kwargs, head_args=r.model.head_args,
-                           pretrained_path=r.model.pretrained_path or None, report=report)
+                           pretrained_path=r.model.pretrained_path or None, init_from=r.model.init_from or None,
+                           init_from_layers=r.model.init_from_layers, report=report)
     if r.run.channels_last:  # timm's --channels-last: the student's memory format
         built.to(memory_format=torch.channels_last)
     if r.model.grad_checkpointing:
@@ -479,7 +480,7 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
                      "eval_images": len(eval_ds), "processes": acc.num_processes,
                      "global_batch_size": r.data.batch_size}
     if loaded:
-        summary["pretrained"] = loaded[0]
+        summary["init_from" if r.model.init_from else "pretrained"] = loaded[0]
     logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
         if LOSSES.get(kind).needs_teacher else None
     loss = build_loss(r, mode, train_ds.mixup is not None, **provided_features(student, logits))
