@@ -135,6 +135,15 @@ def _measure_classifier(model: nn.Module, layers: list[nn.Module], input_size: l
     """On a fixed random batch: the pooled features "p" (B, D), the logits "y" (B, K) and each layer's
     input z[i] (B, D_i), in float64; and each layer's weight w_i in the logits (moving its bias by 1
     moves every logit by w_i)."""
+    was = model.training
+    model.eval()  # inference's normalisation, and no running statistic moved by the random batch
+    try:
+        return _measure_eval(model, layers, input_size, refuse)
+    finally:
+        model.train(was)
+
+
+def _measure_eval(model: nn.Module, layers: list[nn.Module], input_size: list[int], refuse) -> tuple[dict, list]:
     x = torch.randn(16, *input_size, generator=torch.Generator().manual_seed(0))
     seen: dict = {}
     hooks = [m.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, args[0].detach().flatten(1)))
