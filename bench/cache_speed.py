@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kdkit.cache import LogitCache, build_manifest, data_identity
+from kdkit.cache import FORMAT, LogitCache, build_manifest, data_identity
 from kdkit.cache.store import LogitStore, encode, record_bytes
 from kdkit.cache.writer import write_cache
 from kdkit.config import AugConfig
@@ -101,7 +101,7 @@ def disk_and_reads(args, tmp: Path) -> dict:
     out = {}
     for classes in (10, 1000):
         root = tmp / f"synthetic-{classes}"
-        manifest = {"mode": "replay", "epochs": 1, "repeats": 1, "num_classes": classes, "topk": 10,
+        manifest = {"format": FORMAT, "mode": "replay", "epochs": 1, "repeats": 1, "num_classes": classes, "topk": 10,
                     "dtype": "float16", "records_per_epoch": args.records, "shard_size": 4096}
         (root / "shards").mkdir(parents=True)
         (root / "manifest.json").write_text(json.dumps(manifest))
@@ -109,7 +109,8 @@ def disk_and_reads(args, tmp: Path) -> dict:
         g = torch.Generator().manual_seed(0)
         for shard in range(store.shards_per_epoch()):
             n = min(4096, args.records - shard * 4096)
-            store.write(0, shard, encode(torch.randn(n, classes, generator=g) * 3, 10, torch.float16))
+            labels = torch.randint(classes, (n,), generator=g)
+            store.write(0, shard, encode(torch.randn(n, classes, generator=g) * 3, 10, torch.float16, labels))
         on_disk = sum(p.stat().st_size for p in (root / "shards").iterdir())
         dropped = subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches", shell=True,
                                  capture_output=True).returncode == 0

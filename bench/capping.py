@@ -93,7 +93,7 @@ def distil(root: Path, seed: int, out: Path, name: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--caps", nargs="+", type=int, default=[0, 64, 32])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="*", type=int, default=[0], help="quickstart seeds per cap (none: decode only)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--cache-dir", default=os.environ.get("KDKIT_BENCH_CACHE", "~/.cache/kdkit-bench"))
     p.add_argument("--json", default="bench/results/capping.json")
@@ -110,7 +110,8 @@ def main() -> None:
             for seed in args.seeds:
                 res["runs"][seed] = distil(root, seed, Path(runs), f"cap{cap}-seed{seed}")
                 Console(stderr=True).print(f"cap {cap}, seed {seed}: {res['runs'][seed]}")
-            res["fused_top1_mean"] = statistics.mean(r["fused_top1"] for r in res["runs"].values())
+            tops = [r["fused_top1"] for r in res["runs"].values()]
+            res["fused_top1_mean"] = statistics.mean(tops) if tops else None
             results[cap] = res
     t = Table(title=f"capping the stored size: quickstart data upscaled to {args.size} px ({cpu_model()})")
     for col in ("cap (long side)", "stored px", "mean KB", "decode us/image", "decode vs uncapped",
@@ -120,7 +121,8 @@ def main() -> None:
     for cap, res in results.items():
         d = res["decode"]
         t.add_row(str(cap or "none"), "x".join(map(str, d["stored_size"])), f"{d['mean_kb']:.1f}",
-                  f"{d['us_per_image']:.0f}", f"{base / d['us_per_image']:.2f}x", f"{res['fused_top1_mean']:.2f}",
+                  f"{d['us_per_image']:.0f}", f"{base / d['us_per_image']:.2f}x",
+                  "-" if res["fused_top1_mean"] is None else f"{res['fused_top1_mean']:.2f}",
                   " ".join(f"{r['fused_top1']:.2f}" for r in res["runs"].values()))
     out = {"bench": "capping", "kdkit": kdkit_source(), "cpu": cpu_model(), "cores": os.cpu_count(),
            "loadavg_at_start": load, "loadavg_at_end": os.getloadavg(),

@@ -27,8 +27,9 @@ timm: torchvision ImageFolder + timm.data.create_transform(...), DataLoader(batc
 drop_last), and for 224 timm's Mixup on each collated batch as timm's train.py applies it (its
 time counts). kdkit: open_dataset + apply_views(view_settings(data_cfg, AugConfig)) + create_loader;
 each epoch is entered the trainer's way (kdkit.engine.checkpoint.seek: sampler and dataset epoch).
-Note: importing kdkit.data replaces timm's Posterize ops with one that accepts 0 bits (recent
-Pillow refuses posterize(0)); both pipelines run with it.
+Note: recent Pillow refuses posterize(0), which DeiT's inc1 RandAugment asks for at its top
+magnitude; kdkit's transforms give those ops the black image the policy means
+(kdkit.data.transforms.fix_posterize), and timm's pipeline here gets the same fix.
 
 Data is prepared once under --cache-dir (default $KDKIT_BENCH_CACHE or ~/.cache/kdkit-bench) and
 reused. Prints a table and JSON (stdout); writes --json (default bench/results/data_pipeline.json).
@@ -234,11 +235,14 @@ class TimmPipeline:
         from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
 
+        from kdkit.data.transforms import fix_posterize
+
         self.settings = dict(input_size=size, is_training=True, scale=tuple(aug["scale"]), hflip=aug["hflip"],
                              color_jitter=aug.get("color_jitter") or None, auto_augment=aug.get("auto_augment") or None,
                              re_prob=aug.get("reprob", 0.0), re_mode="pixel", interpolation="bicubic",
                              mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-        self.ds = ImageFolder(str(root / "train"), transform=create_transform(**self.settings))
+        # Pillow >= 10 refuses inc1's posterize to 0 bits: timm's pipeline gets kdkit's fix of that op
+        self.ds = ImageFolder(str(root / "train"), transform=fix_posterize(create_transform(**self.settings)))
         self.sampler = None
         if repeats > 1:  # timm's train.py with --aug-repeats: its RASampler, one process
             from timm.data.distributed_sampler import RepeatAugSampler

@@ -436,13 +436,13 @@ def stage_cache(args, cache: Path, log) -> dict:
     """Write a 1.28M-record replay cache of random logits and read it all in epoch order."""
     import torch
 
-    from kdkit.cache import LogitCache
+    from kdkit.cache import FORMAT, LogitCache
     from kdkit.cache.store import LogitStore, encode, record_bytes
     from kdkit.data.sampler import epoch_views
 
     torch.set_num_threads(1)
     records, classes, shard_size = args.samples, 1000, 4096
-    manifest = {"format": "kdkit-logits/2", "mode": "replay", "epochs": 1, "repeats": 1, "seed": 0,
+    manifest = {"format": FORMAT, "mode": "replay", "epochs": 1, "repeats": 1, "seed": 0,
                 "num_classes": classes, "topk": 10, "dtype": "float16", "records_per_epoch": records,
                 "shard_size": shard_size, "unlabeled": None}
     with tempfile.TemporaryDirectory(dir=cache, prefix=".logits-") as tmp:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from kdkit.version import __version__
 
 # public name -> the module that defines it
 _SOURCES: dict[str, str] = {
-    "distill": "kdkit.api", "train": "kdkit.api",
+    "distill": "kdkit.api", "train": "kdkit.api", "Result": "kdkit.api",
     "Recipe": "kdkit.config", "load_recipe": "kdkit.config",
     "DistillationStep": "kdkit.engine", "evaluate": "kdkit.engine", "fit": "kdkit.engine",
     **dict.fromkeys(("LOSSES", "DISTLoss", "DecoupledKDLoss", "DistillationLoss", "FeatureDistillationLoss",
@@ -30,7 +30,7 @@ _SOURCES: dict[str, str] = {
 __all__ = [
     "HEADS", "LOGIT_SOURCES", "LOSSES", "Batch", "CachedLogits", "DISTLoss", "DecoupledKDLoss", "DistillationLoss",
     "DistillationStep", "DualHead", "FeatureDistillationLoss", "HardDistillationLoss", "KdkitError", "LiveTeacher",
-    "LogitSource", "NativeHead", "Recipe", "SharedHead", "SoftDistillationLoss", "StepOut", "StudentOut", "TaskLoss",
+    "LogitSource", "NativeHead", "Recipe", "Result", "SharedHead", "SoftDistillationLoss", "StepOut", "StudentOut", "TaskLoss",
     "Teacher", "TeacherEnsemble", "TeacherOut", "TokenHead", "__version__", "create_loss", "create_student",
     "create_teacher", "distill", "evaluate", "fit", "load_plugins", "load_recipe", "train",
 ]
@@ -50,7 +50,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from kdkit.api import distill, train
+    from kdkit.api import Result, distill, train
     from kdkit.config import Recipe, load_recipe
     from kdkit.engine import DistillationStep, evaluate, fit
     from kdkit.losses import (

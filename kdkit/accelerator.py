@@ -42,6 +42,34 @@ def dist_timeout(seconds: float | None = None) -> float:
     return value
 
 
+# Sharded training through Accelerate, refused: kdkit's checkpoints (resumable, pickle-free) and saved
+# student (plain timm) are full state dicts of the student, the optimizer and the EMA, written by
+# one process; under FSDP or DeepSpeed those are shards (DTensors, ZeRO partitions) that each need
+# their own gather, and a run would write raw shards. A distilled classifier fits on one device,
+# so data parallelism (DDP) is the supported way to use many: one line says so, before anything
+# is written.
+SHARDED = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED",
+           "Megatron-LM": "ACCELERATE_USE_MEGATRON_LM"}
+
+
+def check_not_sharded(distributed_type: str | None = None) -> None:
+    """Refuse FSDP (FSDP1 or Accelerate's FSDP2 plugin), DeepSpeed and Megatron-LM with one line:
+    asked for by `accelerate launch --use_fsdp / --use_deepspeed`, an `accelerate config` file
+    with that distributed_type (the launcher turns it into ACCELERATE_USE_* variables) or the
+    variables themselves; `distributed_type`: an Accelerator's, once built (a plugin given another way)."""
+    from accelerate.utils import parse_flag_from_env
+
+    asked = [name for name, env in SHARDED.items() if parse_flag_from_env(env)]
+    built = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed", "MEGATRON_LM": "Megatron-LM"}.get(
+        str(distributed_type).rpartition(".")[2])
+    for name in asked or ([built] if built else []):
+        how = f"{SHARDED[name]}=true, as `accelerate launch` sets it for --use_{name.lower().replace('-', '_')} " \
+              f"or a config file with distributed_type {name.upper().replace('-', '_')}" if asked else "the Accelerator"
+        raise KdkitError(f"kdkit does not train under {name} ({how}): its checkpoints and saved student are whole "
+                         f"state dicts, not shards; the student is replicated instead: launch with "
+                         f"`accelerate launch --multi_gpu --num_processes N -m kdkit ...` (DDP, docs/distributed.md)")
+
+
 def create_accelerator(precision: str = "auto", grad_accum: int = 1, timeout: float | None = None,
                        log_with: list[str] | None = None, project_dir: str | os.PathLike | None = None) -> Accelerator:
     """An Accelerator on the GPU when there is one. Precision "auto" leaves it to Accelerate's own
@@ -52,7 +80,9 @@ def create_accelerator(precision: str = "auto", grad_accum: int = 1, timeout: fl
     on every collective, and SIGTERM (what a launcher sends the others when one process fails) is
     one line and an exit (see `stop_on_sigterm`). The timeout is set when the process group is
     made, by the first Accelerator of the process. log_with: Accelerate's tracker names (installed
-    ones: engine.metrics.resolve_trackers), which write under `project_dir` (the run directory)."""
+    ones: engine.metrics.resolve_trackers), which write under `project_dir` (the run directory).
+    FSDP, DeepSpeed and Megatron-LM are refused (check_not_sharded)."""
+    check_not_sharded()
     chosen = None if precision == "auto" else precision
     wanted = chosen or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
@@ -66,6 +96,7 @@ def create_accelerator(precision: str = "auto", grad_accum: int = 1, timeout: fl
                           project_dir=None if project_dir is None else str(project_dir))
     except ValueError as e:
         raise KdkitError(f"cannot set up precision {wanted!r}: {e}") from None
+    check_not_sharded(acc.distributed_type)
     if acc.num_processes > 1:
         stop_on_sigterm(acc.process_index, acc.num_processes)
     note = lone_launch_note(acc.num_processes)

@@ -15,7 +15,7 @@ import json
 import tomllib
 from pathlib import Path
 
-import yaml
+from huggingface_hub import EvalResult, ModelCardData
 from safetensors.torch import load_file
 
 from kdkit.files import atomic_write_text
@@ -67,8 +67,7 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
     data = data_info(summary, recipe)
     head = head_of(config)
     sections = [
-        "---\n" + yaml.safe_dump(front_matter(run_dir.name, config, summary, recipe, teacher, data), sort_keys=False)
-        + "---", MARKER,
+        f"---\n{card_data(run_dir.name, config, summary, recipe, teacher, data).to_yaml()}\n---", MARKER,
         _intro(run_dir.name, config, summary, recipe, teacher),
         _model_section(folder, config, head),
         _teacher_section(summary, teacher),
@@ -193,34 +192,34 @@ def data_info(summary: dict, recipe: dict) -> dict:
     return info
 
 
-def front_matter(name: str, config: dict, summary: dict, recipe: dict, teacher: dict, data: dict) -> dict:
-    """The card's YAML metadata (Hub model card fields)."""
+def card_data(name: str, config: dict, summary: dict, recipe: dict, teacher: dict, data: dict) -> ModelCardData:
+    """The card's metadata (the Hub's model card fields) as huggingface_hub's ModelCardData: library,
+    tags, license and datasets where known, and each head's top-1/top-5 as eval results (the Hub's
+    model-index)."""
     distilled = bool(teacher)
     tags = ["image-classification", "timm", "kdkit"] + (["knowledge-distillation"] if distilled else [])
     if head_of(config) == "token":
         tags.append("deit")
-    meta: dict = {"library_name": "timm", "pipeline_tag": "image-classification", "tags": tags}
     licenses = {x for x in (_license(recipe["model"]["student"]) if recipe["model"].get("pretrained") else None,
                             teacher.get("license")) if x}
-    if len(licenses) == 1:
-        meta["license"] = licenses.pop()
     source = str(data["source"])
-    if source.startswith("hf:"):
-        meta["datasets"] = [source[3:]]
-    meta["metrics"] = ["accuracy"]
+    hub = source[3:] if source.startswith("hf:") else None
     ev = summary.get("eval") or {}
     heads = ("fused", "class", "dist") if is_two_headed(config) else ("class",)
-    metrics = [{"type": "accuracy", "name": f"top-{k} ({h})" if len(heads) > 1 else f"top-{k}",
-                "value": round(float(ev[f"{h}_top{k}"]), 2)}
+    results = [EvalResult(task_type="image-classification", task_name="Image Classification",
+                          dataset_type=hub or "imagefolder", dataset_name=hub or Path(source).name or source,
+                          dataset_split=data["eval_split"], metric_type="accuracy",
+                          metric_name=f"top-{k} ({h})" if len(heads) > 1 else f"top-{k}",
+                          metric_value=round(float(ev[f"{h}_top{k}"]), 2))
                for h in heads for k in (1, 5) if f"{h}_top{k}" in ev]
-    if metrics:
-        meta["model-index"] = [{"name": name, "results": [{
-            "task": {"type": "image-classification", "name": "Image Classification"},
-            "dataset": {"name": source[3:] if source.startswith("hf:") else Path(source).name or source,
-                        "type": source[3:] if source.startswith("hf:") else "imagefolder",
-                        "split": data["eval_split"]},
-            "metrics": metrics}]}]
-    return meta
+    return ModelCardData(library_name="timm", pipeline_tag="image-classification", tags=tags,
+                         license=licenses.pop() if len(licenses) == 1 else None, datasets=[hub] if hub else None,
+                         metrics=["accuracy"], model_name=name, eval_results=results or None)
+
+
+def front_matter(name: str, config: dict, summary: dict, recipe: dict, teacher: dict, data: dict) -> dict:
+    """The card's YAML metadata as a dict (card_data's fields, with its model-index)."""
+    return card_data(name, config, summary, recipe, teacher, data).to_dict()
 
 
 def _table(rows: list[tuple[str, object]]) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import yaml
 
 from kdkit.registry import KdkitError, suggest
@@ -57,6 +58,8 @@ class ModelConfig:
     pretrained: bool = False  # student from timm's hub weights
     pretrained_path: str = ""  # student from a local timm/DeiT checkpoint, adapted (classes, size, tokens): no network
     student_weights: str = ""  # load a checkpoint of exactly this student, strictly (timm's --initial-checkpoint)
+    init_from: str = ""  # weight selection (Xu et al., ICLR 2024) from a larger model: timm name, weights file, student folder
+    init_from_layers: str = "first"  # which layers of a deeper model: first (the paper's first-N) | uniform
     grad_checkpointing: bool = False  # timm's set_grad_checkpointing on the student (less memory, slower step)
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs for the student
     teacher: str | list[str] = ""  # a timm name; several = an ensemble (model.logits "ensemble")
@@ -83,6 +86,7 @@ class ModelConfig:
         for key in ("drop_path", "drop_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise KdkitError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        _choice("model.init_from_layers", self.init_from_layers, ("first", "uniform"))
 
 
 @dataclass
@@ -524,38 +528,14 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.toml"))
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return _toml_string(str(v))
-
-
-_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-
-
-def _toml_string(s: str) -> str:
-    """A TOML basic string: quote, backslash and control characters escaped, everything else as is
-    (json.dumps would write astral characters as surrogate pairs, which TOML refuses)."""
-    return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
-                         for c in s) + '"'
-
-
-def _toml_key(k: object) -> str:
-    k = str(k)
-    return k if k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k) else _toml_string(k)
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def dumps_toml(data: dict) -> str:
-    """A TOML writer for recipe-shaped dicts (top-level scalars, then one table per section)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
-    for section, values in data.items():
-        if isinstance(values, dict):
-            lines += ["", f"[{section}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
-    return "\n".join(lines) + "\n"
+    """A recipe-shaped dict as TOML text (tomli-w): top-level keys, then one table per section.
+    Keys whose value is None (not set) are left out: TOML has no null, and reading the file back
+    gives the default, None, again."""
+    return tomli_w.dumps(_without_none(data))

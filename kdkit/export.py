@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from kdkit import __version__
 from kdkit.console import console
 from kdkit.files import atomic_folder, atomic_write, check_new_output
 from kdkit.models import load_saved
@@ -29,6 +28,7 @@ from kdkit.models.fused import fused_timm_model, needs_kdkit
 from kdkit.models.saved import is_two_headed, read_config, student_folder
 from kdkit.registry import KdkitError, suggest
 from kdkit.types import StudentOut
+from kdkit.version import __version__
 
 EXPORT_HEADS = ("fused", "class", "dist")
 EXPORT_EXTRA = 'pip install "kdkit[export]"'

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from kdkit.console import console
 from kdkit.registry import KdkitError
 
@@ -139,7 +141,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 LOCK_NAME = ".kdkit.lock"
-_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a file system without flock
 
 
 @contextmanager
@@ -149,94 +150,84 @@ def exclusive_lock(folder: str | Path, purpose: str) -> Iterator[Path]:
     `folder` is created if needed, and removed again on exit if this call created it and it is
     empty; the lock file is removed on exit, exception or not. Yields the lock file's path.
 
-    Why fcntl.flock on an open file, not an O_CREAT|O_EXCL file: the kernel releases a flock when
+    The lock is filelock's FileLock (flock on an open file, on Unix): the kernel releases it when
     the process holding it dies (SIGKILL, OOM, a crashed node's NFS lease), so a killed holder's
-    lock is recovered by the next taker with no guessing from pids, which an O_EXCL file needs and
-    which fails across hosts. The file only carries the holder's description (JSON); one left by a
-    killed process is taken over with a note. Caveats: the lock is per open file, so fork()ed
-    children (DataLoader workers) share it and hold it until they exit; on NFS, Linux maps flock
-    to NFS byte-range locks, which do exclude other hosts (NFSv4, or v3 with lockd), unless the
-    mount uses `nolock`/`local_lock=flock`, where only this host is excluded: a lock file left by
-    another host is then taken over with a warning to make sure nothing runs there. Where the file
-    system has no locks at all, the body runs unlocked, with a warning.
+    lock is recovered by the next taker with no guessing from pids; filelock also takes a file
+    whose inode a releasing holder unlinked as not held, and falls back to a marker file where the
+    file system has no flock (with a warning). The file carries the holder's description (JSON),
+    written once the lock is held; one left by a killed process is taken over with a note. Caveats:
+    the lock is per open file, so fork()ed children (DataLoader workers) share it and hold it until
+    they exit; on NFS, Linux maps flock to NFS byte-range locks, which do exclude other hosts (NFSv4,
+    or v3 with lockd), unless the mount uses `nolock`/`local_lock=flock`, where only this host is
+    excluded: a lock file left by another host is then taken over with a warning to make sure
+    nothing runs there.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise KdkitError(f"{folder} is a file, not a folder: choose another path")
     created = not folder.exists()
-    fd = _acquire(folder, purpose)
+    lock = _acquire(folder, purpose)
     try:
         yield folder / LOCK_NAME
     finally:
-        _release(fd, folder, created)
+        _release(lock, folder, created)
 
 
-def _acquire(folder: Path, purpose: str) -> int | None:
+def _acquire(folder: Path, purpose: str) -> FileLock:
     path = folder / LOCK_NAME
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows)
-        _note(f"[bold yellow]warning: no file locks on this platform: {folder} is not protected from a second "
-              f"kdkit {purpose}")
-        return None
+    me = {"purpose": purpose, "pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)[:300]}
+    previous: dict = {}
+
+    def describe(fd: int) -> None:  # filelock calls it with the lock file's descriptor, once held
+        previous.update(_read_holder(fd))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+
     for _ in range(20):
         folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, timeout=0, thread_local=False, on_acquired=describe)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            lock.acquire()
+        except Timeout:
+            holder = _read_holder_file(path)
+            raise KdkitError(f"{folder} is in use by {_describe(holder)}: wait for it to finish, or choose another "
+                             f"folder{_hint(holder)}") from None
         except FileNotFoundError:  # the folder was removed by a holder releasing it: make it again
             continue
         except OSError as e:
-            raise KdkitError(f"cannot create the lock file {path}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise KdkitError(f"{folder} is in use by {_describe(holder)}: wait for it to finish, or choose another "
-                             f"folder{_hint(holder)}") from None
-        except OSError as e:
-            if e.errno not in _NO_LOCKS:
-                os.close(fd)
-                raise
-            _note(f"[bold yellow]warning: the file system of {folder} does not support file locks: it is not "
-                  f"protected from a second kdkit {purpose}")
-            return fd
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:  # its holder removed the file between our open and flock: take the new one
-            os.close(fd)
-            continue
-        previous = _read_holder(fd)
+            raise KdkitError(f"cannot lock {path}: {e.strerror or e}") from None
         if previous:  # a holder that did not release: it was killed (flock is free again)
             here = previous.get("host") == socket.gethostname()
             _note(f"{'' if here else '[bold yellow]warning: '}taking over the lock of {folder} left by "
                   f"{_describe(previous)}" + ("" if here else ": that process has ended, or this file system does "
                                               "not share locks between hosts; make sure nothing runs there"))
-        me = {"purpose": purpose, "pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        return fd
+        return lock
     raise KdkitError(f"could not lock {path}: other processes keep replacing it")
 
 
-def _release(fd: int | None, folder: Path, created: bool) -> None:
-    if fd is None:
-        return
-    path = folder / LOCK_NAME
+def _release(lock: FileLock, folder: Path, created: bool) -> None:
     try:
-        if os.stat(path).st_ino == os.fstat(fd).st_ino:
-            path.unlink()  # while still locked, so a waiting taker makes a fresh file
+        (folder / LOCK_NAME).unlink()  # while still locked, so a waiting taker makes a fresh file
     except OSError:
         pass
-    os.close(fd)
+    lock.release()
     if created:
         try:
             folder.rmdir()  # nothing was written under it: leave nothing behind
         except OSError:
             pass
+
+
+def _read_holder_file(path: Path) -> dict:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return {}
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> dict:

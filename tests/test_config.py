@@ -76,7 +76,7 @@ def test_python_settings_map_to_recipe_keys():
 # the optimizer's rate being lr x global batch x grad_accum / lr_base_batch, or lr when lr_base_batch is 0
 BEFORE = {"cifar10_deit_cpu": (1e-3, 0), "cifar10_distillation_methods": (1e-3, 0),
           "cifar10_function_matching": (1e-3, 0), "cifar10_semi": (1e-3, 0), "cifar10_teacher": (0.2, 0),
-          "cifar10_vit_teacher": (1e-3, 0), "deit_tiny_imagenet": (5e-4, 512), "quickstart": (1e-3, 0)}
+          "cifar10_vit_larger": (1e-3, 0), "cifar10_vit_teacher": (1e-3, 0), "deit_tiny_imagenet": (5e-4, 512), "quickstart": (1e-3, 0)}
 
 
 @pytest.mark.parametrize("batch,accum", [(64, 1), (128, 4), (1024, 1), (4096, 2)])

@@ -152,7 +152,7 @@ def test_mlkd_loss_weighs_the_three_levels_and_records_its_temperatures():
 def test_ctkd_temperature_trains_checkpoints_and_resumes_as_the_uninterrupted_run(tiny_data, teacher_dir, tmp_path):
     """Two epochs with lambda ramping over 2: the temperature moves, is in every checkpoint (and
     not in the saved student), and a run resumed in the second epoch ends where the whole run ends."""
-    from tests.test_resume import steps as records
+    from tests.conftest import steps as records
     from tests.test_strategies import FAST, STUDENT
 
     args = ["distill", *STUDENT, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data", tiny_data,

@@ -82,6 +82,79 @@ def test_a_cache_written_by_two_processes_equals_one_written_by_one(tmp_path, od
     assert m1 == m2
 
 
+# ---- sharded training: refused in one line, before anything is written -------------------------
+
+FSDP2_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_cpu_ram_efficient_loading: true
+  fsdp_offload_params: false
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+machine_rank: 0
+main_training_function: main
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 1
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+
+
+@pytest.mark.parametrize(("env", "name"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_fsdp_and_deepspeed_are_refused_before_anything_is_written(env, name, tmp_path, tiny_data, teacher_dir,
+                                                                    monkeypatch, capsys):
+    """On CPU Accelerate ignores FSDP (it shards on accelerators only) and DeepSpeed: a run would
+    go on unsharded, or, on GPUs, write raw shards. kdkit refuses both, as `accelerate launch
+    --use_fsdp / --use_deepspeed` asks for them (ACCELERATE_USE_*), from the CLI and the Python API."""
+    from kdkit.registry import KdkitError
+    from tests.conftest import run_cli
+
+    monkeypatch.setenv(env, "true")
+    args = ["distill", *STUDENT, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data", tiny_data,
+            "--output", tmp_path / "runs", "--epochs", "1", "--workers", "0"]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"kdkit does not train under {name} ({env}=true" in err
+    assert "accelerate launch --multi_gpu" in err and "Traceback" not in err
+    import kdkit
+
+    with pytest.raises(KdkitError, match=f"kdkit does not train under {name}"):
+        kdkit.train("resnet10t", tiny_data, output=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_fsdp2_accelerate_config_file_is_refused_in_one_line(tmp_path, tiny_data):
+    """The user's way: `accelerate launch --config_file fsdp.yaml -m kdkit distill ...` with the
+    FSDP2 config that `accelerate config` writes."""
+    (tmp_path / "fsdp.yaml").write_text(FSDP2_CONFIG)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"), "-m",
+           "kdkit", "distill", *map(str, STUDENT), "--teacher", "resnet10t", "--data", str(tiny_data), "--output",
+           str(tmp_path / "runs")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("kdkit distill: error:")]
+    assert len(ours) == 1 and "kdkit does not train under FSDP (ACCELERATE_USE_FSDP=true" in ours[0], done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_accelerator_of_the_callers_that_shards_is_refused_by_fit():
+    from accelerate.utils import DistributedType
+
+    from kdkit.accelerator import check_not_sharded
+    from kdkit.registry import KdkitError
+
+    for kind, name in ((DistributedType.FSDP, "FSDP"), (DistributedType.DEEPSPEED, "DeepSpeed")):
+        with pytest.raises(KdkitError, match=f"kdkit does not train under {name} \\(the Accelerator\\)"):
+            check_not_sharded(kind)
+    check_not_sharded(DistributedType.MULTI_GPU)
+    check_not_sharded(DistributedType.NO)
+
+
 def test_a_launch_that_starts_one_process_says_so(tmp_path, tiny_data, teacher_dir):
     """`accelerate launch --cpu --num_processes 2` takes Accelerate's simple launcher, which runs one
     process: the run is a correct one-process run, and one line says that it is not the two asked for."""

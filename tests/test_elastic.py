@@ -117,3 +117,29 @@ def test_more_epochs_on_resume_continue_the_recorded_schedule_and_fewer_than_don
     # the third epoch runs past the cosine schedule's end: at the recipe's min_lr (the default 1e-5)
     assert [(r["epoch"], r["lr"]) for r in got[2 * STEPS:]] == [(2, 1e-5)] * STEPS
     assert json.loads((run / "summary.json").read_text())["updates"] == 3 * STEPS
+
+
+def test_a_two_process_run_on_shards_is_the_folder_run_and_resumes_under_one_process(
+        two_process_run, tiny_data, teacher_dir, tmp_path):
+    """Elastic resume on tar shards: two processes read the shards written from the folder, and get
+    the folder run's batches (losses within the all-reduce's float32 rounding of the folder run);
+    stopped after update 9, the shard run resumes under one process as the folder run went on."""
+    shards = tmp_path / "tiny-wds"
+    assert run_cli("shards", tiny_data, "--out", shards, "--shard-size", "50") == 0
+    out = tmp_path / "runs"
+    kdkit(2, "distill", *run_args(shards, teacher_dir), "--output", out, "--name", "p2",
+          "--set", "run.checkpoint_every=3", "--set", "run.keep_checkpoints=10")
+    sharded, folder = steps(out / "p2"), steps(two_process_run)
+    key = ("epoch", "step", "update")
+    assert [tuple(r[k] for k in key) for r in sharded] == [tuple(r[k] for k in key) for r in folder]
+    for a, b in zip(sharded, folder, strict=True):  # two processes reduce in a fixed order: equal, not close
+        assert all(a[k] == b[k] for k in ("loss", "task", "kd")), (a["epoch"], a["step"])
+
+    run = copy_stopped_at(out / "p2", tmp_path / "resumed", 9)
+    assert run_cli("distill", "--resume", run, "--no-progress", "--workers", "0") == 0  # this process alone
+    got = steps(run)
+    assert [tuple(r[k] for k in key) for r in got] == [tuple(r[k] for k in key) for r in folder]
+    for a, b in zip(got, folder, strict=True):
+        assert all(abs(a[k] - b[k]) <= 1e-5 for k in ("loss", "task", "kd")), (a["epoch"], a["step"])
+    w1, w2 = (load_file(r / "student" / "model.safetensors") for r in (run, two_process_run))
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0) for k in w1)

@@ -59,10 +59,10 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_a_good_checkpoint(tiny_da
 
 
 def test_nan_loss_skipped_and_counted_when_asked(tiny_data, tmp_path):
-    summary = kdkit.distill(TinyConvNet(), NaNTeacher(bad=3), str(tiny_data), output=str(tmp_path), name="skip",
-                            on_nonfinite="skip", log_every=1, **RUN)
-    assert summary["skipped_steps"] == 1 and summary["updates"] == 6
-    assert finite(summary["model"])
+    result = kdkit.distill(TinyConvNet(), NaNTeacher(bad=3), str(tiny_data), output=str(tmp_path), name="skip",
+                           on_nonfinite="skip", log_every=1, **RUN)
+    assert result.summary["skipped_steps"] == 1 and result.summary["updates"] == 6
+    assert finite(result.model)
     records = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if "step" in r] == [0, 0, 0, 1, 1, 1, 1]
 

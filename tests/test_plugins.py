@@ -87,15 +87,24 @@ def _steps(run_dir):
 def test_toy_strategies_train_through_the_python_api(plugin, tiny_data, tmp_path):
     import kdkit
 
-    summary = kdkit.distill("deit_tiny_patch16_224", "", str(tiny_data), loss="toy_mse", args={"scale": 0.25},
-                            head="scaled", head_args={"scale": 3.0}, logits="constant", logits_args={"value": 1.5},
-                            epochs=1, batch_size=16, workers=0, progress=False, warmup_epochs=0, output=str(tmp_path),
-                            name="api", **TINY)
+    result = kdkit.distill("deit_tiny_patch16_224", "", str(tiny_data), loss="toy_mse", args={"scale": 0.25},
+                           head="scaled", head_args={"scale": 3.0}, logits="constant", logits_args={"value": 1.5},
+                           epochs=1, batch_size=16, workers=0, progress=False, warmup_epochs=0, output=str(tmp_path),
+                           name="api", preset="none", **TINY)
+    summary = result.summary
     steps = _steps(tmp_path / "api")
     assert steps and all(x["teacher_mean"] == 1.5 for x in steps)  # the source's value reached the loss
     assert all(x["head_ratio"] == pytest.approx(3.0, rel=1e-5) for x in steps)  # the head's own setting
     assert summary["conventions"] == {"loss": "toy_mse", "scale": 0.25, "task_weight": 0.5}
     assert json.loads((tmp_path / "api" / "student" / "config.json").read_text())["kdkit"]["head"] == "scaled"
+    # a plugin's head has no plain-module form: Result.model gives its fused logits, (L + 3 L) / 2
+    import timm
+    import torch
+
+    plain = timm.create_model(f"local-dir:{tmp_path / 'api' / 'student'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), 2 * plain(x), atol=1e-5)
     # the loss term is the formula's: MSE of the distillation head against the constant 1.5 is >= 0, and
     # loss = 0.5 * task + 0.25 * mse on every logged step
     for x in steps:

@@ -127,11 +127,14 @@ def valid_settings(draw) -> dict:
     """Overrides of keys with values of their own type (checked values stay in range)."""
     text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
     name = st.text(alphabet=string.ascii_letters + string.digits + " -.+_/", max_size=12)
+    # a run name is "" (the default) or one folder name (a path is refused: test_outputs.py)
+    run_name = st.one_of(st.just(""), text.filter(
+        lambda s: s.strip() and s not in (".", "..") and not any(c in s for c in "/\\\0")))
     kwargs = st.dictionaries(st.one_of(name, text), st.one_of(st.integers(-99, 99), st.booleans(), text,
                                                               st.floats(-1e6, 1e6)), max_size=3)
     return {
         "description": draw(text),
-        "model": {"student": draw(name), "kwargs": draw(kwargs), "drop_path": draw(st.floats(0, 1)),
+        "model": {"student": draw(name), "kwargs": draw(kwargs), "drop_path": draw(st.floats(0, 1, exclude_max=True)),
                   "img_size": draw(st.one_of(st.none(), st.integers(1, 1024)))},
         "data": {"batch_size": draw(st.integers(1, 4096)), "strict": draw(st.booleans()), "path": draw(text)},
         "aug": {"scale": draw(st.tuples(st.floats(0, 1), st.floats(0, 1))), "auto_augment": draw(text)},
@@ -139,7 +142,7 @@ def valid_settings(draw) -> dict:
                  "kd_weight": draw(st.floats(0, 1)), "hard_smoothing": draw(st.floats(0, 0.99))},
         "optim": {"lr": draw(st.floats(1e-12, 10)), "epochs": draw(st.integers(0, 10**6)),
                   "ema_decay": draw(st.floats(0, 0.999999))},
-        "run": {"seed": draw(st.integers(-2**62, 2**62)), "name": draw(text), "on_nonfinite": draw(
+        "run": {"seed": draw(st.integers(-2**62, 2**62)), "name": draw(run_name), "on_nonfinite": draw(
             st.sampled_from(["stop", "skip"])), "keep_checkpoints": draw(st.integers(0, 100))},
     }
 

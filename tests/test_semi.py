@@ -135,7 +135,7 @@ def test_python_api_takes_unlabeled_images_as_a_second_source(tmp_path, tiny_dat
                            kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}, loss="soft", epochs=1,
                            batch_size=16, workers=0, progress=False, output=str(tmp_path), name="api",
                            log_every=1, warmup_epochs=0)
-    assert result["unlabeled"]["per_step"] == 8 and result["conventions"]["confidence_threshold"] == 0.5
+    assert result.summary["unlabeled"]["per_step"] == 8 and result.summary["conventions"]["confidence_threshold"] == 0.5
     assert {"kd_labeled", "kd_unlabeled", "unlabeled_kept"} <= set(step_terms(tmp_path / "api")[0])
 
 

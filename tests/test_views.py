@@ -1,6 +1,7 @@
 """Views under Mixup/CutMix: each view decoded and augmented once per batch, pairs mixed both ways,
 and every view a function of (seed, epoch, view id) whatever the batch or process split."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,29 @@ def test_processes_keep_pairs_together_and_repeats_never_pair_an_image_with_itse
         for block in blocks:
             assert all(ds.partner(v) in block for v in block)
     assert all(ds.partner(v) % 120 != v % 120 for v in whole)
+
+
+def test_posterize_to_zero_bits_is_black_in_kdkit_transforms_and_timm_is_left_as_it_is():
+    """DeiT's inc1 RandAugment posterizes to 0 bits at magnitude 10, which recent Pillow refuses:
+    kdkit's transforms give the black image the policy means; timm's own table is not patched."""
+    from PIL import Image
+    from timm.data import auto_augment, create_transform
+
+    from kdkit.data.transforms import create_transforms
+
+    assert all(auto_augment.NAME_TO_OP[n] is auto_augment.posterize
+               for n in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"))
+    ours = create_transforms(32, (0.5,) * 3, (0.5,) * 3, True, auto_augment="rand-m10-mstd0-inc1")
+    theirs = create_transform(32, is_training=True, auto_augment="rand-m10-mstd0-inc1")
+
+    def posterize_op(transform):
+        ra = next(t for t in transform.transforms if isinstance(t, auto_augment.RandAugment))
+        op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+        op.prob = 1.0
+        return op
+
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert not np.asarray(posterize_op(ours)(img)).any()
+    with pytest.raises(ValueError):
+        posterize_op(theirs)(img)
+    assert auto_augment.NAME_TO_OP["PosterizeIncreasing"] is auto_augment.posterize

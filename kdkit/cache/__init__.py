@@ -1,5 +1,6 @@
 """Teacher outputs computed once and read back: `write_cache` runs the teacher over every view a
-run will draw; `LogitCache` looks records up by (epoch, view id) for `teachers.CachedLogits`."""
+run will draw; `LogitCache` looks records up by (epoch, view id) for `teachers.CachedLogits`.
+Records and what they keep: kdkit/cache/store.py and docs/cache.md."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kdkit.cache.manifest import MODES, build_manifest, data_identity, differences, weights_sha256
-from kdkit.cache.store import LogitStore, decode, encode, read_manifest, record_bytes
+from kdkit.cache.manifest import FORMAT, MODES, build_manifest, data_identity, differences, weights_sha256
+from kdkit.cache.store import TAILS, LogitStore, decode, encode, read_manifest, record_bytes, record_labels
 from kdkit.data.sampler import epoch_views, mixed_epoch_views
 from kdkit.registry import KdkitError
 
@@ -21,8 +22,10 @@ RUN_KEYS = ("format", "data.classes", "data.num_samples", "data.fingerprint", "v
 class LogitCache:
     """A finished cache folder, read-only (`partial=True`: one still being written).
 
-    lookup(epoch, views) -> (B, C) float32 teacher log-probabilities of those view ids in that
-    epoch; a fixed cache ignores the epoch and the repeat (one record per image).
+    lookup(epoch, views, labels, tail) -> (B, C) float32 teacher log-probabilities of those view
+    ids in that epoch, densified (store.decode) with the views' label classes; a fixed cache ignores
+    the epoch and the repeat (one record per image).
+    A cache of another format is refused, with the command that rewrites it.
     A cache written with unlabeled images covers the combined dataset (data/unlabeled.py): labeled
     view ids, then unlabeled ones.
 
@@ -35,6 +38,10 @@ class LogitCache:
     def __init__(self, root: str | Path, partial: bool = False, check_shards: bool = True):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
+        if self.manifest.get("format") != FORMAT:
+            raise KdkitError(f"the logit cache {self.root} is in format {self.manifest.get('format')!r}, which this "
+                             f"kdkit does not read (it reads {FORMAT!r}): rewrite it by running its `kdkit cache ... "
+                             f"--out {self.root}` again with --overwrite")
         self.store = LogitStore(self.root, self.manifest, check=check_shards)
         self._sorted: dict[int, Tensor] = {}
         if not partial and (missing := self.store.missing()):
@@ -97,9 +104,15 @@ class LogitCache:
                              f"other sampler settings?")
         return pos
 
-    def lookup(self, epoch: int, views: Tensor) -> Tensor:
-        """(B, C) float32 log-probabilities of the (B,) view ids `views` in `epoch`."""
-        return self.store.rows(0 if self.mode == "fixed" else epoch, self.positions(epoch, views))
+    def lookup(self, epoch: int, views: Tensor, labels: Tensor | None = None, tail: str = "mass") -> Tensor:
+        """(B, C) float32 log-probabilities of the (B,) view ids `views` in `epoch`. labels: (B,) the
+        views' label classes (store.record_labels; None: the stored label is left out); tail: the
+        fill of the classes a top-K record does not hold ("mass" or "normal", see store.decode)."""
+        return self.store.rows(0 if self.mode == "fixed" else epoch, self.positions(epoch, views), labels, tail)
+
+    def records(self, epoch: int, views: Tensor) -> dict[str, Tensor]:
+        """The stored record tensors of the (B,) view ids `views` in `epoch` (not densified)."""
+        return self.store.records(0 if self.mode == "fixed" else epoch, self.positions(epoch, views))
 
     def check_run(self, expected: dict) -> None:
         """Refuse with every difference named when the run's manifest does not match the cache's."""
@@ -117,5 +130,5 @@ class LogitCache:
             raise KdkitError(f"the logit cache {self.root} does not match this run: " + "; ".join(diffs))
 
 
-__all__ = ["MODES", "LogitCache", "LogitStore", "build_manifest", "data_identity", "decode", "differences", "encode",
-           "read_manifest", "record_bytes", "weights_sha256"]
+__all__ = ["FORMAT", "MODES", "TAILS", "LogitCache", "LogitStore", "build_manifest", "data_identity", "decode",
+           "differences", "encode", "read_manifest", "record_bytes", "record_labels", "weights_sha256"]

@@ -10,12 +10,13 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from kdkit import __version__
+from kdkit.cache.store import STATS
 from kdkit.data.dataset import SeededDataset
 from kdkit.data.sampler import unlabeled_per_epoch
 from kdkit.data.views import NOT_PIXELS
+from kdkit.version import __version__
 
-FORMAT = "kdkit-logits/2"  # 2: cheap view seeds, Mixup pairs of the epoch order
+FORMAT = "kdkit-logits/3"  # 3: K < C records keep the mean, std and label of all C (2: cheap view seeds)
 MODES = ("replay", "fixed")
 
 
@@ -57,11 +58,12 @@ def build_manifest(*, mode: str, teacher: dict, data: dict, views: dict, seed: i
     records = data["num_samples"]
     if unlabeled is not None:
         records += unlabeled["num_samples"] if fixed else unlabeled_per_epoch(data["num_samples"], unlabeled_ratio)
+    k = min(topk, num_classes) if topk > 0 else num_classes
     return {"format": FORMAT, "mode": mode, "teacher": teacher, "data": data, "views": views,
             "seed": None if fixed else seed, "epochs": 1 if fixed else epochs,
             "repeats": 1 if fixed else max(int(views.get("repeated_aug", 1)), 1),
             "unlabeled": unlabeled, "unlabeled_ratio": None if fixed or unlabeled is None else float(unlabeled_ratio),
-            "topk": min(topk, num_classes) if topk > 0 else num_classes, "dtype": dtype, "values": "log_softmax",
+            "topk": k, "dtype": dtype, "values": "log_softmax", "stats": list(STATS) if k < num_classes else [],
             "num_classes": num_classes, "records_per_epoch": records, "shard_size": shard_size,
             "versions": {"kdkit": __version__, "timm": timm.__version__, "torch": torch.__version__}}
 

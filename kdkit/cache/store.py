@@ -1,14 +1,35 @@
-"""On-disk teacher outputs: a manifest (JSON) and shards of top-K records (safetensors).
+"""On-disk teacher outputs: a manifest (JSON) and shards of records (safetensors).
 
     CACHE/manifest.json                    provenance and layout (see kdkit/cache/manifest.py)
     CACHE/shards/e0003-s00012.safetensors  records [12 * shard_size, 13 * shard_size) of epoch 3
 
-A record is the teacher's log-probabilities (log_softmax at tau = 1) for one view. With K < C it
-holds the top-K values, sorted, and their class indices (uint8 up to 256 classes, int16 up to
-32768); with K = C all C values in class order plus the top-1 class. Decoding rebuilds a (C,)
-log-probability vector: the mass the top K leave, 1 - sum(exp(top K)), is spread evenly over the
-other C - K classes, so softmax(x / tau) of the result is a distribution at any tau, and its arg-max
-is the teacher's top-1 exactly (a tie made by rounding is broken toward the stored top-1).
+Format 3. A record is what the teacher said about one view, as log-probabilities at tau = 1
+(l = z - logsumexp(z): the logits z less their log-sum-exp, which every kdkit loss ignores, since
+each reads logits through a softmax, a z-score or an arg-max):
+
+- K = C: `values`, all C log-probabilities in class order, and `top1`, the arg-max class.
+- K < C: `values`, the top-K log-probabilities, sorted, and `indices`, their classes (uint8 up to
+  256 classes, int16 up to 32768); `mean` and `std`, the mean and the sample standard deviation
+  (divisor C - 1, as torch.std and the z-score of kdkit/losses/standardize.py) of all C
+  log-probabilities; `label`, the log-probability of the record's label class (`record_labels`;
+  NaN where the view has no label). The label's class itself is not stored: a reader passes it
+  (the training batch carries it).
+
+`decode` densifies records to (n, C) float32 log-probabilities: the stored classes (top K, and
+the label where it is outside them) get their stored values; the other classes, the tail, all get
+one value c, the `tail` fill:
+
+- "mass" (default): one value c = log(M / n), M = 1 - the stored probabilities, n the tail's
+  size: the tail keeps its total probability at tau = 1, spread evenly.
+- "normal": the tail's values at the quantiles of a normal distribution with the tail's own mean
+  and variance (known from the record's mean and std of all C values), each class placed in that
+  order by a hash of the record: the densified row has the teacher's mean and standard deviation,
+  so the z-score (logit standardisation) of every stored class is exact. For runs whose loss
+  standardises.
+
+Either way the tail stays below the K-th stored value, and a tie with the top-1 made by rounding is broken
+toward the stored top-1: the arg-max is the teacher's top-1 exactly. What is exact and what is
+approximate for K < C, with bounds: docs/cache.md.
 
 Every shard is written whole through a temporary file and a rename, and carries in its metadata
 the sha256 of its tensor bytes. A reader checks it (and the shard's layout: names, dtypes, shapes,
@@ -35,25 +56,50 @@ from kdkit.files import atomic_write
 from kdkit.registry import KdkitError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STATS = ("mean", "std", "label")  # per record beside the top K (K < C)
+TAILS = ("mass", "normal")
 
 
 def index_dtype(num_classes: int) -> torch.dtype:
     return torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32768 else torch.int32
 
 
-def encode(logits: Tensor, topk: int, dtype: torch.dtype) -> dict[str, Tensor]:
-    """(n, C) teacher logits -> the record tensors of n records (see the module docstring)."""
+def record_labels(target: Tensor) -> Tensor:
+    """(B,) int64: the class whose log-probability a record keeps as its label. A (B,) target: the
+    label (-1: none); a (B, C) Mixup/CutMix row: its larger weight's class, -1 for an all-zero row
+    (no label). The losses' gt class (kdkit.losses.gt_index) of every labeled sample."""
+    if target.ndim == 1:
+        return target.long()
+    return torch.where(target.sum(dim=1) > 0, target.argmax(dim=1), -1)
+
+
+def encode(logits: Tensor, topk: int, dtype: torch.dtype, labels: Tensor | None = None) -> dict[str, Tensor]:
+    """(n, C) teacher logits -> the record tensors of n records (module docstring). labels: (n,)
+    each record's label class (-1: none; None: no labels at all), kept when K < C."""
     logp = logits.float().log_softmax(dim=1)
     num_classes = logp.shape[1]
     idt = index_dtype(num_classes)
     if topk >= num_classes:
         return {"values": logp.to(dtype), "top1": logp.argmax(1).to(idt)}
     values, indices = logp.topk(topk, dim=1)
-    return {"values": values.to(dtype), "indices": indices.to(idt)}
+    label = torch.full((logp.shape[0],), float("nan"))
+    if labels is not None:
+        labels = labels.long().cpu()
+        has = (labels >= 0) & (labels < num_classes)
+        label[has] = logp.cpu()[has, labels[has]]
+    return {"values": values.to(dtype), "indices": indices.to(idt), "mean": logp.mean(1).to(dtype),
+            "std": logp.std(1).to(dtype), "label": label.to(dtype)}
 
 
-def decode(record: dict[str, Tensor], num_classes: int) -> Tensor:
-    """Record tensors of n records -> (n, C) float32 log-probabilities."""
+def decode(record: dict[str, Tensor], num_classes: int, labels: Tensor | None = None,
+           tail: str = "mass") -> Tensor:
+    """Record tensors of n records -> (n, C) float32 log-probabilities (module docstring).
+
+    labels: (n,) the label class of each record (-1: none), where its stored label goes; None
+    leaves the label out (its class is then in the tail). tail: "mass" or "normal", the tail's fill.
+    K = C records are returned as stored (labels and tail do not apply)."""
+    if tail not in TAILS:
+        raise KdkitError(f"unknown cache tail fill {tail!r}: {', '.join(TAILS)}")
     values = record["values"].float()
     if "top1" in record:  # all classes, in class order
         full, top1 = values.clone(), record["top1"].long()
@@ -62,24 +108,102 @@ def decode(record: dict[str, Tensor], num_classes: int) -> Tensor:
         tied = full[rows, top1] < best  # rounding made another class reach the top-1's value
         full[rows[tied], top1[tied]] = torch.nextafter(best[tied], torch.full_like(best[tied], float("inf")))
         return full
-    topk = values.shape[1]
+    n, topk = values.shape
     values = values.clone()
     if topk > 1:  # sorted, so only the stored runner-up can tie the top-1 after rounding
         second = values[:, 1]
         tied = values[:, 0] <= second
         values[tied, 0] = torch.nextafter(second[tied], torch.full_like(second[tied], float("inf")))
-    # the other classes share the remaining mass evenly; each is below the K-th value, so the
-    # arg-max stays the stored top-1
-    rest = (1.0 - values.exp().sum(1, keepdim=True)).clamp_min(1e-12) / max(num_classes - topk, 1)
-    full = rest.log().expand(-1, num_classes).contiguous()
-    return full.scatter_(1, record["indices"].long(), values)
+    indices = record["indices"].long()
+    rows = torch.arange(n)
+    extra = torch.zeros(n, dtype=torch.bool)  # records whose label is stored outside their top K
+    label = record["label"].float() if "label" in record else torch.full((n,), float("nan"))
+    if labels is not None:
+        labels = labels.long().cpu()
+        known = (labels >= 0) & (labels < num_classes) & label.isfinite()
+        in_top = (indices == labels.clamp(0, num_classes - 1)[:, None]).any(dim=1)
+        extra = known & ~in_top
+    stored = torch.cat([values, torch.where(extra, label, float("nan"))[:, None]], dim=1)  # (n, K + 1), NaN: none
+    kept = stored.isfinite()
+    mask = torch.zeros(n, num_classes, dtype=torch.bool).scatter_(1, indices, True)
+    if labels is not None:
+        mask[rows[extra], labels[extra]] = True
+    # strictly below every stored top-K value, so that the arg-max stays the stored top-1
+    upper = torch.nextafter(values[:, -1], torch.full((n,), -float("inf")))
+    if tail == "mass":
+        size = (num_classes - kept.sum(dim=1)).clamp_min(1)  # the tail's size
+        left = 1.0 - torch.where(kept, stored.exp(), 0.0).sum(dim=1)
+        fill = torch.minimum((left.clamp_min(1e-12) / size).log(), upper)
+        full = fill[:, None].expand(-1, num_classes).contiguous()
+    else:
+        full = _normal_tail(stored, kept, mask, record["mean"], record["std"], upper)
+    full.scatter_(1, indices, values)
+    if labels is not None:
+        full[rows[extra], labels[extra]] = label[extra]
+    return full
+
+
+CAP_WINDOW = 64  # the most top quantiles `_normal_tail` sets to the cap (beyond it the tail is clipped)
+
+
+def _normal_tail(stored: Tensor, kept: Tensor, mask: Tensor, mean: Tensor, std: Tensor, upper: Tensor) -> Tensor:
+    """(n, C) float32 rows whose tail (where `mask` is False) holds n_t values at the normal
+    quantiles (i + 1/2) / n_t, i = 0 .. n_t - 1, scaled to the tail's mean and variance, which the
+    record's mean and std of all C values and its stored values determine. Where the top of that
+    scale would pass `upper`, the fewest top quantiles (up to CAP_WINDOW) are set to `upper` and
+    the others rescaled to keep the mean and variance. Each class's place in the order comes from
+    a hash of the record's values and the class index: the same record always gets the same tail,
+    and no class is favoured across records. The rows then have the teacher's mean and standard
+    deviation."""
+    n, c = mask.shape
+    size = c - kept.sum(dim=1)  # the tail's size, (n,)
+    width = int(size.max())
+    mu, sigma = mean.double(), std.double()
+    dev = torch.where(kept, stored.double() - mu[:, None], 0.0)
+    # in deviations from the mean, so that a float16 mean does not cancel away the tail's variance
+    off = dev.sum(dim=1)  # the stored values' sum of (s - mean): the tail's is -off
+    nt = size.clamp_min(1).double()
+    tail_mean = mu - off / nt
+    tail_var = (((c - 1) * sigma.square() - dev.square().sum(dim=1)) / nt - (off / nt).square()).clamp_min(0.0)
+    # the standard normal quantiles of each tail size (mean 0, variance 1), ascending, and their running sums
+    sizes, which = size.unique(return_inverse=True)
+    r = torch.arange(width, dtype=torch.float64)
+    table = torch.stack([torch.where(r < k, torch.special.ndtri(((r + 0.5) / max(k, 1)).clamp(max=1 - 1e-12)), 0.0)
+                         for k in sizes.tolist()])
+    table = table / (table.square().sum(dim=1, keepdim=True) / sizes.clamp_min(1)[:, None]).sqrt().clamp_min(1e-12)
+    sums, squares_sum = table.cumsum(dim=1), table.square().cumsum(dim=1)
+    # with the f smallest quantiles free (a + b q) and the rest at the cap, the a, b that keep the
+    # tail's sum and sum of squares; the largest f (the fewest capped) whose free values stay under it
+    top = upper.double()[:, None]
+    f = (size[:, None] - torch.arange(min(CAP_WINDOW, width))).clamp_min(1)  # (n, J): candidates, largest first
+    capped, row = nt[:, None] - f, which[:, None]
+    total = nt[:, None] * tail_mean[:, None] - capped * top
+    squares = nt[:, None] * (tail_var + tail_mean.square())[:, None] - capped * top.square()
+    s1, s2, last = sums[row, f - 1], squares_sum[row, f - 1], table[row, f - 1]
+    spread = (squares - total.square() / f) / (s2 - s1.square() / f).clamp_min(1e-12)
+    b = spread.clamp_min(0.0).sqrt()
+    a = (total - b * s1) / f
+    ok = (spread >= 0) & (a + b * last <= top + 1e-9 * top.abs().clamp_min(1))
+    pick = torch.where(ok.any(dim=1), ok.double().argmax(dim=1), 0)[:, None]  # the first ok: the largest f
+    free, a, b, top = f.gather(1, pick), a.gather(1, pick).float(), b.gather(1, pick).float(), top.float()
+    vals = torch.where(torch.arange(width) < free, a + b * table.float()[which], top)
+    vals = torch.minimum(vals, top)  # (n, width): the tail's values, ascending
+    # the tail classes in an order drawn from the record: the keys (A j + B) mod P, P a prime above
+    # C, are distinct for the C classes; A and B come from the record's values
+    seed = (stored.nan_to_num(0.0).double() * 1024).round().long().sum(dim=1).abs()
+    prime = next(x for x in range(c + 1, 2 * c + 3) if all(x % d for d in range(2, int(x ** 0.5) + 1)))
+    step, shift = 1 + seed % (prime - 1), (seed // prime) % prime
+    key = (step[:, None] * torch.arange(c) + shift[:, None]) % prime
+    order = key.masked_fill(mask, prime).argsort(dim=1)[:, :width]  # the stored classes last
+    return torch.empty(n, c).scatter_(1, order, vals)  # stored classes: overwritten by the caller
 
 
 def record_bytes(topk: int, num_classes: int, dtype: str) -> int:
-    """Bytes on disk per record, headers aside."""
+    """Bytes on disk per record, headers aside: K = C, C values and the top-1 index; K < C, K values
+    and K indices, then the mean, std and label value."""
     value = DTYPES[dtype].itemsize
     idx = index_dtype(num_classes).itemsize
-    return num_classes * value + idx if topk >= num_classes else topk * (value + idx)
+    return num_classes * value + idx if topk >= num_classes else topk * (value + idx) + len(STATS) * value
 
 
 def tensors_sha256(tensors: dict[str, Tensor]) -> str:
@@ -199,7 +323,8 @@ class LogitStore:
         if m["topk"] >= self.num_classes:
             want = {"values": ((rows, self.num_classes), DTYPES[m["dtype"]]), "top1": ((rows,), idt)}
         else:
-            want = {"values": ((rows, m["topk"]), DTYPES[m["dtype"]]), "indices": ((rows, m["topk"]), idt)}
+            want = {"values": ((rows, m["topk"]), DTYPES[m["dtype"]]), "indices": ((rows, m["topk"]), idt),
+                    **{name: ((rows,), DTYPES[m["dtype"]]) for name in STATS}}
         if set(record) != set(want):
             return f"it holds tensors {sorted(record)}, expected {sorted(want)}"
         for name, (shape, dtype) in want.items():
@@ -215,8 +340,8 @@ class LogitStore:
                           f"check every shard, then delete the bad ones and rerun the same `kdkit cache` to "
                           f"recompute them")
 
-    def rows(self, epoch: int, positions: Tensor) -> Tensor:
-        """(n, C) log-probabilities of the records at `positions` of `epoch`: positions in
+    def records(self, epoch: int, positions: Tensor) -> dict[str, Tensor]:
+        """The record tensors (as stored) of the records at `positions` of `epoch`: positions in
         [0, records_per_epoch), epoch in [0, epochs); others are a KdkitError."""
         records = self.manifest["records_per_epoch"]
         if not 0 <= epoch < self.manifest["epochs"]:
@@ -239,7 +364,12 @@ class LogitStore:
                 if name not in gathered:
                     gathered[name] = torch.empty((positions.shape[0], *t.shape[1:]), dtype=t.dtype)
                 gathered[name][mask] = t[row_of[mask]]
-        return decode(gathered, self.num_classes)
+        return gathered
+
+    def rows(self, epoch: int, positions: Tensor, labels: Tensor | None = None, tail: str = "mass") -> Tensor:
+        """(n, C) log-probabilities of the records at `positions` of `epoch` (see `records`),
+        densified by `decode` with the records' label classes `labels` and the `tail` fill."""
+        return decode(self.records(epoch, positions), self.num_classes, labels, tail)
 
     def verify(self) -> dict[str, list[str]]:
         """Check every shard the manifest promises: returns {"missing": [...], "corrupt": [...],

@@ -13,8 +13,8 @@ import sys
 
 from kdkit.registry import KdkitError, suggest
 
-VERBS = ("train", "distill", "cache", "shards", "eval", "compare", "benchmark", "export", "push", "plot", "quickstart",
-         "recipes", "completion")
+VERBS = ("train", "distill", "cache", "plan", "shards", "eval", "compare", "benchmark", "export", "push", "plot",
+         "quickstart", "recipes", "completion")
 
 
 class UsageError(KdkitError):
@@ -63,7 +63,7 @@ class _VerbsFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from importlib import import_module
 
-    from kdkit import __version__
+    from kdkit.version import __version__
 
     parser = Parser(prog="kdkit", description="Knowledge distillation for image classifiers (the DeiT recipe for "
                     "any timm teacher and student).", epilog="`kdkit VERB --help` lists a verb's flags, grouped, "

@@ -127,6 +127,10 @@ RUN_FLAGS: dict[str, Flag] = {
                               "patch size resampled, distillation token and head from the class token and head, the "
                               "classifier reset if the class count differs (timm's train.py always resets it)",
                               "model", metavar="FILE"),
+    "--init-from": Flag("model.init_from", str, "weight selection (Xu et al., ICLR 2024): start the student from "
+                        "evenly spaced channels of the first layers of a larger pretrained model of its family: a "
+                        "timm name (hub weights), a safetensors or weights-only .pth file, or a kdkit student "
+                        "folder; the classifier keeps its random init", "model", metavar="MODEL_OR_FILE"),
     "--student-weights": Flag("model.student_weights", str, "load a checkpoint of exactly this student, strictly "
                               "(timm's --initial-checkpoint); another class count or size: --pretrained-path",
                               "model", aliases=("--initial-checkpoint",), metavar="FILE"),

@@ -5,6 +5,12 @@ names of a plugin-extensible one (--loss, --head), bundled recipe names, and fil
 completion for FILE / DIR values. It needs nothing at run time and answers a TAB without starting
 Python (argcomplete would run kdkit's parser on every TAB, and add a dependency); regenerate it
 after upgrading kdkit.
+
+Why not shtab, which also writes static scripts from an argparse parser: its bash script does not
+complete a value typed as `--flag=value` (bash splits the word at '='), offers nothing for the
+plugin-extensible flags (--loss, --head take names beyond fixed choices) unless fed shell functions
+written by hand, and reads each action's `complete` attribute as its own; generating the same
+script through it would take more code than this module, not less.
 """
 
 from __future__ import annotations
@@ -92,7 +98,7 @@ def _bash_value(arg: Arg) -> str:
 
 
 def bash_script(parser: argparse.ArgumentParser) -> str:
-    from kdkit import __version__
+    from kdkit.version import __version__
 
     top, verbs = describe(parser)
     cases = []
@@ -198,7 +204,7 @@ def _zsh_spec(arg: Arg) -> str:
 
 
 def zsh_script(parser: argparse.ArgumentParser) -> str:
-    from kdkit import __version__
+    from kdkit.version import __version__
 
     top, verbs = describe(parser)
     functions, cases, entries = [], [], []

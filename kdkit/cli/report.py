@@ -76,3 +76,52 @@ def print_plan(plan: dict) -> None:
               f"precision {plan['precision']}, logit source {plan['logit_source']}")
     out.print(f"a `kdkit cache` of this run (replay, float16, every class): {plan['cache_records_per_epoch']} records "
               f"per epoch, {_si(plan['cache_bytes'], 'B')} for {plan['epochs']} epochs")
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
+
+
+def print_cache_plan(plan: dict) -> None:
+    """`kdkit plan`'s tables: the measured parts, then online / cached / hybrid and the fastest."""
+    m, cache, runs = plan["measured"], plan["cache"], plan["runs"]
+    b = plan["global_batch_size"] // plan["processes"]
+    table = Table(title=f"measured on {plan['device']}: median of {plan['timed_steps']} batches of {b} "
+                        f"(per process)")
+    for col in ("part", "ms / batch", "images/s"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    for key, name in (("loader", f"data loader ({plan['workers']} workers)"), ("teacher", "teacher forward"),
+                      ("student", "student step (forward, loss, backward, optimizer)"),
+                      ("encode", "cache records: encode + serialise"), ("read", "cache records: densify")):
+        table.add_row(name, f"{1e3 * m[key]:.2f}", f"{b / m[key]:.0f}" if m[key] else "-")
+    out.print(table)
+    if plan.get("load_average") and plan["cpus"] and plan["load_average"] > plan["cpus"]:
+        out.print(f"[bold yellow]note: the machine was busy (load average {plan['load_average']:.1f} on "
+                  f"{plan['cpus']} CPUs): these times include waiting for other jobs")
+    out.print(f"teacher's share of a step: {100 * plan['measured_teacher_share']:.1f}% measured "
+              f"(FLOPs estimate {100 * plan['teacher_share_of_step']:.1f}%); a step is "
+              + ("max(loader, compute): workers load beside it" if plan["loader_overlaps"] else
+                 "loader + compute (no workers)"))
+    table = Table(title=f"{runs} run(s) x {plan['epochs']} epochs x {plan['steps_per_epoch']} steps of "
+                        f"{plan['global_batch_size']}")
+    for col in ("strategy", "train images/s", "teacher passes", "cache", "cache write", "total", "note"):
+        table.add_column(col, justify="left" if col in ("strategy", "note") else "right")
+    for name in ("online", "cached", "hybrid"):
+        s = plan[name]
+        label = name if name != "hybrid" else f"hybrid, {s['cache_epochs']} cached"
+        note = "fastest" if name == plan["fastest"] else (s["why_not"] or "")
+        table.add_row(label, f"{s['images_per_s']:.0f}", str(s["teacher_passes"]),
+                      _si(s["cache_bytes"], "B") if s["cache_epochs"] else "-",
+                      _duration(s["write_s"]) if s["cache_epochs"] else "-", _duration(s["total_s"]), note)
+    out.print(table)
+    pays = plan["cache_pays_from_runs"]
+    out.print(f"cache: replay, top-{cache['topk']} {cache['dtype']}, {cache['bytes_per_record']} B a record, "
+              f"{cache['records_per_epoch']} records an epoch: {_si(cache['bytes'], 'B')} for {plan['epochs']} "
+              f"epochs, written in {_duration(cache['write_s'])}"
+              + (f"; {_si(cache['free_bytes'], 'B')} free at {cache['where']}" if cache["free_bytes"] is not None
+                 else ""))
+    out.print(f"fastest for {runs} run(s): {plan['fastest']}; "
+              + (f"a cache pays from {pays} runs on" if pays else
+                 "a cache never pays here: reading it is no faster than running the teacher"))

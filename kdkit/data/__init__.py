@@ -7,10 +7,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
-from kdkit.data.dataset import HFImageDataset, ImageFolderDataset, SeededDataset, load_rgb
+from kdkit.data.dataset import (
+    EVAL_SPLITS,
+    HFImageDataset,
+    ImageFolderDataset,
+    SeededDataset,
+    hf_split,
+    load_rgb,
+)
 from kdkit.data.mixup import SampleMixup
+from kdkit.data.objects import (
+    TorchImageDataset,
+    describe_object,
+    is_data_object,
+    loader_settings,
+    open_object,
+)
 from kdkit.data.sampler import EpochSampler, MixedSampler, epoch_views, mixed_epoch_views
 from kdkit.data.seeding import sample_seed
 from kdkit.data.shards import TarShardDataset, is_url, split_shards
@@ -18,21 +32,20 @@ from kdkit.data.stream import StreamDataset, open_hub_stream, open_url_stream
 from kdkit.data.transforms import ToNormalizedTensor, create_transforms, fuse_to_tensor
 from kdkit.data.unlabeled import SemiSupervisedDataset, UnlabeledFolderDataset, check_readable
 from kdkit.data.views import apply_views, eval_transform, is_augmented, view_settings, view_transform
-from kdkit.data.workers import die_with_parent
+from kdkit.data.workers import start_worker
 from kdkit.registry import KdkitError
 
 __all__ = [
     "EMBEDDED_SAMPLE", "EpochSampler", "HFImageDataset", "ImageFolderDataset", "MixedSampler", "SampleMixup",
-    "SeededDataset", "SemiSupervisedDataset", "StreamDataset", "TarShardDataset", "read_class_map", "ToNormalizedTensor", "UnlabeledFolderDataset", "collate",
-    "NAMED_SKIPS", "create_loader", "die_with_parent", "fuse_to_tensor", "note_skipped",
+    "SeededDataset", "SemiSupervisedDataset", "StreamDataset", "TarShardDataset", "TorchImageDataset", "read_class_map",
+    "ToNormalizedTensor", "UnlabeledFolderDataset", "collate", "describe_object", "is_data_object", "loader_settings",
+    "NAMED_SKIPS", "create_loader", "fuse_to_tensor", "note_skipped", "start_worker",
     "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
     "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
 ]
 
 EMBEDDED_SAMPLE = "cifar10-sample"
 
-
-EVAL_SPLITS = ("val", "validation", "test")
 
 
 def sample_path() -> Path:
@@ -83,7 +96,7 @@ def _resolve_split(root: Path, split: str) -> Path | list[Path]:
     return found
 
 
-def open_dataset(data: str | Path, split: str, transform: Callable | None = None,
+def open_dataset(data: str | Path | object, split: str, transform: Callable | None = None,
                  classes: list[str] | None = None, seed: int = 0, strict: bool = False, *,
                  input_key: str | None = None, target_key: str | None = None,
                  class_map: str | Path | None = None, streaming: bool = False) -> SeededDataset | StreamDataset:
@@ -92,7 +105,9 @@ def open_dataset(data: str | Path, split: str, transform: Callable | None = None
     data: a folder with split sub-folders (train/, val|validation|test/) of class folders; a folder
       of webdataset tar shards (`KEY.jpg` + `KEY.cls`, as timm and the Hub's -wds datasets write
       them) or one .tar file; a folder written by `datasets.save_to_disk`; "hf:NAME" for a hub
-      dataset (needs internet); or "cifar10-sample" for the bundled sample.
+      dataset (needs internet); or "cifar10-sample" for the bundled sample. Or a Python object: a
+      map-style torch Dataset of (image, class) pairs, a DataLoader over one, a `datasets.Dataset`
+      or `DatasetDict` (kdkit/data/objects.py: what each keeps, and what is refused).
     split: a split name ("train", "val", ...), "auto-eval" (val, validation or test), or for
       shards a brace pattern relative to the folder ('train-{000000..000146}.tar'), as timm's
       --train-split / --val-split take them.
@@ -106,6 +121,8 @@ def open_dataset(data: str | Path, split: str, transform: Callable | None = None
     """
     if class_map and classes is None:
         classes = read_class_map(class_map)
+    if is_data_object(data):
+        return open_object(data, split, transform, classes, seed, strict, input_key=input_key, target_key=target_key)
     data = str(data)
     keys = {"input_key": input_key, "target_key": target_key}
     if data.startswith("hf:") and streaming:
@@ -162,14 +179,7 @@ def _open_hf(name: str, split: str, transform, seed: int, strict: bool, local: b
         where = "from disk" if local else "from the hub (no internet?)"
         raise KdkitError(f"could not load dataset {name!r} {where}: {type(e).__name__}: {str(e)[:200]}") from None
     if isinstance(ds, datasets.DatasetDict):
-        names = list(ds)
-        if split == "auto-eval":
-            split = next((s for s in EVAL_SPLITS if s in ds), None) or ""
-        if not labeled and split not in ds and len(names) == 1:
-            split = names[0]  # unlabeled images: the only split, whatever its name
-        if split not in ds:
-            raise KdkitError(f"dataset {name!r} has no split {split!r}; it has {names}")
-        ds = ds[split]
+        ds = hf_split(ds, split, f"dataset {name!r}", labeled)
     return HFImageDataset(ds, transform, image_key=input_key, label_key=target_key, seed=seed, strict=strict,
                           labeled=labeled, classes=classes)
 
@@ -212,9 +222,12 @@ def collate(samples: list[dict]) -> dict:
         return {"images": None, "target": None, "index": None, "skipped": len(samples), "skipped_names": names,
                 "epoch": epoch}
     targets = [s["target"] for s in good]
+    # torch's default_collate stacks in a loader worker straight into shared memory: the batch is
+    # not built in the worker's heap and copied again to be sent (each worker's heap then grows by
+    # hundreds of MB of freed batch buffers that glibc keeps)
     return {
-        "images": torch.stack([s["image"] for s in good]),
-        "target": torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets),
+        "images": default_collate([s["image"] for s in good]),
+        "target": default_collate(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets),
         "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
         "skipped": len(samples) - len(good),
         "skipped_names": names,
@@ -252,14 +265,15 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     (dropout, drop_path) as it was, and the views are seeded by the dataset anyway. Training
     samplers yield (epoch, view id), so `persistent_workers` (kept between epochs) need no epoch
     of their own; `prefetch_factor` batches per worker are prepared ahead. Workers die with their
-    process (kdkit.data.workers.die_with_parent).
+    process, and leave what they inherit out of the garbage collector's reach
+    (kdkit.data.workers.start_worker).
     """
     if isinstance(dataset, StreamDataset):
         # a stream: readers (processes x workers) plan their own shards; workers are started anew
         # each epoch, so that they read the epoch (and resume step) seek() gave the dataset
         part = dataset.plan_readers(batch_size, num_replicas, rank) if training else dataset
         return DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=training,
-                          pin_memory=torch.cuda.is_available(), worker_init_fn=die_with_parent,
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=start_worker,
                           **({"prefetch_factor": prefetch_factor} if workers else {}))
     if training and isinstance(dataset, SemiSupervisedDataset):
         # each step: batch_size labeled + MU * batch_size unlabeled views per process
@@ -271,4 +285,4 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
     workers_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, drop_last=training, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed), worker_init_fn=die_with_parent, **workers_kwargs)
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=start_worker, **workers_kwargs)

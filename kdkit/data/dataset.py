@@ -4,11 +4,12 @@ number of processes. Unreadable images are skipped and counted, or fail under `s
 
 from __future__ import annotations
 
+import array
 import hashlib
 import io
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -200,8 +201,16 @@ def is_hidden(name: str) -> bool:
 def is_image_file(path: str | Path, root: str | Path) -> bool:
     """Whether a file under `root` is read as an image: an image extension, and neither it nor a
     folder between it and `root` hidden."""
-    return str(path).lower().endswith(IMG_EXTENSIONS) and not any(
-        is_hidden(part) for part in Path(path).relative_to(root).parts)
+    path = str(path)
+    return path.lower().endswith(IMG_EXTENSIONS) and not any(
+        is_hidden(part) for part in relative_to(path, str(root)).split(os.sep))
+
+
+def relative_to(path: str, root: str) -> str:
+    """`path` relative to `root`, by its prefix where it has one (a string slice: listing 1.28M
+    files, os.path.relpath's normalisation costs more than the listing)."""
+    prefix = root.rstrip(os.sep) + os.sep
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
 
 
 def read_image_file(path: str | Path) -> Image.Image:
@@ -219,12 +228,18 @@ class PathTable:
     (timm's and torchvision's folder readers grow per worker that way); these arrays are read only.
     Indexing gives (absolute path, class); iterating gives the pairs in order."""
 
-    def __init__(self, root: Path, pairs: list[tuple[str, int]]):
+    def __init__(self, root: Path, pairs: Iterable[tuple[str, int]]):
         self.root = str(root)
-        rel = [os.path.relpath(p, root).encode("utf-8", "surrogateescape") for p, _ in pairs]
-        self.blob = np.frombuffer(b"".join(rel), np.uint8)
-        self.ends = np.cumsum(np.fromiter((len(r) for r in rel), np.int64, len(rel)))
-        self.targets = np.fromiter((t for _, t in pairs), np.int64, len(pairs))
+        # filled pair by pair: no list of 1.28M tuples, even for a moment (its freed pages would be
+        # written, so copied, by every forked worker that allocates into them)
+        blob, ends, targets = bytearray(), array.array("q"), array.array("q")
+        for path, target in pairs:
+            blob += relative_to(path, self.root).encode("utf-8", "surrogateescape")
+            ends.append(len(blob))
+            targets.append(target)
+        self.blob = np.frombuffer(blob, np.uint8)
+        self.ends = np.frombuffer(ends, np.int64)
+        self.targets = np.frombuffer(targets, np.int64)
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -241,35 +256,47 @@ class PathTable:
 
 
 def list_images(root: Path, class_to_idx: dict[str, int], is_image: Callable[[str], bool]) -> tuple[
-        list[tuple[str, int]], list[str], list[str]]:
+        PathTable, list[str], list[str]]:
     """(path, class) of every image under root/<class>/, in torchvision's make_dataset order (class
-    names sorted, then folders, then files), following symlinks once: a folder reached again (a
-    symlink loop, or two links to one folder) is not entered again, and a link to nothing is left
-    out. Returns (samples, folders not entered again, dangling links)."""
-    samples, repeated, dangling = [], [], []
+    names sorted, then folders, then files), as a PathTable, following symlinks once: a folder
+    reached again (a symlink loop, or two links to one folder) is not entered again, and a link to
+    nothing is left out. Returns (samples, folders not entered again, dangling links)."""
+    repeated: list[str] = []
+    dangling: list[str] = []
+    return PathTable(root, _walk_images(root, class_to_idx, is_image, repeated, dangling)), repeated, dangling
+
+
+def _walk_images(root: Path, class_to_idx: dict[str, int], is_image: Callable[[str], bool], repeated: list[str],
+                 dangling: list[str]) -> Iterator[tuple[str, int]]:
     for name in sorted(class_to_idx):
         top = root / name
         if not top.is_dir():
             continue
         seen: set[tuple[int, int]] = set()
-        walked = []
-        for folder, subfolders, files in os.walk(top, followlinks=True):
+        walked, stack = [], [str(top)]
+        while stack:  # top-down, subfolders in sorted order: os.walk(followlinks=True)'s visits
+            folder = stack.pop()
             st = os.stat(folder)
             if (st.st_dev, st.st_ino) in seen:
-                subfolders[:] = []
                 repeated.append(folder)
                 continue
             seen.add((st.st_dev, st.st_ino))
-            subfolders.sort()  # a deterministic first visit of a folder reached twice
+            files, subfolders = [], []
+            try:
+                with os.scandir(folder) as entries:
+                    for e in entries:  # the entry's type comes with the listing: no stat per regular file
+                        (subfolders if e.is_dir() else files).append((e.name, e.is_symlink()))
+            except OSError:  # unreadable folder: skipped, as os.walk skips it
+                continue
             walked.append((folder, files))
+            stack.extend(os.path.join(folder, d) for d, _ in sorted(subfolders, reverse=True))
         for folder, files in sorted(walked):
-            for file in sorted(files):
+            for file, link in sorted(files):
                 path = os.path.join(folder, file)
-                if not os.path.exists(path):
+                if link and not os.path.exists(path):  # only a link can point at nothing
                     dangling.append(path)
                 elif is_image(path):
-                    samples.append((path, class_to_idx[name]))
-    return samples, repeated, dangling
+                    yield path, class_to_idx[name]
 
 
 class ImageFolderDataset(SeededDataset):
@@ -307,14 +334,12 @@ class ImageFolderDataset(SeededDataset):
             self.ignored_files += not ok
             return ok
 
-        pairs, self.repeated_folders, self.dangling_links = list_images(
+        self.samples, self.repeated_folders, self.dangling_links = list_images(
             self.root, {c: i for c, i in mapping.items() if c in present}, is_image)
         if strict and self.dangling_links:
             raise KdkitError(f"{len(self.dangling_links)} symlinks point to nothing, e.g. {self.dangling_links[0]}")
-        if not pairs:
+        if not len(self.samples):
             raise KdkitError(f"no images found in {self.root} (looked for {', '.join(IMG_EXTENSIONS)})")
-        self.samples = PathTable(self.root, pairs)
-        del pairs
         self.targets = self.samples.targets
         counts = np.bincount(self.targets, minlength=len(self.classes))
         self.empty_classes = [c for c in sorted(present) if counts[mapping[c]] == 0]
@@ -352,6 +377,22 @@ class ImageFolderDataset(SeededDataset):
         path = self.samples[index][0]
         with open(path, "rb") as f:
             return f.read(), path.rpartition(".")[2].lower()
+
+
+EVAL_SPLITS = ("val", "validation", "test")  # the names an evaluation split goes by, in the order tried
+
+
+def hf_split(ds, split: str, what: str, labeled: bool = True):
+    """Split `split` of a DatasetDict ("auto-eval": the first of val, validation, test it has; for
+    unlabeled images, its only split whatever its name). `what` names it in the error."""
+    names = list(ds)
+    if split == "auto-eval":
+        split = next((s for s in EVAL_SPLITS if s in ds), None) or ""
+    if not labeled and split not in ds and len(names) == 1:
+        split = names[0]  # unlabeled images: the only split, whatever its name
+    if split not in ds:
+        raise KdkitError(f"{what} has no split {split!r}; it has {names}")
+    return ds[split]
 
 
 # the label column names tried when neither a ClassLabel column nor --target-key names one

@@ -252,6 +252,13 @@ def open_url_stream(pattern: str, root: str, classes: list[str] | None, seed: in
     import webdataset as wds
 
     spec, _, count = pattern.partition("|")
+    if root.startswith(("http://", "https://")):  # one line in seconds, not curl's minutes of retries
+        from kdkit.network import reachable
+
+        why = reachable(root)
+        if why is not None:
+            raise KdkitError(f"{root} cannot be reached ({why}): check the address and the network, or copy the "
+                             f"shards with `kdkit shards URL --out DIR` where it can be reached")
     info: dict = {}
     try:
         with wds.gopen(f"{root.rstrip('/')}/_info.json", "rb") as f:

@@ -1,5 +1,6 @@
 """The image transforms: timm's create_transform for training and evaluation views, with ToTensor and
-Normalize fused into one contiguous step, and a fix for timm's RandAugment on recent Pillow."""
+Normalize fused into one contiguous step, and timm's RandAugment posterize fixed for recent Pillow
+(in kdkit's transforms only)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,26 @@ from timm.data import auto_augment as _auto_augment
 from timm.data import create_transform
 
 
-def _posterize_keep_zero_bits(img, bits_to_keep, **kwargs):
-    # timm's "inc1" RandAugment (DeiT's rand-m9-mstd0.5-inc1) keeps 0 bits at its top magnitude;
-    # recent Pillow refuses posterize(0) where it used to return the all-black image the policy means.
+def posterize_keep_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving the all-black image. timm's "inc1" RandAugment
+    (DeiT's rand-m9-mstd0.5-inc1) keeps 0 bits at its top magnitude; recent Pillow refuses
+    posterize(0), where older Pillow returned the black image the policy means."""
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
-    return _timm_posterize(img, bits_to_keep, **kwargs)
+    return _auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-_timm_posterize = _auto_augment.NAME_TO_OP["PosterizeIncreasing"]
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    _auto_augment.NAME_TO_OP[_name] = _posterize_keep_zero_bits
+def fix_posterize(transform: Callable) -> Callable:
+    """Give the posterize ops of the RandAugment/AutoAugment/AugMix steps of a timm transform
+    posterize_keep_zero_bits: these ops only, in this transform only (timm's NAME_TO_OP, which
+    every other transform of the process reads, is left as timm has it)."""
+    for step in getattr(transform, "transforms", None) or []:
+        policy = getattr(step, "policy", None)  # AutoAugment: sub-policies of ops
+        ops = [op for sub in policy for op in sub] if policy else getattr(step, "ops", None) or []
+        for op in ops:
+            if isinstance(op, _auto_augment.AugmentOp) and op.name.startswith("Posterize"):
+                op.aug_fn = posterize_keep_zero_bits
+    return transform
 
 
 def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, ...], is_training: bool,
@@ -39,7 +49,7 @@ def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, 
     else:
         t = create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
                              crop_pct=crop_pct if crop_pct is not None else (1.0 if img_size <= 64 else 0.875))
-    return fuse_to_tensor(t, mean, std)
+    return fuse_to_tensor(fix_posterize(t), mean, std)
 
 class ToNormalizedTensor:
     """PIL RGB image -> (3, H, W) float32 (x / 255 - mean) / std, in one pass over the pixels:

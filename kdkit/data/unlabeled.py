@@ -44,20 +44,22 @@ class UnlabeledFolderDataset(SeededDataset):
         def fail(e: OSError) -> None:
             raise KdkitError(f"cannot list the unlabeled folder {e.filename}: {e.strerror}")
 
-        paths: list[tuple[str, int]] = []
         self.ignored_files = 0
-        for folder, subfolders, files in os.walk(self.root, onerror=fail):
-            subfolders.sort()
-            for name in sorted(files):
-                path = os.path.join(folder, name)
-                if is_image_file(path, self.root):
-                    paths.append((path, -1))
-                else:
-                    self.ignored_files += 1
-        if not paths:
+
+        def images():
+            for folder, subfolders, files in os.walk(self.root, onerror=fail):
+                subfolders.sort()
+                for name in sorted(files):
+                    path = os.path.join(folder, name)
+                    if is_image_file(path, self.root):
+                        yield path, -1
+                    else:
+                        self.ignored_files += 1
+
+        self.samples = PathTable(self.root, images())  # NumPy arrays: loader workers share them
+        if not len(self.samples):
             raise KdkitError(f"no images found in the unlabeled folder {self.root} "
                              f"(looked for {', '.join(IMG_EXTENSIONS)} at any depth)")
-        self.samples = PathTable(self.root, paths)  # NumPy arrays: loader workers share them
         self.targets = self.samples.targets
 
     def issues(self) -> dict:

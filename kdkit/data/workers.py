@@ -1,8 +1,10 @@
-"""What every data-loader worker does first: die with the process that started it."""
+"""What every data-loader worker does first: die with the process that started it, and leave what
+it inherited out of the garbage collector's reach (`start_worker`, kdkit's worker_init_fn)."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -30,3 +32,16 @@ def die_with_parent(worker_id: int) -> None:
     parent = multiprocessing.parent_process()
     if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def freeze_inherited_objects(worker_id: int) -> None:
+    """The objects a worker inherits from the main process leave the garbage collector's reach
+    (gc.freeze). A collection visits every object it tracks, writing to the page of each, so a
+    forked worker would otherwise copy the main process's whole heap bit by bit."""
+    gc.freeze()
+
+
+def start_worker(worker_id: int) -> None:
+    """kdkit's DataLoader `worker_init_fn`: die_with_parent, then freeze_inherited_objects."""
+    die_with_parent(worker_id)
+    freeze_inherited_objects(worker_id)

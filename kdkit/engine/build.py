@@ -27,6 +27,7 @@ from kdkit.data import (
     apply_views,
     create_loader,
     is_augmented,
+    is_data_object,
     open_dataset,
     open_unlabeled,
     view_settings,
@@ -139,10 +140,12 @@ STREAM_NO_CACHE = ("a streamed source has no sample positions for a logit cache 
                    "local shards (`kdkit shards SOURCE --out DIR`, then --data DIR)")
 
 
-def open_train(r: Recipe):
-    """The training split; with `data.unlabeled`, a SemiSupervisedDataset of it and the unlabeled images."""
-    train_ds = open_dataset(r.data.path, r.data.train_split, seed=r.run.seed, strict=r.data.strict,
-                            **r.data.source_options())
+def open_train(r: Recipe, data: object | None = None):
+    """The training split of data.path, or of `data` (a data object of the Python API, which
+    data.path then only names); with `data.unlabeled`, a SemiSupervisedDataset of it and the
+    unlabeled images."""
+    train_ds = open_dataset(r.data.path if data is None else data, r.data.train_split, seed=r.run.seed,
+                            strict=r.data.strict, **r.data.source_options())
     if isinstance(train_ds, StreamDataset) and r.data.unlabeled:
         raise KdkitError("unlabeled images join indexed data only, not a stream: write the labeled data as local "
                          "shards first (`kdkit shards SOURCE --out DIR`)")
@@ -151,12 +154,18 @@ def open_train(r: Recipe):
         train_ds = SemiSupervisedDataset(train_ds, unlabeled, r.data.unlabeled_ratio)
     return train_ds
 
-def open_data(r: Recipe):
+def open_data(r: Recipe, data: object | None = None, eval_data: object | None = None):
     """The training split (with its unlabeled images, if any) and the evaluation split (in the
-    training split's label space)."""
-    train_ds = open_train(r)
+    training split's label space). `data` / `eval_data`: data objects or paths of the Python API
+    in place of data.path; a single dataset object with no `eval_data` is evaluated on itself
+    (with a warning)."""
+    train_ds = open_train(r, data)
     options = {**r.data.source_options(), "class_map": None}  # the training split's label space
-    eval_ds = open_dataset(r.data.path, r.data.eval_split, classes=train_ds.classes, strict=r.data.strict, **options)
+    source = eval_data if eval_data is not None else r.data.path if data is None else data
+    if eval_data is None and data is not None and is_data_object(data) and not hasattr(data, "keys"):
+        console.print("[bold yellow]warning: no eval_data: the run evaluates on its training data (pass "
+                      "eval_data= for a held-out split)")
+    eval_ds = open_dataset(source, r.data.eval_split, classes=train_ds.classes, strict=r.data.strict, **options)
     return train_ds, eval_ds
 
 
@@ -283,7 +292,7 @@ def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_cla
     """The recipe's student (or the given module) wrapped with its head strategy, with model.drop_rate
     (timm's drop_rate), in channels-last memory format with run.channels_last, and with gradient
     checkpointing with model.grad_checkpointing; `report` receives the one-line record of a
-    model.pretrained_path load."""
+    model.pretrained_path load or of a model.init_from weight selection."""
     head = r.model.head
     if mode == "train" and head == "auto":
         # plain supervised training; a model with a distillation token still trains both heads
@@ -294,7 +303,8 @@ def build_student(r: Recipe, mode: str, student: nn.Module | str | None, num_cla
                            pretrained=r.model.pretrained, weights=r.model.student_weights or None,
                            img_size=r.model.img_size, patch_size=r.model.patch_size,
                            drop_path_rate=r.model.drop_path, model_kwargs=kwargs, head_args=r.model.head_args,
-                           pretrained_path=r.model.pretrained_path or None, report=report)
+                           pretrained_path=r.model.pretrained_path or None, init_from=r.model.init_from or None,
+                           init_from_layers=r.model.init_from_layers, report=report)
     if r.run.channels_last:  # timm's --channels-last: the student's memory format
         built.to(memory_format=torch.channels_last)
     if r.model.grad_checkpointing:
@@ -374,6 +384,7 @@ def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dic
                        cache=r.model.teacher_logits, cache_cycle=r.model.teacher_logits_cycle,
                        expected_manifest=lambda mode: expected_manifest(r, train_ds, data_cfg, mode),
                        augmented=is_augmented(view_settings(data_cfg, dataclasses.asdict(r.aug))),
+                       standardize=bool(r.loss.args.get("standardize", False)),
                        set_view_cycle=set_view_cycle, info=summary)
     name = logit_source_name(r)
     return call_with(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", {"run": pieces})
@@ -426,10 +437,12 @@ class RunParts:
 
 
 def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None,
-              teacher: nn.Module | None = None, run_dir: Path | None = None) -> RunParts:
+              teacher: nn.Module | None = None, run_dir: Path | None = None, data: object | None = None,
+              eval_data: object | None = None) -> RunParts:
     """Check the recipe's strategies, then build the accelerator (with run.log_with's trackers under
-    `run_dir`, when given), data, student, logit source (the teachers, checked on the evaluation
-    split) and loss, as `mode` ("distill" or "train") needs them."""
+    `run_dir`, when given), data (data.path, or the Python API's `data` / `eval_data` objects:
+    open_data), student, logit source (the teachers, checked on the evaluation split) and loss, as
+    `mode` ("distill" or "train") needs them."""
     kind = "none" if mode == "train" else r.loss.kind
     if r.data.unlabeled and (mode == "train" or r.loss.kind == "none"):
         raise KdkitError("unlabeled images (data.unlabeled) learn from the teacher only: use kdkit distill with "
@@ -439,7 +452,7 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
     if r.run.deterministic:
         set_deterministic()
     acc = make_accelerator(r, run_dir)
-    train_ds, eval_ds = open_data(r)
+    train_ds, eval_ds = open_data(r, data, eval_data)
     classes = train_ds.classes
     loaded: list[str] = []
     student = build_student(r, mode, student, len(classes), report=loaded.append)
@@ -467,7 +480,7 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
                      "eval_images": len(eval_ds), "processes": acc.num_processes,
                      "global_batch_size": r.data.batch_size}
     if loaded:
-        summary["pretrained"] = loaded[0]
+        summary["init_from" if r.model.init_from else "pretrained"] = loaded[0]
     logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
         if LOSSES.get(kind).needs_teacher else None
     loss = build_loss(r, mode, train_ds.mixup is not None, **provided_features(student, logits))

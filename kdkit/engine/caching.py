@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kdkit.cache import LogitCache
-from kdkit.cache.store import DTYPES
+from kdkit.cache.store import DTYPES, STATS, encode, record_labels
 from kdkit.cache.writer import write_cache
 from kdkit.config import Recipe
 from kdkit.console import console
@@ -61,7 +61,8 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
 
 def verify_cache(path: str | Path, r: Recipe | None = None, samples: int = 64, seed: int = 0) -> dict:
     """Check every shard's checksum; with a recipe naming the teacher, re-run it on `samples` random
-    records and report the largest difference of the stored log-probabilities."""
+    records and report the largest difference of the stored log-probabilities (and of a top-K
+    record's mean, std and label log-probability)."""
     cache = LogitCache(path, partial=True)  # missing shards are reported, not refused
     problems = cache.store.verify()
     report: dict = {"cache": str(path), "shards": len(cache.store.all_shards()), **problems,
@@ -87,10 +88,20 @@ def verify_cache(path: str | Path, r: Recipe | None = None, samples: int = 64, s
         sample = ds[view]
         if sample["image"] is None:
             continue
-        logp = teacher(sample["image"][None]).log_softmax(1)[0]
+        logits = teacher(sample["image"][None])
+        logp = logits.log_softmax(1)[0]
         stored = cache.lookup(epoch, torch.tensor([view]))[0]
         kept = stored.topk(m["topk"]).indices
         worst = max(worst, (stored[kept] - logp[kept]).abs().max().item())
+        # a top-K record's mean, std and label, against the same teacher's (NaN label: no label, both sides)
+        target = sample["target"]
+        target = target[None] if isinstance(target, torch.Tensor) else torch.tensor([target])
+        want = encode(logits, m["topk"], torch.float32, record_labels(target))
+        got = cache.records(epoch, torch.tensor([view]))
+        for name in STATS if m["topk"] < m["num_classes"] else ():
+            a, b = got[name].float(), want[name].cpu()
+            same = a.isnan() == b.isnan()
+            worst = max(worst, float("inf") if not same.all() else (a - b).nan_to_num().abs().max().item())
         top1_agree += int(stored.argmax() == logp.argmax())
         n += 1
     report.update(rechecked=n, max_abs_diff=worst, top1_agreement=top1_agree / max(n, 1))

@@ -15,14 +15,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from kdkit.accelerator import create_accelerator, peers_watched
+from kdkit.accelerator import check_not_sharded, create_accelerator, peers_watched
 from kdkit.config import NONFINITE
 from kdkit.console import console, progress_bar
 from kdkit.data import note_skipped
 from kdkit.data.sampler import seek
 from kdkit.engine.checkpoint import Checkpointer, Position
 from kdkit.engine.evaluate import evaluate, gather_names
-from kdkit.engine.metrics import MetricsLog
+from kdkit.engine.metrics import MetricsLog, Tracker
 from kdkit.engine.step import (
     DistillationStep,
     global_terms,
@@ -181,7 +181,7 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
         optimizer: torch.optim.Optimizer, *, epochs: int, scheduler=None, eval_loader: DataLoader | None = None,
         accelerator: Accelerator | None = None, run_dir: str | Path | None = None,
         save: Callable[[nn.Module, str], None] | None = None, settings: LoopSettings | None = None,
-        resume: bool = False, recipe: dict | None = None) -> FitResult:
+        resume: bool = False, recipe: dict | None = None, tracker: Tracker | None = None) -> FitResult:
     """Train `student` for `epochs`; returns the last evaluation ({} without an eval loader) and the counters.
 
     Logs per-step loss terms, lr and images/s, and per-epoch evaluations, to RUN/metrics.jsonl.
@@ -193,21 +193,23 @@ def fit(student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
     newest valid checkpoint, under any number of processes; `recipe` (Recipe.to_dict()) is saved
     in each checkpoint, and a resume whose recipe differs from it outside
     kdkit.engine.checkpoint.RESUME_SAFE is refused, naming each key. `train_loader` must come from
-    kdkit.data.create_loader (its sampler seeks to any (epoch, step)).
+    kdkit.data.create_loader (its sampler seeks to any (epoch, step)). `tracker` (a
+    kdkit.engine.metrics.Tracker, e.g. RunTrackers) mirrors every line of metrics.jsonl.
     """
     s = settings or LoopSettings()
     acc = accelerator or create_accelerator()
+    check_not_sharded(acc.distributed_type)  # an Accelerator of the caller's
     hint = f"--resume {run_dir} continues from its newest checkpoint" if run_dir and s.keep_checkpoints else ""
     # a collective failing on a dead or hung process is one line (kdkit.accelerator.peer_failure)
     with peers_watched(acc, hint):
         return _fit(acc, student, step_fn, train_loader, optimizer, epochs, scheduler, eval_loader, run_dir, save,
-                    s, resume, recipe)
+                    s, resume, recipe, tracker)
 
 
 def _fit(acc: Accelerator, student: nn.Module, step_fn: DistillationStep, train_loader: DataLoader,
          optimizer: torch.optim.Optimizer, epochs: int, scheduler, eval_loader: DataLoader | None,
          run_dir: str | Path | None, save: Callable[[nn.Module, str], None] | None, s: LoopSettings,
-         resume: bool, recipe: dict | None) -> FitResult:
+         resume: bool, recipe: dict | None, tracker: Tracker | None) -> FitResult:
     # prepare: the student and optimizer for the devices; the teacher is moved, never wrapped
     student, optimizer = acc.prepare(student, optimizer)
     step_fn.to(acc.device)
@@ -223,7 +225,8 @@ def _fit(acc: Accelerator, student: nn.Module, step_fn: DistillationStep, train_
         raise KdkitError(f"the checkpoint is {done} into the run, past the {epochs} epochs asked for: resume with "
                          f"--epochs {pos.epoch + bool(pos.step)} or more")
     ckpt.write_recipe()
-    log = MetricsLog(Path(run_dir) / "metrics.jsonl" if run_dir and acc.is_main_process else None, pos.metrics_lines)
+    log = MetricsLog(Path(run_dir) / "metrics.jsonl" if run_dir and acc.is_main_process else None, pos.metrics_lines,
+                     tracker)
     trainer = Trainer(acc, student, optimizer, scheduler, step_fn, eval_loader, ema, ckpt, log, s, save)
     try:
         # loop: each epoch's batches (from the saved step on a resume), then the epoch's end

@@ -39,17 +39,6 @@ class Tracker(Protocol):
         """Called after each line is written."""
 
 
-_MIRRORS: dict[str, Tracker] = {}  # metrics.jsonl path -> its tracker (the runner sets it, fit opens the log)
-
-
-def mirror(path: Path, tracker: Tracker | None) -> None:
-    """Mirror the metrics.jsonl at `path` to `tracker` (None: to nothing) from its next opening on."""
-    if tracker is None:
-        _MIRRORS.pop(os.path.abspath(path), None)
-    else:
-        _MIRRORS[os.path.abspath(path)] = tracker
-
-
 class MetricsLog:
     """RUN/metrics.jsonl: one JSON object per line, flushed as written (main process only; `path`
     None elsewhere).
@@ -58,7 +47,7 @@ class MetricsLog:
     fresh run, the checkpoint's count on resume, so that the file reads as if the run had never
     stopped (a line torn by a crash is dropped with whatever followed the checkpoint).
 
-    tracker: gets every line after it is written (default: the one `mirror` set for `path`).
+    tracker: gets every line after it is written (kdkit's runs pass their RunTrackers).
     """
 
     def __init__(self, path: Path | None, keep: int = 0, tracker: Tracker | None = None):
@@ -75,7 +64,7 @@ class MetricsLog:
         atomic_write_text(path, "".join(kept))
         self.lines = len(kept)
         self.file = open(path, "a", buffering=1)  # noqa: SIM115  (line-buffered: one write per record)
-        self.tracker = tracker if tracker is not None else _MIRRORS.get(os.path.abspath(path))
+        self.tracker = tracker
         if self.tracker is not None:
             records = [json.loads(line) for line in kept]
             self.tracker.start([(self._step(rec), rec) for rec in records])
@@ -187,8 +176,9 @@ def _after_event_files(log_dir: Path) -> None:
 
 class RunTrackers:
     """The accelerator's trackers (Accelerator(log_with=..., project_dir=RUN)) as the mirror of
-    RUN/metrics.jsonl, with the recipe (flattened, `flat_config`) as each tracker's run config.
-    Without trackers, a no-op. Only the main process opens the log, so only it logs.
+    RUN/metrics.jsonl (a Tracker: fit(tracker=...) hands it to the MetricsLog), with the recipe
+    (flattened, `flat_config`) as each tracker's run config. Only the main process opens the log,
+    so only it logs.
 
     They start when fit opens the log, which knows what a resume kept: TensorBoard's writer then
     opens with purge_step = the last kept line's step, which makes TensorBoard drop every event
@@ -205,8 +195,6 @@ class RunTrackers:
 
     def __init__(self, acc: Accelerator, run_dir: Path, recipe: dict):
         self.acc, self.run_dir, self.config = acc, Path(run_dir), flat_config(recipe)
-        self.path = self.run_dir / "metrics.jsonl"
-        mirror(self.path, self if acc.log_with else None)
 
     def start(self, kept: list[tuple[int, dict]]) -> None:
         purge = kept[-1][0] if kept else 0
@@ -237,4 +225,3 @@ class RunTrackers:
         for tracker in self.acc.trackers:
             tracker.finish()
         self.acc.trackers.clear()
-        mirror(self.path, None)

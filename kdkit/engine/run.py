@@ -11,7 +11,6 @@ from pathlib import Path
 
 from torch import nn
 
-from kdkit import __version__
 from kdkit.card import write_model_card
 from kdkit.config import PRESET_NOTES, Recipe
 from kdkit.console import console
@@ -25,6 +24,7 @@ from kdkit.files import atomic_write_text, check_new_output, clear_folder, exclu
 from kdkit.models import HEADS
 from kdkit.models.saved import save_student
 from kdkit.registry import KdkitError
+from kdkit.version import __version__
 
 
 def run_dir_for(recipe: Recipe, mode: str) -> Path:
@@ -87,9 +87,11 @@ def check_run_dir(out_dir: Path, overwrite: bool) -> bool:
 
 
 def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
-        teacher: nn.Module | None = None, resume: str | Path | None = None, overwrite: bool = False) -> dict:
+        teacher: nn.Module | None = None, resume: str | Path | None = None, overwrite: bool = False,
+        data: object | None = None, eval_data: object | None = None) -> dict:
     """Run `mode` ("distill" or "train") as the recipe says. `student`/`teacher` may be nn.Modules that
-    replace the recipe's model names. `resume`: a run directory whose newest valid checkpoint the
+    replace the recipe's model names; `data` / `eval_data` data objects that replace data.path
+    (kdkit.data.open_dataset takes them). `resume`: a run directory whose newest valid checkpoint the
     run continues from (same recipe). A run directory (run.output/run.name) that holds anything is
     refused, unless `overwrite`, which replaces the earlier run in it. A run that fails before its
     first checkpoint or saved student leaves no run directory. Returns the summary (also written to
@@ -100,7 +102,7 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     out_dir = Path(resume) if resume else run_dir_for(r, mode)
     # checked by every process before any of them can create the folder (they meet in build_run)
     replace = not resume and check_run_dir(out_dir, overwrite)
-    parts = build_run(r, mode, student, teacher, out_dir)
+    parts = build_run(r, mode, student, teacher, out_dir, data, eval_data)
     acc = parts.acc
     if parts.semi:
         parts.summary["unlabeled"] = unlabeled_summary(r, parts.train_ds, parts.train_loader)
@@ -150,8 +152,8 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
         result = fit(student, DistillationStep(loss, logits), train_loader, optimizer, epochs=r.optim.epochs,
                      scheduler=scheduler, eval_loader=eval_loader, accelerator=acc, run_dir=out_dir,
                      save=lambda module, name: save_student(out_dir / name, module, config), settings=settings,
-                     resume=bool(resume), recipe=recorded)
-    finally:  # a failed run's trackers are closed too (what they got is flushed; no stale mirror)
+                     resume=bool(resume), recipe=recorded, tracker=trackers if acc.log_with else None)
+    finally:  # a failed run's trackers are closed too (what they got is flushed)
         trackers.finish()
     summary.update(eval=result.eval, best=result.best, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
                    student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,

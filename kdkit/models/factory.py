@@ -9,11 +9,12 @@ from pathlib import Path
 import timm
 import torch
 from timm.data import resolve_data_config
-from torch import nn
+from torch import Tensor, nn
 
 from kdkit.models.names import resolve_model_name
 from kdkit.models.pretrained import init_distillation, load_pretrained
 from kdkit.models.saved import head_of, load_student_weights, read_config
+from kdkit.models.selection import HUB_HINT, init_from_larger
 from kdkit.models.student import HEADS, wrap_student
 from kdkit.models.teacher import Teacher
 from kdkit.network import require_hub
@@ -67,9 +68,10 @@ def _local_weights(overlay: dict | None) -> bool:
     return bool(overlay) and (bool(overlay.get("file")) or overlay.get("state_dict") is not None)
 
 
-def check_weights_reachable(name: str) -> None:
+def check_weights_reachable(name: str, fix: str = "") -> None:
     """Fail in seconds, with one line, when timm would download `name`'s pretrained weights and the
-    Hub cannot be reached (or HF_HUB_OFFLINE is set); weights already in the local cache pass."""
+    Hub cannot be reached (or HF_HUB_OFFLINE is set); weights already in the local cache pass.
+    `fix`: the local route to name in that line (default: --teacher-weights / --pretrained-path)."""
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except (RuntimeError, ValueError):
@@ -90,8 +92,17 @@ def check_weights_reachable(name: str) -> None:
     else:
         return  # no weights anywhere: timm says so, and create_model turns it into one line
     require_hub(f"downloading the pretrained weights of {name!r}",
-                "without internet pass a local file: --teacher-weights FILE for a teacher, "
+                fix or "without internet pass a local file: --teacher-weights FILE for a teacher, "
                 "--pretrained-path FILE for a student")
+
+
+def hub_state_dict(name: str, fix: str = HUB_HINT) -> dict[str, Tensor]:
+    """The state dict of timm's pretrained `name` (from the Hub or its local cache; offline, one line
+    with `fix`), built under a forked RNG so that loading it leaves the caller's random stream as it was."""
+    check_weights_reachable(name, fix)
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(name, pretrained=True)
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -121,8 +132,8 @@ def create_student(model: str | nn.Module, num_classes: int, head: str = "auto",
                    weights: str | Path | None = None, img_size: int | None = None,
                    patch_size: int | None = None, drop_path_rate: float = 0.0,
                    model_kwargs: dict | None = None, head_args: dict | None = None,
-                   pretrained_path: str | Path | None = None,
-                   report: Callable[[str], object] | None = None) -> nn.Module:
+                   pretrained_path: str | Path | None = None, init_from: str | Path | None = None,
+                   init_from_layers: str = "first", report: Callable[[str], object] | None = None) -> nn.Module:
     """A student wrapped in its head strategy (`head_args`: the head's own settings); forward returns StudentOut.
 
     `model` is a timm name (or kdkit short name) or any nn.Module classifier. `pretrained`: timm's
@@ -131,12 +142,23 @@ def create_student(model: str | nn.Module, num_classes: int, head: str = "auto",
     `report` receives its one-line record. With either, the parameters the head adds (an inserted
     distillation token, a `head_dist`) start from the pretrained class token and head. `weights`
     then loads, strictly, a kdkit run's student.safetensors (head included) or a checkpoint of
-    exactly this student (timm's --initial-checkpoint).
+    exactly this student (timm's --initial-checkpoint). `init_from`: weight selection from a larger
+    pretrained model of the same family (a timm name, a local weights file or a kdkit student
+    folder; `init_from_layers` "first" or "uniform", models/selection.py); the classifier keeps its
+    random init, and `report` receives the record's line.
     """
+    if init_from and (pretrained or pretrained_path or weights is not None):
+        given = "--pretrained" if pretrained else "--pretrained-path" if pretrained_path else "--student-weights"
+        raise KdkitError(f"--init-from selects the student's starting weights from a larger model and {given} loads "
+                         f"the student's own: give one of them")
     if isinstance(model, nn.Module):
         if pretrained_path:
             raise KdkitError("pretrained_path needs a timm model name; a module you built carries its own weights")
-        return wrap_student(model, head, head_args)
+        selection = init_from_larger(model, init_from, hub_state_dict, init_from_layers) if init_from else None
+        student = wrap_student(model, head, head_args)
+        if selection is not None:
+            _report_selection(student, selection, report)
+        return student
     kwargs = dict(model_kwargs or {})
     img_size = img_size or kwargs.pop("img_size", None)
     patch_size = patch_size or kwargs.pop("patch_size", None)
@@ -152,7 +174,10 @@ def create_student(model: str | nn.Module, num_classes: int, head: str = "auto",
     else:
         net = create_model(model, num_classes, pretrained=pretrained, img_size=img_size, patch_size=patch_size,
                            **kwargs)
+    selection = init_from_larger(net, init_from, hub_state_dict, init_from_layers) if init_from else None
     student = wrap_student(net, head, head_args)
+    if selection is not None:
+        _report_selection(student, selection, report)
     if record is not None:
         record.from_file_distillation, from_class = init_distillation(student, record.extras)
         record.from_class += from_class
@@ -164,6 +189,14 @@ def create_student(model: str | nn.Module, num_classes: int, head: str = "auto",
     if weights is not None:
         load_student_weights(student, weights)
     return student
+
+
+def _report_selection(student: nn.Module, selection, report: Callable[[str], object] | None) -> None:
+    """The parameters the head wrapper adds start from the selected class token and (random) class
+    head, as after --pretrained; the record's line goes to `report`."""
+    selection.from_class += init_distillation(student, {})[1]
+    if report is not None:
+        report(selection.line())
 
 
 def create_teacher(model: str | nn.Module, num_classes: int | None = None, *, weights: str | Path | None = None,

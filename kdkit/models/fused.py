@@ -17,6 +17,7 @@ logits before it is returned.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import timm
@@ -25,7 +26,7 @@ from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from kdkit.models.student import HEADS
+from kdkit.models.student import HEADS, final_linear
 from kdkit.models.t2t_vit import T2TViT
 from kdkit.registry import KdkitError
 
@@ -75,6 +76,17 @@ def _average_into_classifier(student: nn.Module, state: dict[str, Tensor], confi
     w_i by moving b_i), in float64; check_fused then compares the result with the student's fused logits.
     """
     model, dist = student.model, student.head_dist
+    if getattr(student, "plain", False):  # a module of the user's: the dual head averages into its final Linear
+        found = final_linear(model)
+        cls = found[1] if found else None
+        if not isinstance(cls, nn.Linear) or cls.bias is None or cls.weight.shape != dist.weight.shape:
+            raise KdkitError(f"the dual head of {type(model).__name__} cannot be collapsed into its classifier "
+                             f"({type(cls).__name__}, not a linear layer with a bias on the pooled features): "
+                             f"export ONNX instead (kdkit export RUN --format onnx)")
+        name = next(n for n, m in model.named_modules() if m is cls)
+        state[f"{name}.weight"] = ((cls.weight + dist.weight) / 2).detach().contiguous()
+        state[f"{name}.bias"] = ((cls.bias + dist.bias) / 2).detach().contiguous()
+        return
     cls = model.get_classifier() if hasattr(model, "get_classifier") else None
 
     def refuse(why: str) -> KdkitError:
@@ -210,6 +222,40 @@ def _as_distilled(student: nn.Module, state: dict[str, Tensor], config: dict) ->
     return name, {**config.get("model_args", {}), **derived}
 
 
+def plain_model(student: nn.Module, config: dict) -> nn.Module:
+    """`student` (head-wrapped, trained) as one plain module whose forward gives its fused logits,
+    (B, K), checked against them on a random batch of config's input size (a new module: the
+    student is left as it is). A single head: the model itself (a copy). `dual`: a copy with the
+    two heads averaged into its classifier. timm's own distillation head (`native`, a distilled
+    DeiT's token): a copy, which timm fuses. kdkit's inserted token: timm's distilled DeiT
+    (fused_timm_model). config: the student's config.json (run's student/ folder)."""
+    head = HEADS.name_of(student)
+    if head == "token" and not student.native:
+        state, out, _ = fused_timm_model(student, config)
+        model = timm.create_model(out["architecture"], num_classes=out["num_classes"], **out.get("model_args", {}))
+        model.load_state_dict(state)
+        model.to(next(student.parameters()).device)
+    elif head in ("dual", "shared", "token", "native"):
+        model = copy.deepcopy(student.model)
+        if head == "dual":
+            state = dict(model.state_dict())
+            _average_into_classifier(student, state, config)
+            model.load_state_dict(state)
+        if hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(False)  # timm's distilled models: the average of both heads
+    else:
+        raise KdkitError(f"cannot collapse a {head} student into one plain module")
+    x = torch.randn(2, *config["pretrained_cfg"]["input_size"], generator=torch.Generator().manual_seed(0))
+    x = x.to(next(student.parameters()).device)
+    was = student.training
+    with torch.no_grad():
+        want, got = student.eval()(x).fused, model.eval()(x)
+    student.train(was)
+    if not (got - want).abs().max().item() <= TOLERANCE * max(1.0, want.abs().max().item()):
+        raise KdkitError(f"the plain {type(model).__name__} differs from the student's fused logits")
+    return model
+
+
 def _as_distilled_t2t(student: nn.Module, state: dict[str, Tensor], config: dict) -> dict:
     """The model_args of a T2T-ViT with kdkit's inserted token as T2T-ViT(distilled=True); `state`
     gains dist_token and head_dist (the position table is unchanged: the token has no row in it)."""
@@ -241,9 +287,10 @@ def check_fused(student: nn.Module, state: dict[str, Tensor], config: dict) -> f
     except Exception as e:
         raise KdkitError(f"plain timm cannot rebuild the collapsed {config['architecture']}: "
                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    device = next(student.parameters()).device
     x = torch.randn(2, *config["pretrained_cfg"]["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = student.eval()(x).fused, plain.eval()(x)
+        want, got = student.eval()(x.to(device)).fused.cpu(), plain.eval()(x)
     diff = (got - want).abs().max().item()
     if not diff <= TOLERANCE * max(1.0, want.abs().max().item()):
         raise KdkitError(f"the collapsed {config['architecture']} differs from the student's fused logits by "

@@ -4,8 +4,8 @@
   any other timm ViT with a class token gets a learned token inserted after the class token
   (before the blocks, so it attends and is attended like DeiT's) and a linear `head_dist`.
 - `dual`: a second linear head on the pooled features, for Swin, ConvNets and anything without a
-  class token.
-- `shared`: one head carries both losses (the paper's "usual" distillation).
+  class token; on a plain nn.Module (no timm forward_head), the input of its final nn.Linear.
+- `shared`: one head carries both losses (the paper's "usual" distillation); any classifier.
 - `native`: the model's own distillation head, where timm has one (`set_distilled_training`:
   LeViT, DeiT distilled); `auto` picks it for such models that are not token ViTs (for DeiT's
   distilled models `token` already is their own token and `head_dist`).
@@ -154,9 +154,22 @@ class TokenHead(_Wrapped):
         return StudentOut(logits, head_dist(m.head_drop(feats[:, 1])), feats[:, 0], _patch_tokens(m, feats))
 
 
+def final_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """(name, module) of a model's classifier: timm's get_classifier(), else its last registered
+    nn.Linear (a plain module's `fc`); None when it has none."""
+    get = getattr(model, "get_classifier", None)
+    found = get() if callable(get) else next((m for m in reversed(list(model.modules()))
+                                                if isinstance(m, nn.Linear)), None)
+    if not isinstance(found, nn.Linear):
+        return None
+    return next(n for n, m in model.named_modules() if m is found), found
+
+
 @HEADS.register("dual")
 class DualHead(_Wrapped):
-    """A second linear classifier on the model's pooled features (timm `forward_head(pre_logits=True)`)."""
+    """A second linear classifier on the model's pooled features: timm's `forward_head(pre_logits=True)`,
+    or for a plain nn.Module (no forward_head) the input of its final nn.Linear, whose output must be
+    the module's output (checked on every forward)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -164,18 +177,40 @@ class DualHead(_Wrapped):
             raise KdkitError("this model has a distillation token: use head 'token'")
         if _has_native_distillation(model):
             raise KdkitError(f"{type(model).__name__} has its own distillation head: use head 'native'")
-        if not hasattr(model, "forward_head"):
-            raise KdkitError(f"head 'dual' needs timm's forward_features/forward_head on {type(model).__name__}: "
-                             "use head 'shared'")
         self.model = model
-        self.head_dist = nn.Linear(num_pooled_features(model), model.num_classes)
+        self.plain = not hasattr(model, "forward_head")
+        if self.plain:
+            found = final_linear(model)
+            if found is None:
+                raise KdkitError(f"head 'dual' needs timm's forward_features/forward_head or a final nn.Linear "
+                                 f"classifier; {type(model).__name__} has neither: use head 'shared'")
+            self.classifier = found[0]
+            self.head_dist = nn.Linear(found[1].in_features, found[1].out_features)
+        else:
+            self.head_dist = nn.Linear(num_pooled_features(model), model.num_classes)
 
     def forward_heads(self, x: Tensor) -> StudentOut:
+        if self.plain:
+            return self._forward_plain(x)
         feats = self.model.forward_features(x)
         # The class head goes through the model's own forward_head (which may scale or normalise).
         logits = self.model.forward_head(feats)
         pooled = self.model.forward_head(feats, pre_logits=True)
         return StudentOut(logits, self.head_dist(pooled), pooled, _patch_tokens(self.model, feats))
+
+    def _forward_plain(self, x: Tensor) -> StudentOut:
+        seen: list[tuple[Tensor, Tensor]] = []
+        hook = self.model.get_submodule(self.classifier).register_forward_hook(
+            lambda _m, args, out: seen.append((args[0], out)))
+        try:
+            logits = self.model(x)
+        finally:
+            hook.remove()
+        if len(seen) != 1 or seen[0][1] is not logits:
+            raise KdkitError(f"head 'dual' takes the input of {type(self.model).__name__}.{self.classifier} as its "
+                             f"features, but the module's output is not that layer's output: use head 'shared'")
+        pooled = seen[0][0]
+        return StudentOut(logits, self.head_dist(pooled), pooled)
 
 
 @HEADS.register("shared")
@@ -229,10 +264,13 @@ class NativeHead(_Wrapped):
 
 def default_head(model: nn.Module) -> str:
     """`token` for ViTs that take one (DeiT's distilled ones use their own; see token_refusal),
-    `native` for other models with their own distillation head (LeViT), `dual` otherwise."""
+    `native` for other models with their own distillation head (LeViT), `dual` for the rest that
+    have pooled features (timm's forward_head, or a plain module's final nn.Linear), `shared` otherwise."""
     if token_refusal(model) is None:
         return "token"
-    return "native" if _has_native_distillation(model) else "dual"
+    if _has_native_distillation(model):
+        return "native"
+    return "dual" if hasattr(model, "forward_head") or final_linear(model) is not None else "shared"
 
 
 def wrap_student(model: nn.Module, head: str = "auto", settings: dict | None = None) -> nn.Module:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from kdkit.cache import LogitCache, weights_sha256
+from kdkit.cache import TAILS, LogitCache, record_labels, weights_sha256
 from kdkit.console import console
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError, Registry
@@ -42,6 +42,7 @@ class RunPieces:
     cache_cycle: bool = False
     expected_manifest: Callable[[str], dict] | None = None
     augmented: bool = False  # training views are augmented (a fixed cache then answers for the clean image)
+    standardize: bool = False  # the loss z-scores the teacher's logits (a top-K cache then fills its tail "normal")
     set_view_cycle: Callable[[int], None] = lambda epochs: None
     info: dict = field(default_factory=dict)
 
@@ -105,20 +106,33 @@ class CachedLogits(LogitSource):
     `fallback` (a LiveTeacher), or fail when there is none. Fixed caches answer for any epoch.
     Returns (B, C) float32 log-probabilities on the batch's device (a softmax of them, at any
     temperature, is the teacher's distribution; see kdkit/cache/store.py for top-K records).
+
+    A top-K record's label goes to the batch's label class (store.record_labels of batch.target,
+    the class the writer saw for the same view); a fixed cache under Mixup/CutMix, whose record
+    was written for the clean image, leaves it out. `tail` fills the classes a top-K record does
+    not hold: "mass" (the tail's probability at tau = 1, spread evenly) or "normal" (the tail's
+    mean and variance kept, for a loss that z-scores the logits); "auto": "normal" when the run's
+    loss standardises, else "mass".
     """
 
-    def __init__(self, cache: LogitCache | str, fallback: LiveTeacher | None = None):
+    def __init__(self, cache: LogitCache | str, fallback: LiveTeacher | None = None, tail: str = "mass"):
         super().__init__()
+        if tail not in TAILS:
+            raise KdkitError(f"unknown cache tail fill {tail!r}: {', '.join(TAILS)} (or auto)")
         self.cache = cache if isinstance(cache, LogitCache) else LogitCache(cache)
         self.fallback = fallback
+        self.tail = tail
         self.live_batches = 0
 
     @classmethod
-    def from_run(cls, run: RunPieces) -> CachedLogits:
+    def from_run(cls, run: RunPieces, tail: str = "auto") -> CachedLogits:
         """The run's cache (model.teacher_logits), checked against the manifest this run expects; a
-        live teacher serves the epochs past a replay cache, unless its epochs are cycled."""
+        live teacher serves the epochs past a replay cache, unless its epochs are cycled. tail:
+        model.logits_args.tail, "auto" (by the loss), "mass" or "normal"."""
         if not run.cache:
             raise KdkitError("logit source 'cache' reads a `kdkit cache` folder: pass --logits CACHE")
+        if tail == "auto":
+            tail = "normal" if run.standardize else "mass"
         cache = LogitCache(run.cache)
         if run.expected_manifest is not None:
             cache.check_run(run.expected_manifest(cache.mode))
@@ -134,14 +148,18 @@ class CachedLogits(LogitSource):
                 raise KdkitError(f"the cache holds {cache.epochs} epochs and the run has {run.epochs}: pass "
                                  f"--teacher to compute the rest live, or --logits-cycle to replay the cached ones")
             fallback = LiveTeacher(single_teacher(run))
+        topk = cache.manifest["topk"] < cache.num_classes
         run.info.update(logits={"cache": str(cache.root), "mode": cache.mode, "epochs": cache.epochs,
                                 "topk": cache.manifest["topk"], "dtype": cache.manifest["dtype"], "cycle": cycle,
-                                "live_after": cache.epochs if fallback else None})
-        return cls(cache, fallback)
+                                "live_after": cache.epochs if fallback else None, **({"tail": tail} if topk else {})})
+        return cls(cache, fallback, tail)
 
     def forward(self, batch: Batch) -> Tensor:
         if self.cache.mode == "fixed" or batch.epoch < self.cache.epochs:
-            return self.cache.lookup(batch.epoch, batch.index).to(batch.images.device, non_blocking=True)
+            # a fixed record is of the clean image: a mixed batch's label class may be another image's
+            labels = None if self.cache.mode == "fixed" and batch.target.ndim > 1 else record_labels(batch.target)
+            return self.cache.lookup(batch.epoch, batch.index, labels, self.tail).to(batch.images.device,
+                                                                                     non_blocking=True)
         if self.fallback is None:
             raise KdkitError(f"epoch {batch.epoch} is past the {self.cache.epochs} cached epochs and no teacher "
                              f"was given to compute it live")
