@@ -103,8 +103,7 @@ def _average_into_classifier(student: nn.Module, state: dict[str, Tensor], confi
     dims = [m.in_features if isinstance(m, nn.Linear) else m.in_channels for m in layers]
     if sum(dims) != dist.in_features:
         raise refuse(f"its layers read {sum(dims)} features, the pooled features are {dist.in_features}")
-    z, w = _measure_classifier(model, layers, config["pretrained_cfg"]["input_size"], refuse)
-    p, y = z.pop("p"), z.pop("y")
+    p, y, z, w = _measure_classifier(model, layers, config["pretrained_cfg"]["input_size"], refuse)
     wd, bd = dist.weight.detach().double(), dist.bias.detach().double()
     scales, shifts, lo = [], [], 0
     for i, d in enumerate(dims):
@@ -131,9 +130,10 @@ def _matrix(layer: nn.Module) -> Tensor:
     return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
 
 
-def _measure_classifier(model: nn.Module, layers: list[nn.Module], input_size: list[int], refuse) -> tuple[dict, list]:
-    """On a fixed random batch: the pooled features "p" (B, D), the logits "y" (B, K) and each layer's
-    input z[i] (B, D_i), in float64; and each layer's weight w_i in the logits (moving its bias by 1
+def _measure_classifier(model: nn.Module, layers: list[nn.Module], input_size: list[int],
+                        refuse) -> tuple[Tensor, Tensor, list[Tensor], list[float]]:
+    """On a fixed random batch: the pooled features p (B, D), the logits y (B, K) and each layer's
+    input z_i (B, D_i), in float64; and each layer's weight w_i in the logits (moving its bias by 1
     moves every logit by w_i)."""
     was = model.training
     model.eval()  # inference's normalisation, and no running statistic moved by the random batch
@@ -154,7 +154,9 @@ def _measure_eval(model: nn.Module, layers: list[nn.Module], input_size: list[in
             feats = model.forward_features(x)
             p = model.forward_head(feats, pre_logits=True).double()
             y = model.forward_head(feats).double()
-            z = {i: seen[i].double() for i in range(len(layers))}
+            if p.ndim != 2:
+                raise refuse(f"pooled features of shape {tuple(p.shape)}")
+            z = [seen[i].double() for i in range(len(layers))]
             for m in layers:
                 m.bias.add_(1.0)
                 try:
@@ -171,9 +173,7 @@ def _measure_eval(model: nn.Module, layers: list[nn.Module], input_size: list[in
     finally:
         for h in hooks:
             h.remove()
-    if p.ndim != 2:
-        raise refuse(f"pooled features of shape {tuple(p.shape)}")
-    return {"p": p, "y": y, **z}, weights
+    return p, y, z, weights
 
 
 def _elementwise_affine(p: Tensor, z: Tensor, refuse) -> tuple[Tensor, Tensor]:
