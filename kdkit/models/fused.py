@@ -143,7 +143,8 @@ def _measure_classifier(model: nn.Module, layers: list[nn.Module], input_size: l
         model.train(was)
 
 
-def _measure_eval(model: nn.Module, layers: list[nn.Module], input_size: list[int], refuse) -> tuple[dict, list]:
+def _measure_eval(model: nn.Module, layers: list[nn.Module], input_size: list[int],
+                  refuse) -> tuple[Tensor, Tensor, list[Tensor], list[float]]:
     x = torch.randn(16, *input_size, generator=torch.Generator().manual_seed(0))
     seen: dict = {}
     hooks = [m.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, args[0].detach().flatten(1)))
