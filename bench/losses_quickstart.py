@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,8 +64,13 @@ def run(loss: str, seed: int, out: Path, source: str = "live", cache: Path | Non
            "--output", str(out), "--name", name]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode < 0:  # killed by a signal from outside (a shared machine): the same command once more
+        print(f"{name}: killed by signal {-done.returncode}, run again", file=sys.stderr)
+        shutil.rmtree(out / name, ignore_errors=True)
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{loss} ({source}) seed {seed} failed:\n{done.stderr[-2000:]}")
+        raise SystemExit(f"{loss} ({source}) seed {seed} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     summary = json.loads((out / name / "summary.json").read_text())
     first = next(json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()
                  if "step" in json.loads(line))
