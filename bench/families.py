@@ -290,11 +290,11 @@ def walk(name: str, fam: Family, data: Path, teacher: Path, work: Path, heads: b
         t = time.perf_counter()
         noise = io.StringIO()
         with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
-            summary = kdkit.distill(fam.model, "resnet10t", str(data), teacher_weights=str(teacher), head="auto",
+            result = kdkit.distill(fam.model, "resnet10t", str(data), teacher_weights=str(teacher), head="auto",
                                     img_size=fam.img_size, kwargs=dict(fam.kwargs), epochs=1, batch_size=K,
                                     eval_batch_size=K, workers=0, progress=False, warmup_epochs=0,
                                     output=str(work), name=run.name, teacher_check_batches=1)
-        trained = summary["model"].eval()
+        summary, trained = result.summary, result.model.eval()  # the API's plain module, heads fused
         row["auto_head"] = HEADS.name_of(trained)
         row["params_m"] = round(sum(p.numel() for p in trained.parameters()) / 1e6, 3)
         if summary["updates"] != 1:
