@@ -295,7 +295,7 @@ def walk(name: str, fam: Family, data: Path, teacher: Path, work: Path, heads: b
                                     eval_batch_size=K, workers=0, progress=False, warmup_epochs=0,
                                     output=str(work), name=run.name, teacher_check_batches=1)
         summary, trained = result.summary, result.model.eval()  # the API's plain module, heads fused
-        row["auto_head"] = HEADS.name_of(trained)
+        row["auto_head"] = json.loads((run / "student" / "config.json").read_text())["kdkit"]["head"]
         row["params_m"] = round(sum(p.numel() for p in trained.parameters()) / 1e6, 3)
         if summary["updates"] != 1:
             raise AssertionError(f"{summary['updates']} updates, not 1")
