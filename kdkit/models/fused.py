@@ -26,7 +26,7 @@ from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from kdkit.models.student import HEADS, final_linear
+from kdkit.models.student import HEADS, eval_mode, final_linear
 from kdkit.models.t2t_vit import T2TViT
 from kdkit.registry import KdkitError
 
@@ -135,23 +135,14 @@ def _measure_classifier(model: nn.Module, layers: list[nn.Module], input_size: l
     """On a fixed random batch: the pooled features p (B, D), the logits y (B, K) and each layer's
     input z_i (B, D_i), in float64; and each layer's weight w_i in the logits (moving its bias by 1
     moves every logit by w_i)."""
-    was = model.training
-    model.eval()  # inference's normalisation, and no running statistic moved by the random batch
-    try:
-        return _measure_eval(model, layers, input_size, refuse)
-    finally:
-        model.train(was)
-
-
-def _measure_eval(model: nn.Module, layers: list[nn.Module], input_size: list[int],
-                  refuse) -> tuple[Tensor, Tensor, list[Tensor], list[float]]:
     x = torch.randn(16, *input_size, generator=torch.Generator().manual_seed(0))
     seen: dict = {}
     hooks = [m.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, args[0].detach().flatten(1)))
              for i, m in enumerate(layers)]
     weights = []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        # eval mode: inference's normalisation, and no running statistic moved by the random batch
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(model):
             feats = model.forward_features(x)
             p = model.forward_head(feats, pre_logits=True).double()
             y = model.forward_head(feats).double()
@@ -257,10 +248,8 @@ def plain_model(student: nn.Module, config: dict) -> nn.Module:
         raise KdkitError(f"cannot collapse a {head} student into one plain module")
     x = torch.randn(2, *config["pretrained_cfg"]["input_size"], generator=torch.Generator().manual_seed(0))
     x = x.to(next(student.parameters()).device)
-    was = student.training
-    with torch.no_grad():
-        want, got = student.eval()(x).fused, model.eval()(x)
-    student.train(was)
+    with torch.no_grad(), eval_mode(student):
+        want, got = student(x).fused, model.eval()(x)
     if not (got - want).abs().max().item() <= TOLERANCE * max(1.0, want.abs().max().item()):
         raise KdkitError(f"the plain {type(model).__name__} differs from the student's fused logits")
     return model

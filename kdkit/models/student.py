@@ -19,7 +19,8 @@ registry line: `@HEADS.register("mine") class MyHead(nn.Module)` whose construct
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from timm.models import group_parameters
@@ -30,6 +31,18 @@ from kdkit.registry import KdkitError, Registry
 from kdkit.types import StudentOut
 
 HEADS: Registry[type[nn.Module]] = Registry("student head")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode inside the block (inference's normalisation and dropout; no BatchNorm
+    running statistic moved), its own training mode restored after, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def token_refusal(model: nn.Module) -> str | None:
