@@ -303,7 +303,7 @@ def run_config(s: Setup, mode: str, compiled: bool, teachers: dict) -> dict:
     if compiled and not is_compiled(student):
         student.compile(backend=a.compile_backend)
     logits = logit_source(s, mode, compiled, teachers)
-    loss = R.build_loss(s.recipe, verb, s.train_ds.mixup is not None)
+    loss = R.build_loss(s.recipe, R.loss_kind(s.recipe, verb), s.train_ds.mixup is not None)
     step_fn = DistillationStep(loss, logits)
     student.train()
     clip = s.recipe.optim.clip_grad

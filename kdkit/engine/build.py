@@ -234,38 +234,45 @@ def check_auto_augment(policy: str) -> None:
                          f"original (AutoAugment), '' = off") from None
 
 
-def check_strategies(r: Recipe, mode: str) -> None:
-    """Every strategy name and setting of the recipe checked before anything is built or written."""
+def loss_kind(r: Recipe, mode: str) -> str:
+    """The run's loss by name: "none" (no teacher) for `kdkit train`, else loss.kind. Decided here
+    once; below, "no teacher" is the loss kind "none", and `mode` is only the verb the user ran."""
+    return "none" if mode == "train" else r.loss.kind
+
+
+def check_strategies(r: Recipe, kind: str) -> None:
+    """Every strategy name and setting of the recipe checked before anything is built or written;
+    kind: the run's loss (loss_kind)."""
     check_auto_augment(r.aug.auto_augment)
-    if mode == "distill":
-        check_settings(LOSSES.get(r.loss.kind), r.loss.args, f"loss {r.loss.kind!r}", LOSS_PROVIDED)
-        if r.data.unlabeled and LOSSES.get(r.loss.kind).needs_features:
-            raise KdkitError(f"loss {r.loss.kind!r} matches the teacher's features on labeled batches; unlabeled "
+    if kind != "none":
+        check_settings(LOSSES.get(kind), r.loss.args, f"loss {kind!r}", LOSS_PROVIDED)
+        if r.data.unlabeled and LOSSES.get(kind).needs_features:
+            raise KdkitError(f"loss {kind!r} matches the teacher's features on labeled batches; unlabeled "
                              f"images (data.unlabeled) work with the logit losses (soft, hard, dkd, dist, mlkd)")
-        if r.data.unlabeled and LOSSES.get(r.loss.kind).needs_epoch:
-            raise KdkitError(f"loss {r.loss.kind!r} learns from whole labeled steps (a curriculum over epochs); "
+        if r.data.unlabeled and LOSSES.get(kind).needs_epoch:
+            raise KdkitError(f"loss {kind!r} learns from whole labeled steps (a curriculum over epochs); "
                              f"unlabeled images (data.unlabeled) work with soft, hard, dkd, dist, mlkd")
     elif r.loss.args:
-        raise KdkitError("loss.args: kdkit train has no distillation loss to give them to")
+        raise KdkitError("loss.args: kdkit train (loss 'none') has no distillation loss to give them to")
     if r.model.head != "auto":
         check_settings(HEADS.get(r.model.head), r.model.head_args, f"student head {r.model.head!r}", ("model",))
-    if mode == "distill" and LOSSES.get(r.loss.kind).needs_teacher:
+    if LOSSES.get(kind).needs_teacher:
         name = logit_source_name(r)
         check_settings(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", ("run",))
 
 
-def build_loss(r: Recipe, mode: str, mixup: bool, **provided: object) -> DistillationLoss:
-    """The recipe's loss by name: its own settings are `loss.args`; the shared distillation settings
-    (loss.task_weight, tau, ...), the label smoothing (0 when Mixup/CutMix smooths the targets)
-    and `provided` (num_classes, student_features, teacher_features, ...) go to it where its
-    constructor names them. With unlabeled images, wrapped with per-sample masks (losses/semi.py)."""
+def build_loss(r: Recipe, kind: str, mixup: bool, **provided: object) -> DistillationLoss:
+    """The loss `kind` (loss_kind: "none" for kdkit train, else loss.kind) by name: its own settings
+    are `loss.args`; the shared distillation settings (loss.task_weight, tau, ...), the label
+    smoothing (0 when Mixup/CutMix smooths the targets) and `provided` (num_classes,
+    student_features, teacher_features, ...) go to it where its constructor names them. With
+    unlabeled images, wrapped with per-sample masks (losses/semi.py)."""
     shared = {**r.loss.shared(), "label_smoothing": 0.0 if mixup else r.aug.label_smoothing}
-    kind = "none" if mode == "train" else r.loss.kind
-    loss = LOSSES.create(kind, r.loss.args if mode != "train" else None, **shared, **provided)
-    if mode == "distill":
+    loss = LOSSES.create(kind, r.loss.args if kind != "none" else None, **shared, **provided)
+    if kind != "none":
         warn_unused_settings(r, loss)
     if not r.data.unlabeled:
-        if r.loss.confidence_threshold > 0 and mode == "distill":
+        if r.loss.confidence_threshold > 0 and kind != "none":
             console.print("[bold yellow]warning: loss.confidence_threshold applies to unlabeled images only, "
                           "and this run has none (data.unlabeled)")
         return loss
@@ -443,11 +450,11 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
     `run_dir`, when given), data (data.path, or the Python API's `data` / `eval_data` objects:
     open_data), student, logit source (the teachers, checked on the evaluation split) and loss, as
     `mode` ("distill" or "train") needs them."""
-    kind = "none" if mode == "train" else r.loss.kind
-    if r.data.unlabeled and (mode == "train" or r.loss.kind == "none"):
+    kind = loss_kind(r, mode)
+    if r.data.unlabeled and kind == "none":
         raise KdkitError("unlabeled images (data.unlabeled) learn from the teacher only: use kdkit distill with "
                          "a distillation loss (soft, hard, dkd, ...)")
-    check_strategies(r, mode)
+    check_strategies(r, kind)
     set_seed(r.run.seed)
     if r.run.deterministic:
         set_deterministic()
@@ -483,7 +490,7 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
         summary["init_from" if r.model.init_from else "pretrained"] = loaded[0]
     logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
         if LOSSES.get(kind).needs_teacher else None
-    loss = build_loss(r, mode, train_ds.mixup is not None, **provided_features(student, logits))
+    loss = build_loss(r, kind, train_ds.mixup is not None, **provided_features(student, logits))
     summary["conventions"] = loss.conventions()
     attach_adapters(student, loss)
     return RunParts(acc, kind, train_ds, eval_ds, student, data_cfg, train_loader, eval_loader, logits, loss,
