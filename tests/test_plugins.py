@@ -166,3 +166,70 @@ def test_the_loss_example_in_the_docs_trains(tiny_data, teacher_dir, tmp_path):
                                       "tau": 1.0, "label_smoothing": 0.0}
     steps = _steps(tmp_path / "cos")
     assert steps and all(0.0 <= x["kd"] <= 1.0 for x in steps)  # 1 - cos of two distributions, less the margin
+
+
+SOURCE_PLUGIN = textwrap.dedent('''
+    """A logit source written outside kdkit: the run's teacher, its logits scaled by `scale`."""
+    from kdkit.teachers import LOGIT_SOURCES, LogitSource
+
+
+    @LOGIT_SOURCES.register("scaled_teacher")
+    class ScaledTeacher(LogitSource):
+        def __init__(self, teacher, scale: float):
+            super().__init__()
+            self.inner, self.scale = teacher, scale  # no attribute name the engine could guess
+
+        @classmethod
+        def from_run(cls, run, scale: float = 2.0):
+            (teacher,) = run.teachers()
+            return cls(teacher, scale)
+
+        def forward(self, batch):
+            return self.inner(batch.images) * self.scale
+
+        def teachers(self):
+            return [self.inner]
+
+        def describe(self):
+            return {"source": "scaled_teacher", "scale": self.scale}
+
+        def feature_size(self):
+            return self.inner.num_features
+
+        def features(self, batch):
+            return self.inner.forward_features(batch.images)
+''')
+
+
+def test_a_plugin_source_is_planned_and_feeds_a_feature_loss(tiny_data, teacher_dir, tmp_path):
+    """The engine asks the source for its teachers and feature size through LogitSource's methods:
+    `kdkit plan` prices and times the plugin's teacher, a feature loss sizes its projection with it."""
+    import timm
+    import torch
+
+    from kdkit.config import load_recipe
+    from kdkit.engine.build import build_run
+    from kdkit.engine.plan import plan_cache
+    from kdkit.engine.step import DistillationStep, make_batch
+    from kdkit.plugins import load_plugins
+
+    path = tmp_path / "kdkit_toy_scaled_source.py"
+    path.write_text(SOURCE_PLUGIN)
+    load_plugins([str(path)])
+    r = load_recipe(None, {"model": {"student": "deit_tiny_patch16_224", "head": "token", **TINY,
+                                     "teacher": "resnet10t", "teacher_weights": str(teacher_dir),
+                                     "logits": "scaled_teacher", "logits_args": {"scale": 3.0}},
+                           "loss": {"kind": "feature"}, "data": {"path": str(tiny_data), "batch_size": 16,
+                                                                "workers": 0},
+                           "optim": {"epochs": 1}, "run": {"progress": False}, "preset": "none"})
+    report = plan_cache(r, steps=1, out=tmp_path)
+    teacher = timm.create_model("resnet10t", num_classes=10)
+    (t,) = report["teachers"]
+    assert t["params"] == sum(x.numel() for x in teacher.parameters())
+    assert report["logit_source"] == "ScaledTeacher" and report["measured"]["teacher"] > 0
+    parts = build_run(r, "distill")
+    assert parts.student.adapters["features"].proj.in_features == 32  # the student's embedding
+    assert parts.student.adapters["features"].proj.out_features == teacher.num_features  # resnet10t's 512
+    batch = make_batch(next(iter(parts.train_loader)), torch.device("cpu"))
+    out = DistillationStep(parts.loss, parts.logits)(parts.student, batch)
+    assert torch.isfinite(out.terms["feature"]) and out.terms["feature"] > 0

@@ -398,16 +398,12 @@ def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dic
 
 
 def provided_features(student: nn.Module, source: LogitSource | None) -> dict:
-    """What a feature loss may ask for: the student's and the teacher's feature sizes (lazily)."""
+    """What a feature loss may ask for: the student's and the teacher's feature sizes (lazily; the
+    source says its teacher's, LogitSource.feature_size)."""
     def teacher_features() -> int:
-        teacher = getattr(source, "teacher", None)
-        if hasattr(source, "teachers"):
-            raise KdkitError("feature distillation matches one teacher's features: an ensemble has no one feature "
-                             "space (give one --teacher)")
-        if teacher is None:
-            raise KdkitError("feature distillation needs a live teacher (features are not cached): drop --logits "
-                             "and pass --teacher")
-        return teacher.num_features
+        if source is None:
+            raise KdkitError("feature distillation needs a live teacher (features are not cached): pass --teacher")
+        return source.feature_size()
 
     model = student.model
     return {"student_features": Lazy(lambda: num_pooled_features(model)),

@@ -34,21 +34,11 @@ from kdkit.config import Recipe
 from kdkit.engine.benchmark import count_flops
 from kdkit.engine.build import RunParts, build_optimizer, build_run, expected_manifest
 from kdkit.engine.step import DistillationStep, make_batch, train_step
-from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError
 from kdkit.types import Batch
 
 BACKWARD_FACTOR = 3  # a training step's forward + backward is about 3 forwards (the backward is ~2)
 STRATEGIES = ("online", "cached", "hybrid")
-
-
-def _teachers(source: nn.Module | None) -> list[Teacher]:
-    if source is None:
-        return []
-    if hasattr(source, "teachers"):  # an ensemble
-        return list(source.teachers)
-    teacher = getattr(source, "teacher", None) or getattr(getattr(source, "fallback", None), "teacher", None)
-    return [teacher] if teacher is not None else []
 
 
 def plan(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
@@ -66,7 +56,7 @@ def describe(r: Recipe, mode: str, parts: RunParts) -> dict:
     s_flops = count_flops(s, size)
     teachers = [{"name": t.name, "params": sum(p.numel() for p in t.model.parameters()),
                  "input_size": list(t.input_size or size), "flops_per_image": count_flops(t.model, t.input_size or size)}
-                for t in _teachers(parts.logits)]
+                for t in (parts.logits.teachers() if parts.logits is not None else [])]
     t_flops = sum(t["flops_per_image"] for t in teachers)
     per_epoch = expected_manifest(r, parts.train_ds, parts.data_cfg, "replay")["records_per_epoch"]
     k = len(parts.train_ds.classes)
@@ -201,7 +191,7 @@ def measure(r: Recipe, parts: RunParts, steps: int, topk: int, dtype: str, tail:
         raise KdkitError(f"--steps must be at least 1, not {steps}")
     acc, loss = parts.acc, parts.loss
     source = parts.logits
-    if source is None or not _teachers(source):
+    if source is None or not source.teachers():
         raise KdkitError("kdkit plan times the teacher: pass --teacher (with --teacher-weights), not --logits")
     raws, loader_s = _loader_batches(parts.train_loader, steps + 1)
     batches = [make_batch(raw, acc.device) for raw in raws]

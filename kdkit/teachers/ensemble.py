@@ -33,22 +33,29 @@ class TeacherEnsemble(LogitSource):
             raise KdkitError(f"an ensemble needs at least two teachers, got {len(teachers)}: repeat --teacher")
         if combine not in COMBINE:
             raise KdkitError(f"ensemble combine must be one of {', '.join(COMBINE)}, got {combine!r}")
-        self.teachers = torch.nn.ModuleList(teachers)
+        self.members = torch.nn.ModuleList(teachers)
         self.combine = combine
 
     @classmethod
     def from_run(cls, run: RunPieces, combine: str = "probs") -> TeacherEnsemble:
         return cls(run.teachers(), combine)
 
+    def teachers(self) -> list[Teacher]:
+        return list(self.members)
+
+    def feature_size(self) -> int:
+        raise KdkitError("feature distillation matches one teacher's features: an ensemble has no one feature "
+                         "space (give one --teacher)")
+
     def forward(self, batch: Batch | Tensor) -> Tensor:  # a Batch in training, images when writing a cache
         images = batch.images if isinstance(batch, Batch) else batch
-        logits = torch.stack([t(images) for t in self.teachers])  # (M, B, K) float32
+        logits = torch.stack([t(images) for t in self.members])  # (M, B, K) float32
         if self.combine == "logits":
             return logits.mean(dim=0)
-        return torch.logsumexp(logits.log_softmax(dim=-1), dim=0) - math.log(len(self.teachers))
+        return torch.logsumexp(logits.log_softmax(dim=-1), dim=0) - math.log(len(self.members))
 
     def identity(self) -> dict:
-        members = [teacher_identity(t) for t in self.teachers]
+        members = [teacher_identity(t) for t in self.members]
         return {"name": "ensemble(" + ",".join(m["name"] for m in members) + ")", "combine": self.combine,
                 "members": members,
                 "weights_sha256": "+".join(m["weights_sha256"] for m in members)}

@@ -48,12 +48,33 @@ class RunPieces:
 
 
 class LogitSource(nn.Module):
-    """Base of the sources: `forward(batch) -> (B, K)`; `features(batch) -> TeacherOut` where the
-    source can run the teacher's feature extractor."""
+    """Base of the sources: `forward(batch) -> (B, K)`. What the engine asks of a source beyond
+    its logits goes through these methods, whose defaults suit a source without a teacher:
+
+    teachers(): the teachers it runs (`kdkit plan` prices and times them); default [].
+    describe(): what the run summary records about it (summary["logits"]); default {}.
+    feature_size(): the pooled feature size of the one teacher whose features it gives (a feature
+        loss sizes its projection with it); default: refused, the source gives logits only.
+    features(batch) -> TeacherOut: that teacher's features and logits for the batch.
+    identity(): what produced the logits, for a cache's manifest; default: refused.
+    """
 
     @classmethod
     def from_run(cls, run: RunPieces) -> LogitSource:
         raise NotImplementedError
+
+    def teachers(self) -> list[Teacher]:
+        """The teachers this source runs (none for a source that reads its answers)."""
+        return []
+
+    def describe(self) -> dict:
+        """The run summary's record of this source (summary["logits"]); {}: nothing to record."""
+        return {}
+
+    def feature_size(self) -> int:
+        """The teacher's pooled feature size, for a feature loss's projection."""
+        raise KdkitError(f"feature distillation needs a live teacher (features are not cached): the logit source "
+                         f"{type(self).__name__} gives logits only; drop --logits and pass --teacher")
 
     def features(self, batch: Batch) -> TeacherOut:
         raise KdkitError(f"the logit source {type(self).__name__} gives logits only; feature distillation needs "
@@ -90,6 +111,12 @@ class LiveTeacher(LogitSource):
 
     def forward(self, batch: Batch | Tensor) -> Tensor:  # a Batch in training, images when writing a cache
         return self.teacher(batch.images if isinstance(batch, Batch) else batch)
+
+    def teachers(self) -> list[Teacher]:
+        return [self.teacher]
+
+    def feature_size(self) -> int:
+        return self.teacher.num_features
 
     def features(self, batch: Batch) -> TeacherOut:
         return self.teacher.forward_features(batch.images)
@@ -153,6 +180,10 @@ class CachedLogits(LogitSource):
                                 "topk": cache.manifest["topk"], "dtype": cache.manifest["dtype"], "cycle": cycle,
                                 "live_after": cache.epochs if fallback else None, **({"tail": tail} if topk else {})})
         return cls(cache, fallback, tail)
+
+    def teachers(self) -> list[Teacher]:
+        """The fallback's teacher, which runs the epochs past the cached ones (none without one)."""
+        return self.fallback.teachers() if self.fallback is not None else []
 
     def forward(self, batch: Batch) -> Tensor:
         if self.cache.mode == "fixed" or batch.epoch < self.cache.epochs:
