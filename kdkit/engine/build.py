@@ -366,35 +366,39 @@ def logit_source_name(r: Recipe) -> str:
     return "ensemble" if len(r.model.teachers()) > 1 else "live"
 
 
-def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dict, train_ds, eval_loader,
-                       acc: Accelerator | None, summary: dict) -> LogitSource:
+def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dict, train_ds,
+                       acc: Accelerator | None) -> LogitSource:
     """The recipe's logit source by name (model.logits), with its settings (model.logits_args); the
-    teachers it asks for are built, and checked on a slice of the evaluation split (summary's
-    teacher_check), only then."""
+    teachers it asks for are built only then (check_teachers checks them)."""
     num_classes = len(train_ds.classes)
     if isinstance(train_ds, StreamDataset) and logit_source_name(r) == "cache":
         raise KdkitError(STREAM_NO_CACHE)
 
-    def teachers() -> list[Teacher]:
-        built = build_teachers(r, teacher, num_classes, data_cfg, acc)
-        if eval_loader is not None and acc is not None:
-            checks = [check_teacher(t, eval_loader, num_classes, r.run.teacher_check_batches, acc,
-                                    train_ds.issues().get("empty_classes", ())) for t in built]
-            summary["teacher_check"] = checks[0] if len(checks) == 1 else {**checks[0], "members": checks}
-        return built
-
     def set_view_cycle(epochs: int) -> None:
         train_ds.view_cycle = epochs
 
-    pieces = RunPieces(num_classes=num_classes, epochs=r.optim.epochs, teachers=teachers,
+    pieces = RunPieces(num_classes=num_classes, epochs=r.optim.epochs,
+                       teachers=lambda: build_teachers(r, teacher, num_classes, data_cfg, acc),
                        has_teachers=teacher is not None or bool(r.model.teachers()),
                        cache=r.model.teacher_logits, cache_cycle=r.model.teacher_logits_cycle,
                        expected_manifest=lambda mode: expected_manifest(r, train_ds, data_cfg, mode),
                        augmented=is_augmented(view_settings(data_cfg, dataclasses.asdict(r.aug))),
                        standardize=bool(r.loss.args.get("standardize", False)),
-                       set_view_cycle=set_view_cycle, info=summary)
+                       set_view_cycle=set_view_cycle)
     name = logit_source_name(r)
     return call_with(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", {"run": pieces})
+
+
+def check_teachers(r: Recipe, source: LogitSource, eval_loader, num_classes: int, acc: Accelerator,
+                   empty_classes: list[str] | tuple[str, ...] = ()) -> dict | None:
+    """The source's teachers (LogitSource.teachers) checked on a slice of the evaluation split
+    (engine/evaluate.py:check_teacher): the run summary's teacher_check, with "members" for
+    several; None when the source runs no teacher."""
+    teachers = source.teachers()
+    if not teachers:
+        return None
+    checks = [check_teacher(t, eval_loader, num_classes, r.run.teacher_check_batches, acc, empty_classes) for t in teachers]
+    return checks[0] if len(checks) == 1 else {**checks[0], "members": checks}
 
 
 def provided_features(student: nn.Module, source: LogitSource | None) -> dict:
@@ -423,7 +427,8 @@ def attach_adapters(student: nn.Module, loss: DistillationLoss) -> None:
 
 @dataclass
 class RunParts:
-    """A run's pieces, built from the recipe, before the optimizer: what `run` trains and `plan` reports."""
+    """A run's pieces, built from the recipe, before the optimizer: what `run` trains and `plan`
+    reports, with what building them found (engine/summary.py:run_summary records it)."""
 
     acc: Accelerator
     kind: str  # the loss's name ("none" for kdkit train)
@@ -435,8 +440,9 @@ class RunParts:
     eval_loader: object
     logits: LogitSource | None
     loss: DistillationLoss
-    summary: dict
     semi: bool
+    loaded: str = ""  # the record of a model.pretrained_path load or model.init_from selection
+    teacher_check: dict | None = None  # check_teachers' report
 
 
 def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None,
@@ -445,7 +451,7 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
     """Check the recipe's strategies, then build the accelerator (with run.log_with's trackers under
     `run_dir`, when given), data (data.path, or the Python API's `data` / `eval_data` objects:
     open_data), student, logit source (the teachers, checked on the evaluation split) and loss, as
-    `mode` ("distill" or "train") needs them."""
+    the run's loss kind (loss_kind: "none" for kdkit train) needs them."""
     kind = loss_kind(r, mode)
     if r.data.unlabeled and kind == "none":
         raise KdkitError("unlabeled images (data.unlabeled) learn from the teacher only: use kdkit distill with "
@@ -477,17 +483,11 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
                               f"{', '.join(found[key][:3])}")
     train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
     semi = isinstance(train_ds, SemiSupervisedDataset)
-    summary: dict = {"mode": mode, "classes": len(classes), "precision": str(acc.mixed_precision),
-                     "teacher_precision": teacher_precision(r, acc),
-                     "train_images": train_ds.num_labeled if semi else len(train_ds),
-                     "eval_images": len(eval_ds), "processes": acc.num_processes,
-                     "global_batch_size": r.data.batch_size}
-    if loaded:
-        summary["init_from" if r.model.init_from else "pretrained"] = loaded[0]
-    logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
-        if LOSSES.get(kind).needs_teacher else None
+    logits, checked = None, None
+    if LOSSES.get(kind).needs_teacher:
+        logits = build_logit_source(r, teacher, data_cfg, train_ds, acc)
+        checked = check_teachers(r, logits, eval_loader, len(classes), acc, empty or ())
     loss = build_loss(r, kind, train_ds.mixup is not None, **provided_features(student, logits))
-    summary["conventions"] = loss.conventions()
     attach_adapters(student, loss)
     return RunParts(acc, kind, train_ds, eval_ds, student, data_cfg, train_loader, eval_loader, logits, loss,
-                    summary, semi)
+                    semi, loaded[0] if loaded else "", checked)

@@ -46,7 +46,7 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
     data_cfg = student_data_config(build_student(r, "distill", None, num_classes), r.model.img_size, r.data)
     if logit_source_name(r) == "cache":
         raise KdkitError("kdkit cache runs the teacher: pass --teacher (a cache cannot be written from a cache)")
-    source = build_logit_source(r, None, data_cfg, train_ds, None, acc, {})  # live teacher, or an ensemble
+    source = build_logit_source(r, None, data_cfg, train_ds, acc)  # live teacher, or an ensemble
     identity = source.identity()
     manifest = expected_manifest(r, train_ds, data_cfg, mode, identity, topk, dtype, shard_size)
     apply_views(train_ds, manifest["views"], num_classes)
@@ -76,7 +76,7 @@ def verify_cache(path: str | Path, r: Recipe | None = None, samples: int = 64, s
     apply_views(ds, m["views"], m["num_classes"])
     size = m["views"]["img_size"]
     data_cfg = {"mean": m["views"]["mean"], "std": m["views"]["std"], "input_size": (3, size, size)}
-    teacher = build_logit_source(r, None, data_cfg, ds, None, None, {})
+    teacher = build_logit_source(r, None, data_cfg, ds, None)
     report["teacher_matches_manifest"] = teacher.identity()["weights_sha256"] == m["teacher"]["weights_sha256"]
     g = torch.Generator().manual_seed(seed)
     worst, top1_agree, n = 0.0, 0, 0

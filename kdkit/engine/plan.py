@@ -34,6 +34,7 @@ from kdkit.config import Recipe
 from kdkit.engine.benchmark import count_flops
 from kdkit.engine.build import RunParts, build_optimizer, build_run, expected_manifest
 from kdkit.engine.step import DistillationStep, make_batch, train_step
+from kdkit.engine.summary import run_summary
 from kdkit.registry import KdkitError
 from kdkit.types import Batch
 
@@ -60,8 +61,9 @@ def describe(r: Recipe, mode: str, parts: RunParts) -> dict:
     t_flops = sum(t["flops_per_image"] for t in teachers)
     per_epoch = expected_manifest(r, parts.train_ds, parts.data_cfg, "replay")["records_per_epoch"]
     k = len(parts.train_ds.classes)
+    summary = run_summary(r, mode, parts)
     return {
-        "mode": mode, "preset": r.preset or "none", "loss": parts.kind, "conventions": parts.summary["conventions"],
+        "mode": mode, "preset": r.preset or "none", "loss": parts.kind, "conventions": summary["conventions"],
         "logit_source": type(parts.logits).__name__ if parts.logits is not None else None,
         "student": {"name": parts.student.model.pretrained_cfg.get("architecture", type(s.model).__name__)
                     if hasattr(s, "model") else type(s).__name__,
@@ -69,12 +71,12 @@ def describe(r: Recipe, mode: str, parts: RunParts) -> dict:
                     "flops_per_image": s_flops},
         "teachers": teachers,
         "teacher_share_of_step": t_flops / (t_flops + BACKWARD_FACTOR * s_flops) if teachers else 0.0,
-        "train_images": parts.summary["train_images"], "classes": k, "epochs": r.optim.epochs,
+        "train_images": summary["train_images"], "classes": k, "epochs": r.optim.epochs,
         "steps_per_epoch": len(parts.train_loader), "global_batch_size": r.data.batch_size,
-        "processes": parts.acc.num_processes, "precision": parts.summary["precision"],
+        "processes": parts.acc.num_processes, "precision": summary["precision"],
         "cache_records_per_epoch": per_epoch,
         "cache_bytes": per_epoch * r.optim.epochs * record_bytes(k, k, "float16"),
-        "teacher_check": parts.summary.get("teacher_check"),
+        "teacher_check": summary.get("teacher_check"),
     }
 
 

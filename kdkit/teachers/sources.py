@@ -11,7 +11,7 @@ teacher's features implements `features(batch) -> TeacherOut`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -31,7 +31,6 @@ class RunPieces:
     teachers(): the run's teachers (frozen, bridged to the student's normalisation, checked on the
         evaluation split); several for an ensemble.
     expected_manifest(mode): the manifest a cache of this run must have ("replay" or "fixed").
-    info: the run summary's entries about the source, filled in by the source.
     """
 
     num_classes: int
@@ -44,7 +43,6 @@ class RunPieces:
     augmented: bool = False  # training views are augmented (a fixed cache then answers for the clean image)
     standardize: bool = False  # the loss z-scores the teacher's logits (a top-K cache then fills its tail "normal")
     set_view_cycle: Callable[[int], None] = lambda epochs: None
-    info: dict = field(default_factory=dict)
 
 
 class LogitSource(nn.Module):
@@ -142,13 +140,15 @@ class CachedLogits(LogitSource):
     loss standardises, else "mass".
     """
 
-    def __init__(self, cache: LogitCache | str, fallback: LiveTeacher | None = None, tail: str = "mass"):
+    def __init__(self, cache: LogitCache | str, fallback: LiveTeacher | None = None, tail: str = "mass",
+                 cycle: bool = False):
         super().__init__()
         if tail not in TAILS:
             raise KdkitError(f"unknown cache tail fill {tail!r}: {', '.join(TAILS)} (or auto)")
         self.cache = cache if isinstance(cache, LogitCache) else LogitCache(cache)
         self.fallback = fallback
         self.tail = tail
+        self.cycle = cycle  # the run replays the cached epochs past them (recorded by describe)
         self.live_batches = 0
 
     @classmethod
@@ -175,11 +175,15 @@ class CachedLogits(LogitSource):
                 raise KdkitError(f"the cache holds {cache.epochs} epochs and the run has {run.epochs}: pass "
                                  f"--teacher to compute the rest live, or --logits-cycle to replay the cached ones")
             fallback = LiveTeacher(single_teacher(run))
-        topk = cache.manifest["topk"] < cache.num_classes
-        run.info.update(logits={"cache": str(cache.root), "mode": cache.mode, "epochs": cache.epochs,
-                                "topk": cache.manifest["topk"], "dtype": cache.manifest["dtype"], "cycle": cycle,
-                                "live_after": cache.epochs if fallback else None, **({"tail": tail} if topk else {})})
-        return cls(cache, fallback, tail)
+        return cls(cache, fallback, tail, cycle)
+
+    def describe(self) -> dict:
+        """The cache read, its epochs, whether they are cycled, the epoch a live teacher takes over
+        from (None: never) and, for a top-K cache, how the tail is filled."""
+        m, topk = self.cache.manifest, self.cache.manifest["topk"] < self.cache.num_classes
+        return {"cache": str(self.cache.root), "mode": self.cache.mode, "epochs": self.cache.epochs, "topk": m["topk"],
+                "dtype": m["dtype"], "cycle": self.cycle, "live_after": self.cache.epochs if self.fallback else None,
+                **({"tail": self.tail} if topk else {})}
 
     def teachers(self) -> list[Teacher]:
         """The fallback's teacher, which runs the epochs past the cached ones (none without one)."""
