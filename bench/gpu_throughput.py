@@ -200,7 +200,7 @@ def recipe_for(args, mode: str, **extra) -> object:
 
 
 def setup(args) -> Setup:
-    from kdkit.data import apply_views, create_loader, view_settings
+    from kdkit.data import create_loader, view_settings, with_views
     from kdkit.engine import build as R
 
     r = recipe_for(args, "plain")
@@ -210,7 +210,7 @@ def setup(args) -> Setup:
     probe = R.build_student(r, "distill", None, k)
     data_cfg = R.student_data_config(probe, r.model.img_size)
     del probe
-    apply_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), k)
+    train_ds = with_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), k)
     loader = create_loader(train_ds, args.batch_size, training=True, workers=args.workers, seed=r.run.seed)
     try:
         from kdkit.data.sampler import seek

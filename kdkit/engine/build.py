@@ -18,19 +18,19 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from kdkit.accelerator import create_accelerator, set_deterministic
-from kdkit.cache import build_manifest, data_identity
+from kdkit.cache import build_manifest, data_identity, read_manifest, replay_cycle
 from kdkit.config import PRESETS, DataConfig, LossConfig, Recipe
 from kdkit.console import console
 from kdkit.data import (
     SemiSupervisedDataset,
     StreamDataset,
-    apply_views,
     create_loader,
     is_augmented,
     is_data_object,
     open_dataset,
     open_unlabeled,
     view_settings,
+    with_views,
 )
 from kdkit.engine.evaluate import check_teacher
 from kdkit.engine.metrics import resolve_trackers
@@ -88,10 +88,13 @@ def student_data_config(student: nn.Module, img_size: int | None, data: DataConf
             cfg["crop_pct"] = data.crop_pct
     return cfg
 
-def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
-    """Views (transforms, per-sample Mixup/CutMix) and per-process loaders from the recipe."""
-    apply_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), len(train_ds.classes))
-    apply_views(eval_ds, view_settings(data_cfg), len(train_ds.classes))
+def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator, view_cycle: int = 0):
+    """The opened splits with their views (transforms, per-sample Mixup/CutMix; the training split
+    replaying `view_cycle` epochs, data_view_cycle) and per-process loaders from the recipe.
+    Returns (train_ds, eval_ds, train_loader, eval_loader): new datasets, the opened ones unchanged."""
+    train_ds = with_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), len(train_ds.classes),
+                          view_cycle)
+    eval_ds = with_views(eval_ds, view_settings(data_cfg), len(train_ds.classes))
     if isinstance(eval_ds, StreamDataset) and acc.num_processes > 1:
         raise KdkitError("a streamed evaluation split is read by one process only: evaluate from local shards or a "
                          "folder (--val-split), or run one process")
@@ -106,7 +109,18 @@ def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
         raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
     eval_loader = create_loader(eval_ds, max(r.data.eval_batch_size // acc.num_processes, 1), training=False,
                                 **loader_kw)
-    return train_loader, eval_loader
+    return train_ds, eval_ds, train_loader, eval_loader
+
+
+def data_view_cycle(r: Recipe, kind: str) -> int:
+    """The epochs the training views cycle over, decided with the data, before the loaders: a run of
+    loss `kind` reading a replay cache (model.teacher_logits) with model.teacher_logits_cycle and more
+    epochs than the cache holds replays the cache's epochs (kdkit.cache.replay_cycle of its
+    manifest); else 0."""
+    if not (LOSSES.get(kind).needs_teacher and logit_source_name(r) == "cache" and r.model.teacher_logits
+            and r.model.teacher_logits_cycle):
+        return 0
+    return replay_cycle(read_manifest(r.model.teacher_logits), r.optim.epochs, cycle=True)
 
 def kernel_kwargs(opt: str, fused: str, device: torch.device) -> dict:
     """`fused` / `foreach` for the optimizer: "auto" is torch's fused Adam(W) kernel (on CUDA, and
@@ -369,22 +383,18 @@ def logit_source_name(r: Recipe) -> str:
 def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dict, train_ds,
                        acc: Accelerator | None) -> LogitSource:
     """The recipe's logit source by name (model.logits), with its settings (model.logits_args); the
-    teachers it asks for are built only then (check_teachers checks them)."""
+    teachers it asks for are built only then (check_teachers checks them). train_ds: the training
+    split with its views (its view_cycle: the cached epochs the run replays)."""
     num_classes = len(train_ds.classes)
     if isinstance(train_ds, StreamDataset) and logit_source_name(r) == "cache":
         raise KdkitError(STREAM_NO_CACHE)
-
-    def set_view_cycle(epochs: int) -> None:
-        train_ds.view_cycle = epochs
-
     pieces = RunPieces(num_classes=num_classes, epochs=r.optim.epochs,
                        teachers=lambda: build_teachers(r, teacher, num_classes, data_cfg, acc),
                        has_teachers=teacher is not None or bool(r.model.teachers()),
-                       cache=r.model.teacher_logits, cache_cycle=r.model.teacher_logits_cycle,
+                       cache=r.model.teacher_logits, view_cycle=getattr(train_ds, "view_cycle", 0),
                        expected_manifest=lambda mode: expected_manifest(r, train_ds, data_cfg, mode),
                        augmented=is_augmented(view_settings(data_cfg, dataclasses.asdict(r.aug))),
-                       standardize=bool(r.loss.args.get("standardize", False)),
-                       set_view_cycle=set_view_cycle)
+                       standardize=bool(r.loss.args.get("standardize", False)))
     name = logit_source_name(r)
     return call_with(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", {"run": pieces})
 
@@ -481,7 +491,8 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
             if found.get(key):
                 console.print(f"[bold yellow]warning: {split}: {len(found[key])} {what} (listed in summary.json): "
                               f"{', '.join(found[key][:3])}")
-    train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
+    train_ds, eval_ds, train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc,
+                                                              data_view_cycle(r, kind))
     semi = isinstance(train_ds, SemiSupervisedDataset)
     logits, checked = None, None
     if LOSSES.get(kind).needs_teacher:

@@ -38,11 +38,10 @@ class RunPieces:
     teachers: Callable[[], list[Teacher]]
     has_teachers: bool = True  # whether the run names a teacher (or was given one) for teachers() to build
     cache: str = ""
-    cache_cycle: bool = False
+    view_cycle: int = 0  # the cached epochs the training views replay (decided with the data; 0: none)
     expected_manifest: Callable[[str], dict] | None = None
     augmented: bool = False  # training views are augmented (a fixed cache then answers for the clean image)
     standardize: bool = False  # the loss z-scores the teacher's logits (a top-K cache then fills its tail "normal")
-    set_view_cycle: Callable[[int], None] = lambda epochs: None
 
 
 class LogitSource(nn.Module):
@@ -167,10 +166,11 @@ class CachedLogits(LogitSource):
         if cache.mode == "fixed" and run.augmented:
             console.print("[bold yellow]warning: the cache holds one fixed record per image, but training augments "
                           "every view: the teacher's answer is for the clean image, not the view the student sees")
-        cycle = cache.mode == "replay" and run.epochs > cache.epochs and run.cache_cycle
-        if cycle:
-            run.set_view_cycle(cache.epochs)
-        elif cache.mode == "replay" and run.epochs > cache.epochs:
+        cycle = run.view_cycle > 0  # decided where the data was built (kdkit.cache.replay_cycle)
+        if cycle and run.view_cycle != cache.epochs:
+            raise KdkitError(f"the training views cycle over {run.view_cycle} epochs, the cache {cache.root} "
+                             f"holds {cache.epochs}")
+        if not cycle and cache.mode == "replay" and run.epochs > cache.epochs:
             if not run.has_teachers:
                 raise KdkitError(f"the cache holds {cache.epochs} epochs and the run has {run.epochs}: pass "
                                  f"--teacher to compute the rest live, or --logits-cycle to replay the cached ones")
