@@ -41,7 +41,7 @@ from kdkit.engine.step import DistillationStep, make_batch
 from kdkit.losses import create_loss
 from kdkit.models import create_model, create_student
 from kdkit.models.teacher import Teacher
-from kdkit.teachers import CachedLogits, LiveTeacher
+from kdkit.sources import CachedLogits, LiveTeacher
 
 
 def step_rate(student, step: DistillationStep, batches: list, optimizer) -> float:

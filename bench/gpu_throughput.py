@@ -7,7 +7,7 @@ distilled from RegNetY-16GF at 224 px in bf16.
 Three modes, each with and without torch.compile (six configurations, one process):
   plain    the student trained on labels alone (`kdkit train`: loss "none"), no teacher;
   online   DeiT hard distillation with the live teacher (`kdkit distill --teacher`);
-  cached   the same loss, the teacher's logits read from a replay cache (`kdkit distill --logits`),
+  cached   the same loss, the teacher's logits read from a replay cache (`kdkit distill --logit-cache`),
            written first by the code behind `kdkit cache` (kdkit.engine.caching.cache_teacher).
 
 What a step is: kdkit's own `train_step` (engine/loop.py: DistillationStep forward, the non-finite
@@ -193,7 +193,7 @@ def recipe_for(args, mode: str, **extra) -> object:
     if args.img_size != 224 or args.patch_size:
         over["model"].update(img_size=args.img_size, **({"patch_size": args.patch_size} if args.patch_size else {}))
     if mode == "cached":
-        over["model"]["teacher_logits"] = args.cache
+        over["model"]["logit_cache"] = args.cache
     for k, v in extra.items():
         over.setdefault(k, {}).update(v)
     return load_recipe(args.recipe, over)
@@ -266,7 +266,7 @@ def write_cache(s: Setup) -> dict:
 
 
 def logit_source(s: Setup, mode: str, compiled: bool, teachers: dict):
-    from kdkit.teachers import CachedLogits, LiveTeacher
+    from kdkit.sources import CachedLogits, LiveTeacher
 
     if mode == "plain":
         return None

@@ -203,7 +203,7 @@ def test_cache_with_unlabeled_images_gives_the_online_losses(tmp_path, tiny_data
         assert report["ok"] and report["top1_agreement"] == 1.0 and report["max_abs_diff"] < 1e-4
         return
     assert run_cli("distill", *args, *LOSS, *teacher_args(teacher_dir), "--output", tmp_path, "--name", "live") == 0
-    assert run_cli("distill", *args, *LOSS, "--logits", tmp_path / "c", "--output", tmp_path, "--name", "cached") == 0
+    assert run_cli("distill", *args, *LOSS, "--logit-cache", tmp_path / "c", "--output", tmp_path, "--name", "cached") == 0
     live, cached = step_terms(tmp_path / "live"), step_terms(tmp_path / "cached")
     assert len(live) == len(cached) == 14 and any(0 < s["unlabeled_kept"] < 1 for s in live)
     for a, b in zip(live, cached, strict=True):
@@ -213,7 +213,7 @@ def test_cache_with_unlabeled_images_gives_the_online_losses(tmp_path, tiny_data
     for other, needle in (([*args, "--unlabeled-ratio", "2"], "unlabeled_ratio: cache 1.0, run 2.0"),
                           ([a for a in args if a != unlabeled_dir and a != "--unlabeled"],
                            "unlabeled.num_samples: cache 40, run None")):
-        assert run_cli("distill", *other, "--logits", tmp_path / "c", "--output", tmp_path) == 2
+        assert run_cli("distill", *other, "--logit-cache", tmp_path / "c", "--output", tmp_path) == 2
         assert needle in capsys.readouterr().err
 
 

@@ -117,13 +117,13 @@ def test_a_cache_written_from_shards_replays_the_live_teacher_of_the_folder_run(
                    "--tau", "2")
     assert run_cli("cache", *common(shards, epochs=2), *teacher_args(teacher_dir), "--dtype", "float32",
                    "--out", tmp_path / "c") == 0
-    cached = distill(tmp_path, "cached", *common(shards, epochs=2), "--logits", tmp_path / "c", "--loss", "soft",
+    cached = distill(tmp_path, "cached", *common(shards, epochs=2), "--logit-cache", tmp_path / "c", "--loss", "soft",
                      "--tau", "2")
     assert len(cached) == len(live) == 14
     for a, b in zip(live, cached, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["kd"] - b["kd"]) <= 1e-5, a["step"]
     # the folder's cache is not the shards' data: refused, naming the fingerprint
-    assert run_cli("distill", *common(tiny_data, epochs=2), "--logits", tmp_path / "c", "--output",
+    assert run_cli("distill", *common(tiny_data, epochs=2), "--logit-cache", tmp_path / "c", "--output",
                    tmp_path / "runs", "--name", "mismatch") == 2
 
 

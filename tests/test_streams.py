@@ -78,7 +78,7 @@ def test_a_run_on_a_stream_and_its_refusals(shards, teacher_dir, tmp_path):
     assert (tmp_path / "streamed" / "student").is_dir()
     distill = ["distill", "--student", "resnet10t", "--teacher", "resnet10t", "--teacher-weights", teacher_dir,
                "--preset", "none", *common]
-    assert run_cli(*distill, "--name", "cached", "--logits", tmp_path / "nope") == 2  # no positions to cache by
+    assert run_cli(*distill, "--name", "cached", "--logit-cache", tmp_path / "nope") == 2  # no positions to cache by
     assert run_cli("cache", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, *common[:-4],
                    "--out", tmp_path / "cache") == 2
     assert run_cli(*distill, "--name", "semi", "--unlabeled", shards) == 2

@@ -21,7 +21,7 @@ RUN_KEYS = ("format", "data.classes", "data.num_samples", "data.fingerprint", "v
 
 def replay_cycle(manifest: dict, run_epochs: int, cycle: bool) -> int:
     """The view cycle of a run reading the cache of `manifest`: its epochs when the run asks to replay
-    them (`cycle`, model.teacher_logits_cycle) and has more epochs than a replay cache holds, so that
+    them (`cycle`, model.logit_cache_cycle) and has more epochs than a replay cache holds, so that
     epoch e draws the views of epoch e % E; else 0 (every epoch its own views)."""
     return manifest["epochs"] if cycle and manifest["mode"] == "replay" and run_epochs > manifest["epochs"] else 0
 

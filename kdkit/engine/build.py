@@ -39,7 +39,7 @@ from kdkit.models import HEADS, create_student, create_teacher, model_data_confi
 from kdkit.models.student import num_pooled_features
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError, Lazy, call_with, check_settings, parameters
-from kdkit.teachers import LOGIT_SOURCES, LogitSource, RunPieces
+from kdkit.sources import LOGIT_SOURCES, LogitSource, SourceContext
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path | None = None) -> Accelerator:
@@ -114,13 +114,13 @@ def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator, v
 
 def data_view_cycle(r: Recipe, kind: str) -> int:
     """The epochs the training views cycle over, decided with the data, before the loaders: a run of
-    loss `kind` reading a replay cache (model.teacher_logits) with model.teacher_logits_cycle and more
+    loss `kind` reading a replay cache (model.logit_cache) with model.logit_cache_cycle and more
     epochs than the cache holds replays the cache's epochs (kdkit.cache.replay_cycle of its
     manifest); else 0."""
-    if not (LOSSES.get(kind).needs_teacher and logit_source_name(r) == "cache" and r.model.teacher_logits
-            and r.model.teacher_logits_cycle):
+    if not (LOSSES.get(kind).needs_teacher and logit_source_name(r) == "cache" and r.model.logit_cache
+            and r.model.logit_cache_cycle):
         return 0
-    return replay_cycle(read_manifest(r.model.teacher_logits), r.optim.epochs, cycle=True)
+    return replay_cycle(read_manifest(r.model.logit_cache), r.optim.epochs, cycle=True)
 
 def kernel_kwargs(opt: str, fused: str, device: torch.device) -> dict:
     """`fused` / `foreach` for the optimizer: "auto" is torch's fused Adam(W) kernel (on CUDA, and
@@ -272,7 +272,7 @@ def check_strategies(r: Recipe, kind: str) -> None:
         check_settings(HEADS.get(r.model.head), r.model.head_args, f"student head {r.model.head!r}", ("model",))
     if LOSSES.get(kind).needs_teacher:
         name = logit_source_name(r)
-        check_settings(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", ("run",))
+        check_settings(LOGIT_SOURCES.get(name).from_run, r.model.logit_source_args, f"logit source {name!r}", ("run",))
 
 
 def build_loss(r: Recipe, kind: str, mixup: bool, **provided: object) -> DistillationLoss:
@@ -346,7 +346,7 @@ def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, 
     members = r.model.teachers()
     if teacher is None and not members:
         raise KdkitError("distillation needs a teacher: pass --teacher NAME (and --teacher-weights FILE), "
-                         "or --logits CACHE")
+                         "or --logit-cache CACHE")
     if teacher is None and weights is None:
         teacher, weights = members[0]
     with torch.random.fork_rng(devices=[]):
@@ -372,31 +372,31 @@ def build_teachers(r: Recipe, teacher: nn.Module | str | None, num_classes: int,
 
 
 def logit_source_name(r: Recipe) -> str:
-    """model.logits, with "auto" resolved: a cache when one is named, an ensemble for several teachers."""
-    if r.model.logits != "auto":
-        return r.model.logits
-    if r.model.teacher_logits:
+    """model.logit_source, with "auto" resolved: a cache when one is named, an ensemble for several teachers."""
+    if r.model.logit_source != "auto":
+        return r.model.logit_source
+    if r.model.logit_cache:
         return "cache"
     return "ensemble" if len(r.model.teachers()) > 1 else "live"
 
 
 def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dict, train_ds,
                        acc: Accelerator | None) -> LogitSource:
-    """The recipe's logit source by name (model.logits), with its settings (model.logits_args); the
+    """The recipe's logit source by name (model.logit_source), with its settings (model.logit_source_args); the
     teachers it asks for are built only then (check_teachers checks them). train_ds: the training
     split with its views (its view_cycle: the cached epochs the run replays)."""
     num_classes = len(train_ds.classes)
     if isinstance(train_ds, StreamDataset) and logit_source_name(r) == "cache":
         raise KdkitError(STREAM_NO_CACHE)
-    pieces = RunPieces(num_classes=num_classes, epochs=r.optim.epochs,
+    pieces = SourceContext(num_classes=num_classes, epochs=r.optim.epochs,
                        teachers=lambda: build_teachers(r, teacher, num_classes, data_cfg, acc),
                        has_teachers=teacher is not None or bool(r.model.teachers()),
-                       cache=r.model.teacher_logits, view_cycle=getattr(train_ds, "view_cycle", 0),
+                       cache=r.model.logit_cache, view_cycle=getattr(train_ds, "view_cycle", 0),
                        expected_manifest=lambda mode: expected_manifest(r, train_ds, data_cfg, mode),
                        augmented=is_augmented(view_settings(data_cfg, dataclasses.asdict(r.aug))),
                        standardize=bool(r.loss.args.get("standardize", False)))
     name = logit_source_name(r)
-    return call_with(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", {"run": pieces})
+    return call_with(LOGIT_SOURCES.get(name).from_run, r.model.logit_source_args, f"logit source {name!r}", {"run": pieces})
 
 
 def check_teachers(r: Recipe, source: LogitSource, eval_loader, num_classes: int, acc: Accelerator,
@@ -436,7 +436,7 @@ def attach_adapters(student: nn.Module, loss: DistillationLoss) -> None:
 
 
 @dataclass
-class RunParts:
+class BuiltRun:
     """A run's pieces, built from the recipe, before the optimizer: what `run` trains and `plan`
     reports, with what building them found (engine/summary.py:run_summary records it)."""
 
@@ -457,7 +457,7 @@ class RunParts:
 
 def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None,
               teacher: nn.Module | None = None, run_dir: Path | None = None, data: object | None = None,
-              eval_data: object | None = None) -> RunParts:
+              eval_data: object | None = None) -> BuiltRun:
     """Check the recipe's strategies, then build the accelerator (with run.log_with's trackers under
     `run_dir`, when given), data (data.path, or the Python API's `data` / `eval_data` objects:
     open_data), student, logit source (the teachers, checked on the evaluation split) and loss, as
@@ -500,5 +500,5 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
         checked = check_teachers(r, logits, eval_loader, len(classes), acc, empty or ())
     loss = build_loss(r, kind, train_ds.mixup is not None, **provided_features(student, logits))
     attach_adapters(student, loss)
-    return RunParts(acc, kind, train_ds, eval_ds, student, data_cfg, train_loader, eval_loader, logits, loss,
+    return BuiltRun(acc, kind, train_ds, eval_ds, student, data_cfg, train_loader, eval_loader, logits, loss,
                     semi, loaded[0] if loaded else "", checked)

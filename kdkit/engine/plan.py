@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from kdkit.cache.store import DTYPES, decode, encode, record_bytes, record_labels
 from kdkit.config import Recipe
 from kdkit.engine.benchmark import count_flops
-from kdkit.engine.build import RunParts, build_optimizer, build_run, expected_manifest
+from kdkit.engine.build import BuiltRun, build_optimizer, build_run, expected_manifest
 from kdkit.engine.step import DistillationStep, make_batch, train_step
 from kdkit.engine.summary import run_summary
 from kdkit.registry import KdkitError
@@ -50,7 +50,7 @@ def plan(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None
     return describe(recipe, mode, build_run(recipe, mode, student, teacher))
 
 
-def describe(r: Recipe, mode: str, parts: RunParts) -> dict:
+def describe(r: Recipe, mode: str, parts: BuiltRun) -> dict:
     """`plan`'s report of a run already built (`build_run`)."""
     s = parts.student
     size = tuple(parts.data_cfg["input_size"])
@@ -187,14 +187,14 @@ def _loader_batches(loader, count: int) -> tuple[list[dict], list[float]]:
     return batches, seconds
 
 
-def measure(r: Recipe, parts: RunParts, steps: int, topk: int, dtype: str, tail: str) -> StepTimes:
+def measure(r: Recipe, parts: BuiltRun, steps: int, topk: int, dtype: str, tail: str) -> StepTimes:
     """Time `steps` batches of every part (StepTimes), after one untimed warm-up each."""
     if steps < 1:
         raise KdkitError(f"--steps must be at least 1, not {steps}")
     acc, loss = parts.acc, parts.loss
     source = parts.logits
     if source is None or not source.teachers():
-        raise KdkitError("kdkit plan times the teacher: pass --teacher (with --teacher-weights), not --logits")
+        raise KdkitError("kdkit plan times the teacher: pass --teacher (with --teacher-weights), not --logit-cache")
     raws, loader_s = _loader_batches(parts.train_loader, steps + 1)
     batches = [make_batch(raw, acc.device) for raw in raws]
     source.to(acc.device)

@@ -1,5 +1,5 @@
 """A run's summary (RUN/summary.json), assembled in one function from what the pieces return: the
-built run (engine/build.py:RunParts: its datasets, their issues, the teacher check, the logit
+built run (engine/build.py:BuiltRun: its datasets, their issues, the teacher check, the logit
 source's describe(), the loss's conventions) and fit's FitResult."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from kdkit.config import Recipe
-from kdkit.engine.build import RunParts, teacher_precision
+from kdkit.engine.build import BuiltRun, teacher_precision
 from kdkit.engine.loop import FitResult
 
 
@@ -25,7 +25,7 @@ def unlabeled_summary(r: Recipe, train_ds, train_loader, run_dir: Path | None = 
     return info
 
 
-def run_summary(r: Recipe, mode: str, parts: RunParts, result: FitResult | None = None,
+def run_summary(r: Recipe, mode: str, parts: BuiltRun, result: FitResult | None = None,
                 train_seconds: float | None = None, run_dir: Path | None = None,
                 data_identity: dict | None = None) -> dict:
     """The run's summary: what it is (mode, the verb run; classes, precision, images, processes),
