@@ -47,7 +47,7 @@ from kdkit.data.sampler import epoch_views  # noqa: E402
 from kdkit.engine.step import DistillationStep  # noqa: E402
 from kdkit.losses import create_loss  # noqa: E402
 from kdkit.models import create_student  # noqa: E402
-from kdkit.teachers import CachedLogits  # noqa: E402
+from kdkit.sources import CachedLogits  # noqa: E402
 from kdkit.types import Batch  # noqa: E402
 
 

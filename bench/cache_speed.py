@@ -35,13 +35,13 @@ from kdkit.cache import FORMAT, LogitCache, build_manifest, data_identity
 from kdkit.cache.store import LogitStore, encode, record_bytes
 from kdkit.cache.writer import write_cache
 from kdkit.config import AugConfig
-from kdkit.data import apply_views, create_loader, open_dataset, view_settings
+from kdkit.data import create_loader, open_dataset, view_settings, with_views
 from kdkit.engine.build import student_data_config
 from kdkit.engine.step import DistillationStep, make_batch
 from kdkit.losses import create_loss
 from kdkit.models import create_model, create_student
 from kdkit.models.teacher import Teacher
-from kdkit.teachers import CachedLogits, LiveTeacher
+from kdkit.sources import CachedLogits, LiveTeacher
 
 
 def step_rate(student, step: DistillationStep, batches: list, optimizer) -> float:
@@ -62,7 +62,7 @@ def training_speed(args, tmp: Path) -> dict:
     data_cfg = student_data_config(student, args.img_size)
     aug = dataclasses.asdict(AugConfig(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0))
     views = view_settings(data_cfg, aug)
-    apply_views(ds, views, classes)
+    ds = with_views(ds, views, classes)
     loader = create_loader(ds, args.batch_size, training=True, workers=args.workers, seed=0)
     batches = []
     for raw in loader:

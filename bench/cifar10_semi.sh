@@ -14,8 +14,8 @@ t python bench/cifar10_semi_data.py
 t kdkit cache --recipe $R "${NOUNL[@]}" --mode fixed --out /tmp/semi-cache/l --overwrite "$@"
 t kdkit cache --recipe $R --mode fixed --out /tmp/semi-cache/lu --overwrite "$@"
 t kdkit train --recipe $R "${NOUNL[@]}" --name A-no-kd "$@"
-t kdkit distill --recipe $R "${NOUNL[@]}" --logits /tmp/semi-cache/l --name B-kd-labeled "$@"
-t kdkit distill --recipe $R --logits /tmp/semi-cache/lu --name C-kd-labeled-unlabeled "$@"
+t kdkit distill --recipe $R "${NOUNL[@]}" --logit-cache /tmp/semi-cache/l --name B-kd-labeled "$@"
+t kdkit distill --recipe $R --logit-cache /tmp/semi-cache/lu --name C-kd-labeled-unlabeled "$@"
 t kdkit eval --weights kdkit/assets/teachers/resnet9_cifar_s --data /tmp/data/cifar10-semi
 python - <<'PY'
 import json

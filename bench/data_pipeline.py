@@ -25,7 +25,7 @@ Settings:
 
 timm: torchvision ImageFolder + timm.data.create_transform(...), DataLoader(batch 64, shuffle,
 drop_last), and for 224 timm's Mixup on each collated batch as timm's train.py applies it (its
-time counts). kdkit: open_dataset + apply_views(view_settings(data_cfg, AugConfig)) + create_loader;
+time counts). kdkit: open_dataset + with_views(view_settings(data_cfg, AugConfig)) + create_loader;
 each epoch is entered the trainer's way (kdkit.engine.checkpoint.seek: sampler and dataset epoch).
 Note: recent Pillow refuses posterize(0), which DeiT's inc1 RandAugment asks for at its top
 magnitude; kdkit's transforms give those ops the black image the policy means
@@ -194,13 +194,13 @@ class KdkitPipeline:
     def __init__(self, root: Path, size: int, aug: dict, repeats: int = 0):
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-        from kdkit.data import apply_views, create_loader, open_dataset, view_settings
+        from kdkit.data import create_loader, open_dataset, view_settings, with_views
 
         self.ds = open_dataset(root, "train", seed=0)
         data_cfg = {"input_size": (3, size, size), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
                     "std": IMAGENET_DEFAULT_STD, "crop_pct": 1.0}
         self.views = view_settings(data_cfg, aug_config(aug, repeats))
-        apply_views(self.ds, self.views, len(self.ds.classes))
+        self.ds = with_views(self.ds, self.views, len(self.ds.classes))
         self.loader = create_loader(self.ds, BATCH, training=True, workers=0, seed=0, repeated_aug=repeats)
         self.epoch = 0
 

@@ -8,7 +8,7 @@
 #    cached KD (logits from a replay cache), each with and without torch.compile, kdkit's own
 #    train_step on batches staged in pinned memory: steady-state images/s, student MFU.
 #    -> bench/results/gpu_throughput.json
-# 2. E2E=1 also: the same three through kdkit's CLI (kdkit train / kdkit cache + distill --logits /
+# 2. E2E=1 also: the same three through kdkit's CLI (kdkit train / kdkit cache + distill --logit-cache /
 #    distill --teacher) for one epoch with --set run.compile=false|true, data loader included;
 #    steady-state images/s from each run's metrics.jsonl. -> bench/results/gpu_e2e.json
 #    (adds several minutes: run it as a second command, SKIP_PY=1 E2E=1, if time is short.)
@@ -105,7 +105,7 @@ if [ "$E2E" = 1 ]; then
       case $m in
         plain)  e2e "plain-compile-$c" train --model deit_tiny "${COMMON[@]}" --name "plain-compile-$c" --set run.compile=$c ;;
         online) e2e "online-compile-$c" distill "${DISTILL[@]}" "${COMMON[@]}" --name "online-compile-$c" --set run.compile=$c ;;
-        cached) e2e "cached-compile-$c" distill --logits "$WORK/cli-cache" "${DISTILL[@]}" "${COMMON[@]}" \
+        cached) e2e "cached-compile-$c" distill --logit-cache "$WORK/cli-cache" "${DISTILL[@]}" "${COMMON[@]}" \
                     --name "cached-compile-$c" --set run.compile=$c ;;
       esac
       dirs+=("$RUNS/$m-compile-$c")

@@ -7,7 +7,7 @@ distilled from RegNetY-16GF at 224 px in bf16.
 Three modes, each with and without torch.compile (six configurations, one process):
   plain    the student trained on labels alone (`kdkit train`: loss "none"), no teacher;
   online   DeiT hard distillation with the live teacher (`kdkit distill --teacher`);
-  cached   the same loss, the teacher's logits read from a replay cache (`kdkit distill --logits`),
+  cached   the same loss, the teacher's logits read from a replay cache (`kdkit distill --logit-cache`),
            written first by the code behind `kdkit cache` (kdkit.engine.caching.cache_teacher).
 
 What a step is: kdkit's own `train_step` (engine/loop.py: DistillationStep forward, the non-finite
@@ -193,14 +193,14 @@ def recipe_for(args, mode: str, **extra) -> object:
     if args.img_size != 224 or args.patch_size:
         over["model"].update(img_size=args.img_size, **({"patch_size": args.patch_size} if args.patch_size else {}))
     if mode == "cached":
-        over["model"]["teacher_logits"] = args.cache
+        over["model"]["logit_cache"] = args.cache
     for k, v in extra.items():
         over.setdefault(k, {}).update(v)
     return load_recipe(args.recipe, over)
 
 
 def setup(args) -> Setup:
-    from kdkit.data import apply_views, create_loader, view_settings
+    from kdkit.data import create_loader, view_settings, with_views
     from kdkit.engine import build as R
 
     r = recipe_for(args, "plain")
@@ -210,7 +210,7 @@ def setup(args) -> Setup:
     probe = R.build_student(r, "distill", None, k)
     data_cfg = R.student_data_config(probe, r.model.img_size)
     del probe
-    apply_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), k)
+    train_ds = with_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), k)
     loader = create_loader(train_ds, args.batch_size, training=True, workers=args.workers, seed=r.run.seed)
     try:
         from kdkit.data.sampler import seek
@@ -266,7 +266,7 @@ def write_cache(s: Setup) -> dict:
 
 
 def logit_source(s: Setup, mode: str, compiled: bool, teachers: dict):
-    from kdkit.teachers import CachedLogits, LiveTeacher
+    from kdkit.sources import CachedLogits, LiveTeacher
 
     if mode == "plain":
         return None
@@ -303,7 +303,7 @@ def run_config(s: Setup, mode: str, compiled: bool, teachers: dict) -> dict:
     if compiled and not is_compiled(student):
         student.compile(backend=a.compile_backend)
     logits = logit_source(s, mode, compiled, teachers)
-    loss = R.build_loss(s.recipe, verb, s.train_ds.mixup is not None)
+    loss = R.build_loss(s.recipe, R.loss_kind(s.recipe, verb), s.train_ds.mixup is not None)
     step_fn = DistillationStep(loss, logits)
     student.train()
     clip = s.recipe.optim.clip_grad

@@ -26,7 +26,7 @@ from _common import cpu_model  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kdkit.config import AugConfig
-from kdkit.data import apply_views, create_loader, open_dataset, view_settings
+from kdkit.data import create_loader, open_dataset, view_settings, with_views
 from kdkit.data.sampler import seek
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def run(persistent: bool, epochs: int, workers: int) -> dict:
     ds = open_dataset("cifar10-sample", "train", seed=0)
     cfg = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
            "std": IMAGENET_DEFAULT_STD, "crop_pct": 1.0}
-    apply_views(ds, view_settings(cfg, dataclasses.asdict(AugConfig(scale=(0.35, 1.0)))), 10)
+    ds = with_views(ds, view_settings(cfg, dataclasses.asdict(AugConfig(scale=(0.35, 1.0)))), 10)
     loader = create_loader(ds, 64, training=True, workers=workers, seed=0, persistent_workers=persistent)
     per_epoch, first_batch = [], []
     for epoch in range(epochs):

@@ -60,7 +60,7 @@ def run(loss: str, seed: int, out: Path, source: str = "live", cache: Path | Non
                          f"cifar10_vit_larger --data CIFAR10 --name vit-larger: runs/vit-larger/student)")
     name = f"{loss}-{source}-{seed}"
     cmd = [sys.executable, "-m", "kdkit", "distill", "--recipe", "quickstart", "--teacher-weights", TEACHER,
-           *extra, *(["--logits", str(cache)] if source == "cache" else []), "--seed", str(seed), "--no-progress",
+           *extra, *(["--logit-cache", str(cache)] if source == "cache" else []), "--seed", str(seed), "--no-progress",
            "--output", str(out), "--name", name]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)

@@ -23,7 +23,7 @@ _SOURCES: dict[str, str] = {
     "KdkitError": "kdkit.registry",
     "load_plugins": "kdkit.plugins",
     **dict.fromkeys(("LOGIT_SOURCES", "CachedLogits", "LiveTeacher", "LogitSource", "TeacherEnsemble"),
-                    "kdkit.teachers"),
+                    "kdkit.sources"),
     "Batch": "kdkit.types", "StepOut": "kdkit.types", "StudentOut": "kdkit.types", "TeacherOut": "kdkit.types",
 }
 
@@ -76,5 +76,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     )
     from kdkit.plugins import load_plugins
     from kdkit.registry import KdkitError
-    from kdkit.teachers import LOGIT_SOURCES, CachedLogits, LiveTeacher, LogitSource, TeacherEnsemble
+    from kdkit.sources import LOGIT_SOURCES, CachedLogits, LiveTeacher, LogitSource, TeacherEnsemble
     from kdkit.types import Batch, StepOut, StudentOut, TeacherOut

@@ -51,13 +51,14 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdkit.config import Recipe, _merge, load_recipe
+from kdkit.config import RENAMED, Recipe, _merge, load_recipe
 from kdkit.registry import KdkitError, suggest
 
 __all__ = ["Result", "distill", "recipe_from_settings", "train"]
 
 # Bare names that differ from the recipe's field names.
-_RENAMES = {"data": "path", "loss": "kind"}
+# the settings' short names: data.path and loss.kind; and the RENAMED keys' old names (teacher_logits, logits, ...)
+_RENAMES = {"data": "path", "loss": "kind", **{old.split(".")[1]: new.split(".")[1] for old, new in RENAMED.items()}}
 
 
 @dataclass

@@ -62,13 +62,13 @@ class ModelConfig:
     init_from_layers: str = "first"  # which layers of a deeper model: first (the paper's first-N) | uniform
     grad_checkpointing: bool = False  # timm's set_grad_checkpointing on the student (less memory, slower step)
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs for the student
-    teacher: str | list[str] = ""  # a timm name; several = an ensemble (model.logits "ensemble")
+    teacher: str | list[str] = ""  # a timm name; several = an ensemble (model.logit_source "ensemble")
     teacher_weights: str | list[str] = ""  # local weights (one per teacher); empty = timm's hub weights
     teacher_kwargs: dict = field(default_factory=dict)
-    teacher_logits: str = ""  # a `kdkit cache` folder: read the teacher's outputs instead of running it
-    teacher_logits_cycle: bool = False  # past the cached epochs, replay them again (else run the teacher live)
-    logits: str = "auto"  # a LOGIT_SOURCES name: auto (cache with teacher_logits, ensemble with several teachers, else live)
-    logits_args: dict = field(default_factory=dict)  # the logit source's own settings
+    logit_cache: str = ""  # a `kdkit cache` folder: read the teacher's outputs instead of running it
+    logit_cache_cycle: bool = False  # past the cached epochs, replay them again (else run the teacher live)
+    logit_source: str = "auto"  # a LOGIT_SOURCES name: auto (cache with logit_cache, ensemble with several teachers, else live)
+    logit_source_args: dict = field(default_factory=dict)  # the logit source's own settings
 
     def teachers(self) -> list[tuple[str, str]]:
         """(name, weights) of every teacher; weights "" for the hub's."""
@@ -425,11 +425,31 @@ LEGACY = {
 }
 
 
-def upgrade_recipe(data: dict) -> dict:
-    """A recipe dict of an earlier kdkit in today's keys, same run: optim.lr (then the base rate)
-    with optim.lr_base_batch N becomes optim.lr_base at lr_base_size N, linear (N = 0: an
-    absolute optim.lr); a string run.channels_last (the teacher's) becomes run.teacher_channels_last."""
+# keys renamed, old -> new, read under their old names from recipe files, checkpoints, --set and the
+# Python API's settings (renamed_keys): the logit source's keys say which is the cache folder and
+# which the source's name (model.logits named a source, while the --logits flag named a folder)
+RENAMED = {"model.teacher_logits": "model.logit_cache", "model.teacher_logits_cycle": "model.logit_cache_cycle",
+           "model.logits": "model.logit_source", "model.logits_args": "model.logit_source_args"}
+
+
+def renamed_keys(data: dict) -> dict:
+    """`data` (a recipe-shaped dict) with the RENAMED keys under their new names (a new dict; a key
+    given under both names: the new one wins)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in RENAMED.items():
+        (section, key), (_, new_key) = old.split("."), new.split(".")
+        table = out.get(section)
+        if isinstance(table, dict) and key in table:
+            value = table.pop(key)
+            table.setdefault(new_key, value)
+    return out
+
+
+def upgrade_recipe(data: dict) -> dict:
+    """A recipe dict of an earlier kdkit in today's keys, same run: the RENAMED keys; optim.lr (then
+    the base rate) with optim.lr_base_batch N becomes optim.lr_base at lr_base_size N, linear (N = 0:
+    an absolute optim.lr); a string run.channels_last (the teacher's) becomes run.teacher_channels_last."""
+    out = renamed_keys(data)
     optim, run = out.get("optim"), out.get("run")
     if isinstance(optim, dict) and "lr_base_batch" in optim:
         n, lr = optim.pop("lr_base_batch"), optim.pop("lr", 5e-4)
@@ -506,6 +526,7 @@ def load_recipe(path: str | Path | None = None, overrides: dict | list[str] | No
     over: dict = overrides if isinstance(overrides, dict) else {}
     for item in overrides if isinstance(overrides, list) else []:
         over = _merge(over, parse_override(item))
+    over = renamed_keys(over)  # --set model.logits=... and the API's old names
     merged = _merge(data, over)
     preset = merged.get("preset", "")
     if not isinstance(preset, str):

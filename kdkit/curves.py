@@ -102,7 +102,7 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
     mode, student = summary.get("mode"), model.get("student", "")
     what = f"{mode} {student}" if mode else student
     if mode == "distill":
-        teacher = model.get("teacher") or Path(model.get("teacher_logits") or "?").name
+        teacher = model.get("teacher") or Path(model.get("logit_cache") or model.get("teacher_logits") or "?").name
         what += f" from {teacher} ({(summary.get('conventions') or {}).get('loss', '?')} distillation)"
     c.title = f"{c.label}: {what}" if what else c.label
     return c

@@ -103,6 +103,6 @@ def tiny_runs(tiny_data, teacher_dir, tmp_path_factory) -> dict[str, Path]:
         assert run_cli("distill", *teacher, *student, *common, "--name", name) == 0
     assert run_cli("train", "--model", "resnet10t", *TINY_RESNET_ARGS, *common, "--name", "single") == 0
     assert run_cli("cache", *teacher, *students["native"], *common[:-2], "--out", out / "cache") == 0
-    assert run_cli("distill", "--logits", out / "cache", "--preset", "none", *students["native"], *common,
+    assert run_cli("distill", "--logit-cache", out / "cache", "--preset", "none", *students["native"], *common,
                    "--name", "cached") == 0
     return {name: out / name for name in (*students, "single", "cached", "cache")}

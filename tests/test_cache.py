@@ -54,7 +54,7 @@ def test_replay_cache_float32_all_classes_gives_the_online_losses(tmp_path, tiny
     assert run_cli("cache", *common(tiny_data), *teacher_args(tmp_path / "nope"), "--out", tmp_path / "c") == 2
     assert run_cli("cache", *common(tiny_data), *teacher_args(teacher_dir), "--dtype", "float32",
                    "--out", tmp_path / "c") == 0
-    cached = distill(tmp_path, "cached", *common(tiny_data), "--logits", tmp_path / "c", "--loss", "soft",
+    cached = distill(tmp_path, "cached", *common(tiny_data), "--logit-cache", tmp_path / "c", "--loss", "soft",
                      "--tau", "2")
     live = live_runs["soft"]
     assert len(cached) == len(live) >= 50
@@ -68,9 +68,9 @@ def test_replay_cache_float32_all_classes_gives_the_online_losses(tmp_path, tiny
 def test_float16_top10_hard_losses_identical_soft_within_fp16_rounding(tmp_path, tiny_data, teacher_dir, live_runs):
     assert run_cli("cache", *common(tiny_data), *teacher_args(teacher_dir), "--topk", "10", "--out",
                    tmp_path / "c") == 0
-    hard = distill(tmp_path, "hard", *common(tiny_data), "--logits", tmp_path / "c", "--loss", "hard")
+    hard = distill(tmp_path, "hard", *common(tiny_data), "--logit-cache", tmp_path / "c", "--loss", "hard")
     assert [r["loss"] for r in hard] == [r["loss"] for r in live_runs["hard"]]
-    soft = distill(tmp_path, "soft", *common(tiny_data), "--logits", tmp_path / "c", "--loss", "soft", "--tau", "2")
+    soft = distill(tmp_path, "soft", *common(tiny_data), "--logit-cache", tmp_path / "c", "--loss", "soft", "--tau", "2")
     # float16 keeps 11 significant bits: each stored log-probability is off by at most 2^-11 of
     # itself (4.9e-4 relative); the soft term moves by at most about that fraction of itself.
     for a, b in zip(live_runs["soft"], soft, strict=True):
@@ -194,7 +194,7 @@ def test_mismatched_cache_is_refused_naming_the_difference(tmp_path, tiny_data, 
              "views.reprob": [*common(tiny_data, epochs=2), "--set", "aug.reprob=0.5"],
              "holds 2 epochs": common(tiny_data, epochs=3)}
     for needle, args in cases.items():
-        assert run_cli("distill", *args, "--logits", tmp_path / "c", "--output", tmp_path / "runs") == 2
+        assert run_cli("distill", *args, "--logit-cache", tmp_path / "c", "--output", tmp_path / "runs") == 2
         assert needle in capsys.readouterr().err
     # a cache folder refuses to be resumed with other settings
     assert run_cli("cache", *common(tiny_data, epochs=2), *teacher_args(teacher_dir), "--topk", "3",
@@ -208,19 +208,19 @@ def test_mismatched_cache_is_refused_naming_the_difference(tmp_path, tiny_data, 
     shutil.copytree(extra / "train" / "cat", extra / "train" / "zebra")
     shutil.copytree(extra / "test" / "cat", extra / "test" / "zebra")
     args = [*common(extra, epochs=2)]
-    assert run_cli("distill", *args, "--logits", tmp_path / "c", "--output", tmp_path / "runs") == 2
+    assert run_cli("distill", *args, "--logit-cache", tmp_path / "c", "--output", tmp_path / "runs") == 2
     assert "added ['zebra']" in capsys.readouterr().err
 
 
 def test_longer_run_falls_back_to_the_live_teacher_or_cycles(tmp_path, tiny_data, teacher_dir, live_runs):
     assert run_cli("cache", *common(tiny_data), *teacher_args(teacher_dir), "--dtype", "float32", "--epochs", "5",
                    "--out", tmp_path / "c") == 0
-    mixed = distill(tmp_path, "mixed", *common(tiny_data), "--logits", tmp_path / "c", *teacher_args(teacher_dir),
+    mixed = distill(tmp_path, "mixed", *common(tiny_data), "--logit-cache", tmp_path / "c", *teacher_args(teacher_dir),
                     "--loss", "soft", "--tau", "2")
     for a, b in zip(live_runs["soft"], mixed, strict=True):  # epochs 5-7 computed live
         assert abs(a["loss"] - b["loss"]) <= 1e-5
     assert json.loads((tmp_path / "runs" / "mixed" / "summary.json").read_text())["logits"]["live_after"] == 5
-    cycled = distill(tmp_path, "cycled", *common(tiny_data), "--logits", tmp_path / "c", "--logits-cycle",
+    cycled = distill(tmp_path, "cycled", *common(tiny_data), "--logit-cache", tmp_path / "c", "--logit-cache-cycle",
                      "--loss", "soft", "--tau", "2")
     assert len(cycled) == len(mixed)
     assert all(abs(a["loss"] - b["loss"]) <= 1e-5 for a, b in zip(mixed[:35], cycled[:35], strict=True))

@@ -19,7 +19,7 @@ from kdkit.engine.step import make_batch
 from kdkit.losses import dist_loss, mlkd_terms, soft_kd, z_score
 from kdkit.losses.dkd import dkd_terms
 from kdkit.registry import KdkitError
-from kdkit.teachers import CachedLogits
+from kdkit.sources import CachedLogits
 from tests.conftest import run_cli
 from tests.test_cache import AUG, _value
 from tests.test_integrity import IdImages, teacher, write
@@ -265,10 +265,10 @@ def test_a_replay_cache_under_mixup_places_each_views_label_and_verify_checks_th
     # a run whose loss standardises reads the normal fill by itself
     with_cache = load_recipe(None, {**r.to_dict(), "model": {**r.to_dict()["model"], "teacher": "",
                                                                 "teacher_weights": "",
-                                                                "teacher_logits": str(tmp_path / "c")}})
+                                                                "logit_cache": str(tmp_path / "c")}})
     assert build_run(with_cache, "distill").logits.tail == "normal"
     # and through the command line, DKD on standardised logits from the top-3 cache
-    assert run_cli("distill", "--logits", tmp_path / "c", "--student", "deit_tiny", "--img-size", "32", "--patch-size",
+    assert run_cli("distill", "--logit-cache", tmp_path / "c", "--student", "deit_tiny", "--img-size", "32", "--patch-size",
                    "8", "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--data", tiny_data, "--preset",
                    "none", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--seed", "3", "--no-progress",
                    *(x for a in AUG for x in ("--set", a)), "--loss", "dkd", "--set", "loss.args={standardize=true}",

@@ -161,9 +161,9 @@ def test_b_is_per_process_and_batch_size_global(monkeypatch):
 
 
 def test_switches_and_values_land_on_their_keys():
-    r = _recipe("distill", "--scale", "0.35", "1", "--strict", "--no-progress", "--logits-cycle", "--compile",
+    r = _recipe("distill", "--scale", "0.35", "1", "--strict", "--no-progress", "--logit-cache-cycle", "--compile",
                 "--teacher-channels-last", "off", "--channels-last", "--preset", "none")
-    assert r.aug.scale == (0.35, 1.0) and r.data.strict and not r.run.progress and r.model.teacher_logits_cycle
+    assert r.aug.scale == (0.35, 1.0) and r.data.strict and not r.run.progress and r.model.logit_cache_cycle
     assert r.run.compile and r.run.teacher_channels_last == "off" and r.run.channels_last is True and r.preset == ""
     with pytest.raises(UsageError, match="unrecognized arguments: --loss"):
         build_parser().parse_args(["train", "--loss", "soft"])
@@ -243,3 +243,33 @@ def test_zsh_completion_names_every_verb_and_flag(capsys):
         assert f"{option}[" in distill or f"{option}=" in distill or f"{option}+" in distill or \
             f"{option}," in distill or f"{option}}}" in distill, option
     assert "--precision=[" in distill and ":(auto no bf16 fp16)" in distill and ":_files -/" in distill
+
+
+def test_the_old_names_of_the_logit_flags_keys_and_package_still_work(tmp_path):
+    """--logits / --logits-cycle, model.logits(_args) / model.teacher_logits(_cycle) (flags, --set, recipe
+    files, the Python API's settings) and `import kdkit.teachers` (with a DeprecationWarning) name what
+    the new names name; a recipe written back uses the new keys."""
+    from kdkit.api import recipe_from_settings
+    from kdkit.config import load_recipe
+
+    want = ("CACHE", True, "cache", {"tail": "mass"})
+    r = _recipe("distill", "--logits", "CACHE", "--logits-cycle", "--set", "model.logits=cache", "--set",
+                'model.logits_args={tail="mass"}')
+    assert (r.model.logit_cache, r.model.logit_cache_cycle, r.model.logit_source, r.model.logit_source_args) == want
+    old = tmp_path / "old.toml"
+    old.write_text('[model]\nteacher_logits = "CACHE"\nteacher_logits_cycle = true\nlogits = "cache"\n'
+                   'logits_args = { tail = "mass" }\n')
+    r = load_recipe(old)
+    assert (r.model.logit_cache, r.model.logit_cache_cycle, r.model.logit_source, r.model.logit_source_args) == want
+    model = tomllib.loads(r.to_toml())["model"]
+    assert model["logit_cache"] == "CACHE" and not {"teacher_logits", "logits", "logits_args"} & set(model)
+    r = recipe_from_settings(teacher_logits="CACHE", teacher_logits_cycle=True, logits="cache",
+                             logits_args={"tail": "mass"})
+    assert (r.model.logit_cache, r.model.logit_cache_cycle, r.model.logit_source, r.model.logit_source_args) == want
+    code = ("import warnings\nwith warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    import kdkit.teachers as t\nfrom kdkit.sources import CachedLogits, SourceContext\n"
+            "assert t.RunPieces is SourceContext and t.CachedLogits is CachedLogits\n"
+            "print([str(x.message) for x in w if x.category is DeprecationWarning])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "kdkit.teachers is now kdkit.sources" in out.stdout

@@ -204,7 +204,7 @@ def test_ctkd_and_mlkd_from_a_float32_cache_are_the_live_runs(tiny_data, teacher
                                ("mlkd", "{temperatures=[1.0, 4.0]}", ("loss", "task", "kd"))):
         setting = ["--loss", loss, "--set", f"loss.args={extra}"]
         live = distill(tmp_path, f"{loss}-live", *args, *teacher_args(teacher_dir), *setting)
-        cached = distill(tmp_path, f"{loss}-cached", *args, "--logits", tmp_path / "c", *setting)
+        cached = distill(tmp_path, f"{loss}-cached", *args, "--logit-cache", tmp_path / "c", *setting)
         assert len(live) == len(cached) == 7
         for a, b in zip(live, cached, strict=True):
             for term in terms:

@@ -23,7 +23,7 @@ from kdkit.cache.writer import write_cache
 from kdkit.data.sampler import epoch_views
 from kdkit.files import LOCK_NAME, exclusive_lock
 from kdkit.registry import KdkitError
-from kdkit.teachers import CachedLogits
+from kdkit.sources import CachedLogits
 from tests.conftest import run_cli
 from tests.test_cache import common, teacher_args
 
@@ -223,11 +223,11 @@ def test_distill_from_a_damaged_cache_fails_with_one_clear_line(tmp_path, tiny_d
     poke(shard, tensor_offset(shard, "top1")[0] + 3, 0xFF)
     args = [*common(tiny_data, epochs=1), "--output", tmp_path / "runs", "--loss", "soft"]
     capsys.readouterr()
-    assert run_cli("distill", *args, "--logits", missing, "--name", "m") == 2
+    assert run_cli("distill", *args, "--logit-cache", missing, "--name", "m") == 2
     err = capsys.readouterr().err
     assert "incomplete: 1 of 2 shards missing (e0000-s00001.safetensors)" in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "m").exists()  # refused before anything was written
-    assert run_cli("distill", *args, "--logits", flipped, "--name", "f") == 2
+    assert run_cli("distill", *args, "--logit-cache", flipped, "--name", "f") == 2
     err = capsys.readouterr().err
     assert "e0000-s00001.safetensors is corrupt" in err and "kdkit cache --verify" in err
     assert "IndexError" not in err and "Traceback" not in err

@@ -78,7 +78,7 @@ def test_a_failed_distill_from_logits_leaves_no_run_directory(tiny_runs, tiny_da
     data[-8] ^= 0xFF  # a value byte: found when the shard is read, at the first step
     shard.write_bytes(bytes(data))
     out = tmp_path / "runs"
-    err = one_line(capsys, "distill", "--logits", cache, "--preset", "none", "--student", "deit_tiny",
+    err = one_line(capsys, "distill", "--logit-cache", cache, "--preset", "none", "--student", "deit_tiny",
                    *TINY_VIT_ARGS, "--data", tiny_data, *ONE_EPOCH, "--output", out, "--name", "from-cache")
     assert "corrupt" in err and str(shard) in err
     assert not (out / "from-cache").exists()

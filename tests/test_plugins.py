@@ -17,7 +17,7 @@ PLUGIN = textwrap.dedent('''
 
     from kdkit.losses import LOSSES, DistillationLoss, task_ce
     from kdkit.models import HEADS
-    from kdkit.teachers import LOGIT_SOURCES, LogitSource
+    from kdkit.sources import LOGIT_SOURCES, LogitSource
     from kdkit.types import StudentOut
 
 
@@ -88,7 +88,7 @@ def test_toy_strategies_train_through_the_python_api(plugin, tiny_data, tmp_path
     import kdkit
 
     result = kdkit.distill("deit_tiny_patch16_224", "", str(tiny_data), loss="toy_mse", args={"scale": 0.25},
-                           head="scaled", head_args={"scale": 3.0}, logits="constant", logits_args={"value": 1.5},
+                           head="scaled", head_args={"scale": 3.0}, logit_source="constant", logit_source_args={"value": 1.5},
                            epochs=1, batch_size=16, workers=0, progress=False, warmup_epochs=0, output=str(tmp_path),
                            name="api", preset="none", **TINY)
     summary = result.summary
@@ -115,7 +115,7 @@ def test_toy_strategies_train_through_the_cli(plugin, tiny_data, tmp_path):
     args = ["distill", "--plugin", str(plugin), "--student", "deit_tiny_patch16_224", "--img-size", "32",
             "--patch-size", "8", "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--data", tiny_data,
             "--loss", "toy_mse", "--set", "loss.args={scale=0.5}", "--head", "scaled", "--set",
-            "model.logits=constant", "--set", "model.logits_args={value=-2.0}", "--preset", "none", "--epochs", "1",
+            "model.logit_source=constant", "--set", "model.logit_source_args={value=-2.0}", "--preset", "none", "--epochs", "1",
             "--batch-size", "16", "--workers", "0", "--no-progress", "--set", "optim.warmup_epochs=0",
             "--output", tmp_path, "--name", "cli"]
     assert run_cli(*args) == 0
@@ -127,12 +127,12 @@ def test_toy_strategies_train_through_the_cli(plugin, tiny_data, tmp_path):
 @pytest.mark.parametrize("setting, match", [
     ("loss.args={scael=0.5}", "loss 'toy_mse'.scael. Did you mean 'scale'"),
     ("model.head_args={sclae=1.0}", "student head 'scaled'.sclae. Did you mean 'scale'"),
-    ("model.logits_args={valeu=1.0}", "logit source 'constant'.valeu. Did you mean 'value'"),
+    ("model.logit_source_args={valeu=1.0}", "logit source 'constant'.valeu. Did you mean 'value'"),
 ])
 def test_a_misspelt_strategy_setting_is_one_clear_error(plugin, tiny_data, tmp_path, capsys, setting, match):
     args = ["distill", "--plugin", str(plugin), "--student", "deit_tiny_patch16_224", "--img-size", "32",
             "--patch-size", "8", "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--data", tiny_data,
-            "--loss", "toy_mse", "--head", "scaled", "--set", "model.logits=constant", "--set", setting,
+            "--loss", "toy_mse", "--head", "scaled", "--set", "model.logit_source=constant", "--set", setting,
             "--epochs", "1", "--workers", "0", "--no-progress", "--output", tmp_path, "--name", "bad"]
     capsys.readouterr()
     assert run_cli(*args) == 2
@@ -166,3 +166,97 @@ def test_the_loss_example_in_the_docs_trains(tiny_data, teacher_dir, tmp_path):
                                       "tau": 1.0, "label_smoothing": 0.0}
     steps = _steps(tmp_path / "cos")
     assert steps and all(0.0 <= x["kd"] <= 1.0 for x in steps)  # 1 - cos of two distributions, less the margin
+
+
+SOURCE_PLUGIN = textwrap.dedent('''
+    """A logit source written outside kdkit: the run's teacher, its logits scaled by `scale`."""
+    from kdkit.sources import LOGIT_SOURCES, LogitSource
+
+
+    @LOGIT_SOURCES.register("scaled_teacher")
+    class ScaledTeacher(LogitSource):
+        def __init__(self, teacher, scale: float):
+            super().__init__()
+            self.inner, self.scale = teacher, scale  # no attribute name the engine could guess
+
+        @classmethod
+        def from_run(cls, run, scale: float = 2.0):
+            (teacher,) = run.teachers()
+            return cls(teacher, scale)
+
+        def forward(self, batch):
+            return self.inner(batch.images) * self.scale
+
+        def teachers(self):
+            return [self.inner]
+
+        def describe(self):
+            return {"source": "scaled_teacher", "scale": self.scale}
+
+        def feature_size(self):
+            return self.inner.num_features
+
+        def features(self, batch):
+            return self.inner.forward_features(batch.images)
+''')
+
+
+def test_a_plugin_source_is_planned_and_feeds_a_feature_loss(tiny_data, teacher_dir, tmp_path):
+    """The engine asks the source for its teachers and feature size through LogitSource's methods:
+    `kdkit plan` prices and times the plugin's teacher, a feature loss sizes its projection with it."""
+    import timm
+    import torch
+
+    from kdkit.config import load_recipe
+    from kdkit.engine.build import build_run
+    from kdkit.engine.plan import plan_cache
+    from kdkit.engine.step import DistillationStep, make_batch
+    from kdkit.plugins import load_plugins
+
+    path = tmp_path / "kdkit_toy_scaled_source.py"
+    path.write_text(SOURCE_PLUGIN)
+    load_plugins([str(path)])
+    r = load_recipe(None, {"model": {"student": "deit_tiny_patch16_224", "head": "token", **TINY,
+                                     "teacher": "resnet10t", "teacher_weights": str(teacher_dir),
+                                     "logit_source": "scaled_teacher", "logit_source_args": {"scale": 3.0}},
+                           "loss": {"kind": "feature"}, "data": {"path": str(tiny_data), "batch_size": 16,
+                                                                "workers": 0},
+                           "optim": {"epochs": 1}, "run": {"progress": False}, "preset": "none"})
+    report = plan_cache(r, steps=1, out=tmp_path)
+    teacher = timm.create_model("resnet10t", num_classes=10)
+    (t,) = report["teachers"]
+    assert t["params"] == sum(x.numel() for x in teacher.parameters())
+    assert report["logit_source"] == "ScaledTeacher" and report["measured"]["teacher"] > 0
+    parts = build_run(r, "distill")
+    assert parts.student.adapters["features"].proj.in_features == 32  # the student's embedding
+    assert parts.student.adapters["features"].proj.out_features == teacher.num_features  # resnet10t's 512
+    batch = make_batch(next(iter(parts.train_loader)), torch.device("cpu"))
+    out = DistillationStep(parts.loss, parts.logits)(parts.student, batch)
+    assert torch.isfinite(out.terms["feature"]) and out.terms["feature"] > 0
+
+
+def test_the_logit_source_example_in_the_docs_trains_and_plans(tiny_data, teacher_dir, tmp_path, capsys):
+    """docs/concepts.md's example of a new logit source, as written there, through --plugin: the run
+    checks its teacher, records its describe(), and the dry run prices its teacher."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "concepts.md").read_text()
+    block = doc.split("A new logit source, complete")[1].split("```python\n")[1].split("```")[0]
+    assert len(block.strip().splitlines()) < 30
+    (tmp_path / "kdkit_doc_scaled_source.py").write_text(block)
+    args = ["distill", "--plugin", tmp_path / "kdkit_doc_scaled_source.py", "--logit-source", "scaled", "--set",
+            "model.logit_source_args={scale=0.5}", "--teacher", "resnet10t", "--teacher-weights", teacher_dir,
+            "--student", "deit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--set",
+            "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--data", tiny_data, "--preset", "none",
+            "--loss", "soft", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress", "--set",
+            "optim.warmup_epochs=0", "--output", tmp_path]
+    assert run_cli(*args, "--name", "scaled") == 0
+    summary = json.loads((tmp_path / "scaled" / "summary.json").read_text())
+    assert summary["logits"] == {"source": "scaled", "scale": 0.5}
+    test_images = sum(1 for _ in (tiny_data / "test").rglob("*.*"))
+    assert summary["teacher_check"]["images"] == test_images == 60  # its teachers() were checked
+    capsys.readouterr()
+    assert run_cli(*args, "--name", "dry", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "resnet10t" in out and "teacher's share" in out
+    assert not (tmp_path / "dry").exists()

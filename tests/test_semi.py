@@ -17,12 +17,12 @@ from kdkit.cache import LogitCache
 from kdkit.data import (
     MixedSampler,
     SemiSupervisedDataset,
-    apply_views,
     create_loader,
     open_dataset,
     open_unlabeled,
     sample_path,
     view_settings,
+    with_views,
 )
 from kdkit.losses import create_loss, semi_supervised, task_ce
 from kdkit.models import create_student
@@ -59,7 +59,7 @@ LOSS = ["--loss", "soft", "--tau", "2", "--confidence-threshold", "0.6"]
 def semi_dataset(tiny_data: Path, unlabeled_dir: Path, ratio: float = 1.0, views: dict | None = None):
     labeled = open_dataset(tiny_data, "train", seed=3)
     ds = SemiSupervisedDataset(labeled, open_unlabeled(unlabeled_dir, labeled.classes, seed=3), ratio)
-    return apply_views(ds, views or view_settings({**NORM, "interpolation": "bicubic", "crop_pct": 1.0}), 10)
+    return with_views(ds, views or view_settings({**NORM, "interpolation": "bicubic", "crop_pct": 1.0}), 10)
 
 
 def test_unlabeled_samples_train_the_distillation_head_only():
@@ -177,7 +177,7 @@ def test_mixup_partners_stay_in_their_pool(tiny_data, unlabeled_dir):
         "cutmix": 1.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5, "label_smoothing": 0.1, "repeated_aug": 0,
         "interpolation": "bicubic"})
     ds = semi_dataset(tiny_data, unlabeled_dir, views=views)
-    labeled_only = apply_views(open_dataset(tiny_data, "train", seed=3), views, 10)
+    labeled_only = with_views(open_dataset(tiny_data, "train", seed=3), views, 10)
     for view in range(0, 160, 7):
         assert (ds.partner(view) < 120) == (view < 120)
         target = ds[view]["target"]
@@ -203,7 +203,7 @@ def test_cache_with_unlabeled_images_gives_the_online_losses(tmp_path, tiny_data
         assert report["ok"] and report["top1_agreement"] == 1.0 and report["max_abs_diff"] < 1e-4
         return
     assert run_cli("distill", *args, *LOSS, *teacher_args(teacher_dir), "--output", tmp_path, "--name", "live") == 0
-    assert run_cli("distill", *args, *LOSS, "--logits", tmp_path / "c", "--output", tmp_path, "--name", "cached") == 0
+    assert run_cli("distill", *args, *LOSS, "--logit-cache", tmp_path / "c", "--output", tmp_path, "--name", "cached") == 0
     live, cached = step_terms(tmp_path / "live"), step_terms(tmp_path / "cached")
     assert len(live) == len(cached) == 14 and any(0 < s["unlabeled_kept"] < 1 for s in live)
     for a, b in zip(live, cached, strict=True):
@@ -213,7 +213,7 @@ def test_cache_with_unlabeled_images_gives_the_online_losses(tmp_path, tiny_data
     for other, needle in (([*args, "--unlabeled-ratio", "2"], "unlabeled_ratio: cache 1.0, run 2.0"),
                           ([a for a in args if a != unlabeled_dir and a != "--unlabeled"],
                            "unlabeled.num_samples: cache 40, run None")):
-        assert run_cli("distill", *other, "--logits", tmp_path / "c", "--output", tmp_path) == 2
+        assert run_cli("distill", *other, "--logit-cache", tmp_path / "c", "--output", tmp_path) == 2
         assert needle in capsys.readouterr().err
 
 

@@ -117,13 +117,13 @@ def test_a_cache_written_from_shards_replays_the_live_teacher_of_the_folder_run(
                    "--tau", "2")
     assert run_cli("cache", *common(shards, epochs=2), *teacher_args(teacher_dir), "--dtype", "float32",
                    "--out", tmp_path / "c") == 0
-    cached = distill(tmp_path, "cached", *common(shards, epochs=2), "--logits", tmp_path / "c", "--loss", "soft",
+    cached = distill(tmp_path, "cached", *common(shards, epochs=2), "--logit-cache", tmp_path / "c", "--loss", "soft",
                      "--tau", "2")
     assert len(cached) == len(live) == 14
     for a, b in zip(live, cached, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["kd"] - b["kd"]) <= 1e-5, a["step"]
     # the folder's cache is not the shards' data: refused, naming the fingerprint
-    assert run_cli("distill", *common(tiny_data, epochs=2), "--logits", tmp_path / "c", "--output",
+    assert run_cli("distill", *common(tiny_data, epochs=2), "--logit-cache", tmp_path / "c", "--output",
                    tmp_path / "runs", "--name", "mismatch") == 2
 
 
@@ -193,19 +193,19 @@ def test_the_repeats_of_an_image_in_a_batch_are_decoded_once_with_the_same_pixel
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from kdkit.config import AugConfig
-    from kdkit.data import apply_views, epoch_views, view_settings
+    from kdkit.data import epoch_views, view_settings, with_views
 
     data_cfg = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
                 "std": IMAGENET_DEFAULT_STD, "crop_pct": 1.0}
     aug = AugConfig(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, repeated_aug=3)
-    ds = apply_views(CountingReads(open_dataset(tiny_data, "train", seed=5)), view_settings(
+    ds = with_views(CountingReads(open_dataset(tiny_data, "train", seed=5)), view_settings(
         data_cfg, dataclasses.asdict(aug)), 10)
     batch = epoch_views(len(ds), 5, 0, repeats=3)[:24].tolist()  # 4 pairs of images x 3 repeats
     samples = ds.__getitems__([(0, v) for v in batch])
     assert ds.reads == len({v % len(ds) for v in batch}) == 8
     # the same views one at a time (a decode each, no sharing): identical pixels and targets
     ref = CountingReads(open_dataset(tiny_data, "train", seed=5))
-    apply_views(ref, view_settings(data_cfg, dataclasses.asdict(aug)), 10)
+    ref = with_views(ref, view_settings(data_cfg, dataclasses.asdict(aug)), 10)
     for v, s in zip(batch, samples, strict=True):
         one = ref.__getitems__([(0, v)])[0]
         assert torch.equal(one["image"], s["image"]) and torch.equal(one["target"], s["target"])

@@ -15,7 +15,7 @@ from kdkit.engine.build import attach_adapters
 from kdkit.losses import LOSSES, create_loss
 from kdkit.models import create_student, create_teacher
 from kdkit.registry import KdkitError
-from kdkit.teachers import TeacherEnsemble
+from kdkit.sources import TeacherEnsemble
 from kdkit.types import StudentOut, TeacherOut
 from tests.conftest import TINY_DEIT, run_cli
 from tests.test_new_losses import dist_py, dkd_py, kl_py, rows, softmax_py, z_score_py
@@ -166,7 +166,7 @@ def test_new_losses_distil_through_the_cli(tiny_data, teacher_dir, tmp_path, los
 
 def test_a_two_teacher_ensemble_distils_live_and_into_a_cache_naming_every_member(tiny_data, teacher_dir, tmp_path):
     ensemble = ["--set", 'model.teacher=["resnet10t", "resnet10t"]', "--set",
-                f'model.teacher_weights=["{teacher_dir}", "{teacher_dir}"]', "--set", 'model.logits_args={combine="logits"}']
+                f'model.teacher_weights=["{teacher_dir}", "{teacher_dir}"]', "--set", 'model.logit_source_args={combine="logits"}']
     repeated = ["--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--teacher", "resnet10t",
                 "--teacher-weights", teacher_dir, *ensemble[4:]]  # the flags repeated, as a user types them
     assert run_cli("distill", *STUDENT, *repeated, "--data", tiny_data, "--loss", "soft", *FAST, "--output", tmp_path,
@@ -179,14 +179,14 @@ def test_a_two_teacher_ensemble_distils_live_and_into_a_cache_naming_every_membe
     assert [m["weights"] for m in manifest["teacher"]["members"]] == [str(teacher_dir)] * 2
     assert manifest["teacher"]["combine"] == "logits"
     # the same ensemble, read from the cache, trains as the live one
-    assert run_cli("distill", *STUDENT, "--logits", tmp_path / "cache", *ensemble[:4], "--data", tiny_data, "--loss",
+    assert run_cli("distill", *STUDENT, "--logit-cache", tmp_path / "cache", *ensemble[:4], "--data", tiny_data, "--loss",
                    "soft", *FAST, "--output", tmp_path, "--name", "ens-cached") == 0
 
 
 def test_feature_distillation_from_a_cache_is_refused_clearly(tiny_data, tmp_path, capsys, tiny_runs):
     capsys.readouterr()
     assert run_cli("distill", "--student", "deit_tiny", "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}",
-                   "--img-size", "32", "--patch-size", "8", "--logits", tiny_runs["cache"], "--data", tiny_data,
+                   "--img-size", "32", "--patch-size", "8", "--logit-cache", tiny_runs["cache"], "--data", tiny_data,
                    "--loss", "feature", *FAST, "--output", tmp_path, "--name", "fc") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "features are not cached" in err[0]

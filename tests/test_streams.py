@@ -11,7 +11,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kdkit.config import AugConfig
-from kdkit.data import apply_views, create_loader, open_dataset, view_settings
+from kdkit.data import create_loader, open_dataset, view_settings, with_views
 from kdkit.data.sampler import seek
 from kdkit.data.stream import StreamDataset
 from tests.conftest import run_cli
@@ -32,7 +32,7 @@ def stream(shards: Path, seed: int = 0, **aug) -> StreamDataset:
     assert isinstance(ds, StreamDataset) and len(ds) == 120 and len(ds.classes) == 10  # classes: _info.json
     counted = open_dataset(f"pipe:cat {shards}", "train-{000000..000005}.tar")  # N from _info.json's lengths
     assert len(counted) == 120 and len(open_dataset(f"pipe:cat {shards}", "val")) == 60
-    return apply_views(ds, view_settings(DATA_CFG, dataclasses.asdict(AugConfig(**aug))), 10)
+    return with_views(ds, view_settings(DATA_CFG, dataclasses.asdict(AugConfig(**aug))), 10)
 
 
 def epoch(ds: StreamDataset, workers: int, epoch: int = 0, step: int = 0, batch: int = 8) -> list[dict]:
@@ -78,7 +78,7 @@ def test_a_run_on_a_stream_and_its_refusals(shards, teacher_dir, tmp_path):
     assert (tmp_path / "streamed" / "student").is_dir()
     distill = ["distill", "--student", "resnet10t", "--teacher", "resnet10t", "--teacher-weights", teacher_dir,
                "--preset", "none", *common]
-    assert run_cli(*distill, "--name", "cached", "--logits", tmp_path / "nope") == 2  # no positions to cache by
+    assert run_cli(*distill, "--name", "cached", "--logit-cache", tmp_path / "nope") == 2  # no positions to cache by
     assert run_cli("cache", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, *common[:-4],
                    "--out", tmp_path / "cache") == 2
     assert run_cli(*distill, "--name", "semi", "--unlabeled", shards) == 2
@@ -100,6 +100,6 @@ def test_a_hub_dataset_streamed_with_its_classlabel_names(tiny_data, tmp_path, m
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     ds = open_dataset(f"hf:{tmp_path / 'hub'}", "train|120", streaming=True)
     assert isinstance(ds, StreamDataset) and ds.classes == classes and len(ds.shards) == 3
-    apply_views(ds, view_settings(DATA_CFG, dataclasses.asdict(AugConfig())), 10)
+    ds = with_views(ds, view_settings(DATA_CFG, dataclasses.asdict(AugConfig())), 10)
     got = [int(t) for b in epoch(ds, 0, batch=10) for t in b["target"]]
     assert len(got) == 120 and sorted(got) == sorted(t for _, t in files)

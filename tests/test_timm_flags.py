@@ -273,12 +273,12 @@ def test_best_student_is_kept_beside_the_last(tiny_data, tmp_path):
 def test_cutmix_minmax_sets_the_box_and_mixup_mode_pair_is_the_only_one():
     from types import SimpleNamespace
 
-    from kdkit.data import apply_views, view_settings
+    from kdkit.data import view_settings, with_views
 
     cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
            "crop_pct": 1.0}
     aug = load_recipe(None, ["aug.cutmix_minmax=[0.5, 0.54]"]).to_dict()["aug"]  # mixup and cutmix alphas 0
-    ds = apply_views(SimpleNamespace(), view_settings(cfg, aug), num_classes=3)
+    ds = with_views(SimpleNamespace(), view_settings(cfg, aug), num_classes=3)
     a, b = torch.zeros(3, 32, 32), torch.ones(3, 32, 32)
     for seed in range(5):
         (xa, ya), (xb, yb) = ds.mixup(a, 0, b, 1, seed)
@@ -286,7 +286,7 @@ def test_cutmix_minmax_sets_the_box_and_mixup_mode_pair_is_the_only_one():
         # lambda = 1 - 16 x 16 / (32 x 32)
         assert xa.mean().item() == pytest.approx(0.25) and xb.mean().item() == pytest.approx(0.75)
         assert torch.allclose(ya, torch.tensor([0.75, 0.25, 0.0])) and torch.allclose(yb, torch.tensor([0.25, 0.75, 0.0]))
-    assert apply_views(SimpleNamespace(), view_settings(cfg, load_recipe(None).to_dict()["aug"]), 3).mixup is None
+    assert with_views(SimpleNamespace(), view_settings(cfg, load_recipe(None).to_dict()["aug"]), 3).mixup is None
     assert "cutmix_minmax" not in view_settings(cfg, load_recipe(None).to_dict()["aug"])
     assert _resolve(["--mixup-mode", "pair", "--cutmix-minmax", "0.2", "0.8"]).aug.cutmix_minmax == [0.2, 0.8]
     with pytest.raises(KdkitError, match="--mixup-mode batch: kdkit mixes pairs"):

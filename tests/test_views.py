@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdkit.data import EpochSampler, apply_views, create_loader, epoch_views, open_dataset, view_settings
+from kdkit.data import EpochSampler, create_loader, epoch_views, open_dataset, view_settings, with_views
 
 NORM = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
         "crop_pct": 1.0}
@@ -19,7 +19,7 @@ def deit_views(repeats: int = 0) -> dict:
 
 
 def mixed_dataset(tiny_data, repeats: int = 0):
-    return apply_views(open_dataset(tiny_data, "train", seed=3), deit_views(repeats), 10)
+    return with_views(open_dataset(tiny_data, "train", seed=3), deit_views(repeats), 10)
 
 
 def count_calls(monkeypatch, ds) -> dict:
@@ -54,7 +54,7 @@ def test_a_pair_is_mixed_both_ways_with_one_lambda(tiny_data):
     order = epoch_views(len(ds), 3, 2)
     ds.mixup = None  # the unmixed views, for reference
     plain = {v: ds.view(v) for v in order[:16].tolist()}
-    apply_views(ds, deit_views(), 10)
+    ds = with_views(ds, deit_views(), 10)
     batch = ds.__getitems__([(2, v) for v in order[:16].tolist()])
     for i in range(0, 16, 2):
         a, b = batch[i], batch[i + 1]

@@ -19,6 +19,13 @@ RUN_KEYS = ("format", "data.classes", "data.num_samples", "data.fingerprint", "v
             "unlabeled.num_samples", "unlabeled.fingerprint", "unlabeled_ratio")
 
 
+def replay_cycle(manifest: dict, run_epochs: int, cycle: bool) -> int:
+    """The view cycle of a run reading the cache of `manifest`: its epochs when the run asks to replay
+    them (`cycle`, model.logit_cache_cycle) and has more epochs than a replay cache holds, so that
+    epoch e draws the views of epoch e % E; else 0 (every epoch its own views)."""
+    return manifest["epochs"] if cycle and manifest["mode"] == "replay" and run_epochs > manifest["epochs"] else 0
+
+
 class LogitCache:
     """A finished cache folder, read-only (`partial=True`: one still being written).
 
@@ -131,4 +138,5 @@ class LogitCache:
 
 
 __all__ = ["FORMAT", "MODES", "TAILS", "LogitCache", "LogitStore", "build_manifest", "data_identity", "decode",
-           "differences", "encode", "read_manifest", "record_bytes", "record_labels", "weights_sha256"]
+           "differences", "encode", "read_manifest", "record_bytes", "record_labels", "replay_cycle",
+           "weights_sha256"]

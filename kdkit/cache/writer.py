@@ -74,7 +74,7 @@ def write_cache(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, roo
                 batch_size: int = 256, workers: int = 2, accelerator: Accelerator | None = None,
                 overwrite: bool = False, progress: bool = True) -> dict:
     """Run `teacher` ((B, 3, H, W) -> (B, C) logits) over every record `manifest` promises and write
-    the missing shards. `dataset` must already carry the manifest's views (kdkit.data.apply_views).
+    the missing shards. `dataset` must already carry the manifest's views (kdkit.data.with_views).
 
     Returns {"shards_written", "shards_present", "records", "seconds", "records_per_s", "bytes_per_record"}.
     Another writer on the same folder is a KdkitError naming it (its lock is held until this returns).

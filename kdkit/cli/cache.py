@@ -12,7 +12,7 @@ EPILOG = """examples:
   # replay: the exact augmented views (RandAugment, erasing, Mixup/CutMix) of 5 epochs, seed 0
   kdkit cache --recipe cifar10_deit_cpu --teacher resnet9_cifar_s \\
       --teacher-weights kdkit/assets/teachers/resnet9_cifar_s --data /data/cifar10 --epochs 5 --out cache/r9
-  kdkit distill --recipe cifar10_deit_cpu --logits cache/r9 --data /data/cifar10 --epochs 5
+  kdkit distill --recipe cifar10_deit_cpu --logit-cache cache/r9 --data /data/cifar10 --epochs 5
   # fixed: one record per image (clean view), top-5 in float16
   kdkit cache --mode fixed --topk 5 --teacher regnety_160 --data /data/imagenet --out cache/rg-fixed
   # with unlabeled images (labels dropped): the same --unlabeled and --unlabeled-ratio as the run

@@ -303,10 +303,15 @@ DISTILL_FLAGS: dict[str, Flag] = {
                            "weights timm has (DeiT's regnety_160) reads timm's copy and names that teacher",
                            "model", metavar="FILE", convert=teacher_path, implies=teacher_from_url,
                            check=check_teacher_url, default="not set"),
-    "--logits": Flag("model.teacher_logits", str, "read the teacher's outputs from a `kdkit cache` folder (the "
-                     "teacher is not loaded, unless the run is longer than the cache)", "model", metavar="DIR"),
-    "--logits-cycle": Flag("model.teacher_logits_cycle", bool, "past the cached epochs, replay them again instead "
-                           "of running the teacher", "model"),
+    "--logit-cache": Flag("model.logit_cache", str, "read the teacher's outputs from a `kdkit cache` folder (the "
+                          "teacher is not loaded, unless the run is longer than the cache); --logits: its old name",
+                          "model", metavar="DIR", aliases=("--logits",)),
+    "--logit-cache-cycle": Flag("model.logit_cache_cycle", bool, "past the cached epochs, replay them again instead "
+                                "of running the teacher; --logits-cycle: its old name", "model",
+                                aliases=("--logits-cycle",)),
+    "--logit-source": Flag("model.logit_source", str, "the logit source by name: auto (a cache with --logit-cache, "
+                           "an ensemble with several --teacher, else the live teacher), live, cache, ensemble, or a "
+                           "plugin's; its settings: --set model.logit_source_args={...}", "model", metavar="NAME"),
     "--student": Flag("model.student", str, "student: a timm name or kdkit short name (deit_tiny = DeiT-Ti with "
                       "a distillation token)", "model", aliases=("--model",)),
     "--unlabeled": Flag("data.unlabeled", str, "unlabeled images the student learns from through the teacher: a "

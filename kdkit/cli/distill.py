@@ -17,7 +17,7 @@ EPILOG = """examples:
   accelerate launch --num_processes 8 -m kdkit distill -c deit_tiny_imagenet --data-dir /data/imagenet -b 128
   kdkit distill --teacher resnet9_cifar_s --teacher-weights runs/teacher/student \\
       --student deit_tiny --img-size 32 --patch-size 4 --data cifar10-sample --epochs 5
-  kdkit distill --logits cache/r9 --student deit_tiny --img-size 32 --patch-size 4 --epochs 5
+  kdkit distill --logit-cache cache/r9 --student deit_tiny --img-size 32 --patch-size 4 --epochs 5
   # semi-supervised: 3 unlabeled images per labeled one, hard pseudo-labels where the teacher is >= 80% sure
   kdkit distill --recipe quickstart --data /data/cifar10-semi --unlabeled /data/unlabeled-images \\
       --unlabeled-ratio 3 --pseudo-label hard --confidence-threshold 0.8

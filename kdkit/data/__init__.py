@@ -31,7 +31,7 @@ from kdkit.data.shards import TarShardDataset, is_url, split_shards
 from kdkit.data.stream import StreamDataset, open_hub_stream, open_url_stream
 from kdkit.data.transforms import ToNormalizedTensor, create_transforms, fuse_to_tensor
 from kdkit.data.unlabeled import SemiSupervisedDataset, UnlabeledFolderDataset, check_readable
-from kdkit.data.views import apply_views, eval_transform, is_augmented, view_settings, view_transform
+from kdkit.data.views import eval_transform, is_augmented, view_settings, view_transform, with_views
 from kdkit.data.workers import start_worker
 from kdkit.registry import KdkitError
 
@@ -41,7 +41,7 @@ __all__ = [
     "ToNormalizedTensor", "UnlabeledFolderDataset", "collate", "describe_object", "is_data_object", "loader_settings",
     "NAMED_SKIPS", "create_loader", "fuse_to_tensor", "note_skipped", "start_worker",
     "create_transforms", "epoch_views", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
-    "open_unlabeled", "sample_path", "sample_seed", "apply_views", "is_augmented", "view_settings", "view_transform",
+    "open_unlabeled", "sample_path", "sample_seed", "is_augmented", "view_settings", "view_transform", "with_views",
 ]
 
 EMBEDDED_SAMPLE = "cifar10-sample"

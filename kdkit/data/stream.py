@@ -98,7 +98,7 @@ class StreamDataset(IterableDataset):
     views of an epoch. Training readers are planned by `reader` (kdkit.data.create_loader does);
     iterating the dataset itself gives every sample once, in shard order (evaluation).
 
-    transform / mixup / repeats: as on a SeededDataset (kdkit.data.apply_views sets them).
+    transform / mixup / repeats: as on a SeededDataset (kdkit.data.with_views gives a copy with them).
     """
 
     def __init__(self, shards, num_samples: int, classes: list[str], source: str, transform: Callable | None = None,

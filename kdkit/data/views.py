@@ -4,6 +4,7 @@ so a run and a cache agree on their views by comparing dicts."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 from timm.data import Mixup
@@ -60,16 +61,21 @@ def view_transform(views: dict) -> Callable:
                              interpolation=v["interpolation"], **{k: v.get(k, d) for k, d in ERASE_DEFAULTS.items()})
 
 
-def apply_views(dataset: SeededDataset, views: dict, num_classes: int) -> SeededDataset:
-    """Set the dataset's transform and per-sample Mixup/CutMix (training views) from `views`."""
+def with_views(dataset: SeededDataset, views: dict, num_classes: int, view_cycle: int = 0) -> SeededDataset:
+    """A new dataset: `dataset`'s samples drawn as `views` say (transform, repeats and, for training
+    views, per-sample Mixup/CutMix); with `view_cycle` E > 0, epoch e draws the views of epoch e % E
+    (a run replaying a cache's E epochs). The opened `dataset` is left as it was; the new one shares
+    its samples (a shallow copy: nothing a sample read holds is copied)."""
     v = views
-    dataset.transform = view_transform(v)
-    dataset.repeats = max(int(v.get("repeated_aug", 1)), 1)  # Mixup pairs follow the sampler's order
-    dataset.mixup = SampleMixup(Mixup(mixup_alpha=v["mixup"], cutmix_alpha=v["cutmix"], prob=v["mixup_prob"],
-                                      cutmix_minmax=v.get("cutmix_minmax"), switch_prob=v["mixup_switch_prob"],
-                                      label_smoothing=v["label_smoothing"], num_classes=num_classes)) \
-        if mixes(v) else None
-    return dataset
+    mixup = SampleMixup(Mixup(mixup_alpha=v["mixup"], cutmix_alpha=v["cutmix"], prob=v["mixup_prob"],
+                              cutmix_minmax=v.get("cutmix_minmax"), switch_prob=v["mixup_switch_prob"],
+                              label_smoothing=v["label_smoothing"], num_classes=num_classes)) if mixes(v) else None
+    built = copy.copy(dataset)
+    vars(built).update(transform=view_transform(v), mixup=mixup, view_cycle=view_cycle,
+                       repeats=max(int(v.get("repeated_aug", 1)), 1))  # Mixup pairs follow the sampler's order
+    if hasattr(built, "_partners"):
+        built._partners = {}  # pair partners depend on the repeats: the new views' own
+    return built
 
 
 def eval_transform(data_cfg: dict) -> Callable:

@@ -18,19 +18,19 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from kdkit.accelerator import create_accelerator, set_deterministic
-from kdkit.cache import build_manifest, data_identity
+from kdkit.cache import build_manifest, data_identity, read_manifest, replay_cycle
 from kdkit.config import PRESETS, DataConfig, LossConfig, Recipe
 from kdkit.console import console
 from kdkit.data import (
     SemiSupervisedDataset,
     StreamDataset,
-    apply_views,
     create_loader,
     is_augmented,
     is_data_object,
     open_dataset,
     open_unlabeled,
     view_settings,
+    with_views,
 )
 from kdkit.engine.evaluate import check_teacher
 from kdkit.engine.metrics import resolve_trackers
@@ -39,7 +39,7 @@ from kdkit.models import HEADS, create_student, create_teacher, model_data_confi
 from kdkit.models.student import num_pooled_features
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError, Lazy, call_with, check_settings, parameters
-from kdkit.teachers import LOGIT_SOURCES, LogitSource, RunPieces
+from kdkit.sources import LOGIT_SOURCES, LogitSource, SourceContext
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path | None = None) -> Accelerator:
@@ -88,10 +88,13 @@ def student_data_config(student: nn.Module, img_size: int | None, data: DataConf
             cfg["crop_pct"] = data.crop_pct
     return cfg
 
-def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
-    """Views (transforms, per-sample Mixup/CutMix) and per-process loaders from the recipe."""
-    apply_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), len(train_ds.classes))
-    apply_views(eval_ds, view_settings(data_cfg), len(train_ds.classes))
+def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator, view_cycle: int = 0):
+    """The opened splits with their views (transforms, per-sample Mixup/CutMix; the training split
+    replaying `view_cycle` epochs, data_view_cycle) and per-process loaders from the recipe.
+    Returns (train_ds, eval_ds, train_loader, eval_loader): new datasets, the opened ones unchanged."""
+    train_ds = with_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), len(train_ds.classes),
+                          view_cycle)
+    eval_ds = with_views(eval_ds, view_settings(data_cfg), len(train_ds.classes))
     if isinstance(eval_ds, StreamDataset) and acc.num_processes > 1:
         raise KdkitError("a streamed evaluation split is read by one process only: evaluate from local shards or a "
                          "folder (--val-split), or run one process")
@@ -106,7 +109,18 @@ def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator):
         raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
     eval_loader = create_loader(eval_ds, max(r.data.eval_batch_size // acc.num_processes, 1), training=False,
                                 **loader_kw)
-    return train_loader, eval_loader
+    return train_ds, eval_ds, train_loader, eval_loader
+
+
+def data_view_cycle(r: Recipe, kind: str) -> int:
+    """The epochs the training views cycle over, decided with the data, before the loaders: a run of
+    loss `kind` reading a replay cache (model.logit_cache) with model.logit_cache_cycle and more
+    epochs than the cache holds replays the cache's epochs (kdkit.cache.replay_cycle of its
+    manifest); else 0."""
+    if not (LOSSES.get(kind).needs_teacher and logit_source_name(r) == "cache" and r.model.logit_cache
+            and r.model.logit_cache_cycle):
+        return 0
+    return replay_cycle(read_manifest(r.model.logit_cache), r.optim.epochs, cycle=True)
 
 def kernel_kwargs(opt: str, fused: str, device: torch.device) -> dict:
     """`fused` / `foreach` for the optimizer: "auto" is torch's fused Adam(W) kernel (on CUDA, and
@@ -234,38 +248,45 @@ def check_auto_augment(policy: str) -> None:
                          f"original (AutoAugment), '' = off") from None
 
 
-def check_strategies(r: Recipe, mode: str) -> None:
-    """Every strategy name and setting of the recipe checked before anything is built or written."""
+def loss_kind(r: Recipe, mode: str) -> str:
+    """The run's loss by name: "none" (no teacher) for `kdkit train`, else loss.kind. Decided here
+    once; below, "no teacher" is the loss kind "none", and `mode` is only the verb the user ran."""
+    return "none" if mode == "train" else r.loss.kind
+
+
+def check_strategies(r: Recipe, kind: str) -> None:
+    """Every strategy name and setting of the recipe checked before anything is built or written;
+    kind: the run's loss (loss_kind)."""
     check_auto_augment(r.aug.auto_augment)
-    if mode == "distill":
-        check_settings(LOSSES.get(r.loss.kind), r.loss.args, f"loss {r.loss.kind!r}", LOSS_PROVIDED)
-        if r.data.unlabeled and LOSSES.get(r.loss.kind).needs_features:
-            raise KdkitError(f"loss {r.loss.kind!r} matches the teacher's features on labeled batches; unlabeled "
+    if kind != "none":
+        check_settings(LOSSES.get(kind), r.loss.args, f"loss {kind!r}", LOSS_PROVIDED)
+        if r.data.unlabeled and LOSSES.get(kind).needs_features:
+            raise KdkitError(f"loss {kind!r} matches the teacher's features on labeled batches; unlabeled "
                              f"images (data.unlabeled) work with the logit losses (soft, hard, dkd, dist, mlkd)")
-        if r.data.unlabeled and LOSSES.get(r.loss.kind).needs_epoch:
-            raise KdkitError(f"loss {r.loss.kind!r} learns from whole labeled steps (a curriculum over epochs); "
+        if r.data.unlabeled and LOSSES.get(kind).needs_epoch:
+            raise KdkitError(f"loss {kind!r} learns from whole labeled steps (a curriculum over epochs); "
                              f"unlabeled images (data.unlabeled) work with soft, hard, dkd, dist, mlkd")
     elif r.loss.args:
-        raise KdkitError("loss.args: kdkit train has no distillation loss to give them to")
+        raise KdkitError("loss.args: kdkit train (loss 'none') has no distillation loss to give them to")
     if r.model.head != "auto":
         check_settings(HEADS.get(r.model.head), r.model.head_args, f"student head {r.model.head!r}", ("model",))
-    if mode == "distill" and LOSSES.get(r.loss.kind).needs_teacher:
+    if LOSSES.get(kind).needs_teacher:
         name = logit_source_name(r)
-        check_settings(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", ("run",))
+        check_settings(LOGIT_SOURCES.get(name).from_run, r.model.logit_source_args, f"logit source {name!r}", ("run",))
 
 
-def build_loss(r: Recipe, mode: str, mixup: bool, **provided: object) -> DistillationLoss:
-    """The recipe's loss by name: its own settings are `loss.args`; the shared distillation settings
-    (loss.task_weight, tau, ...), the label smoothing (0 when Mixup/CutMix smooths the targets)
-    and `provided` (num_classes, student_features, teacher_features, ...) go to it where its
-    constructor names them. With unlabeled images, wrapped with per-sample masks (losses/semi.py)."""
+def build_loss(r: Recipe, kind: str, mixup: bool, **provided: object) -> DistillationLoss:
+    """The loss `kind` (loss_kind: "none" for kdkit train, else loss.kind) by name: its own settings
+    are `loss.args`; the shared distillation settings (loss.task_weight, tau, ...), the label
+    smoothing (0 when Mixup/CutMix smooths the targets) and `provided` (num_classes,
+    student_features, teacher_features, ...) go to it where its constructor names them. With
+    unlabeled images, wrapped with per-sample masks (losses/semi.py)."""
     shared = {**r.loss.shared(), "label_smoothing": 0.0 if mixup else r.aug.label_smoothing}
-    kind = "none" if mode == "train" else r.loss.kind
-    loss = LOSSES.create(kind, r.loss.args if mode != "train" else None, **shared, **provided)
-    if mode == "distill":
+    loss = LOSSES.create(kind, r.loss.args if kind != "none" else None, **shared, **provided)
+    if kind != "none":
         warn_unused_settings(r, loss)
     if not r.data.unlabeled:
-        if r.loss.confidence_threshold > 0 and mode == "distill":
+        if r.loss.confidence_threshold > 0 and kind != "none":
             console.print("[bold yellow]warning: loss.confidence_threshold applies to unlabeled images only, "
                           "and this run has none (data.unlabeled)")
         return loss
@@ -325,7 +346,7 @@ def build_teacher(r: Recipe, teacher: nn.Module | str | None, num_classes: int, 
     members = r.model.teachers()
     if teacher is None and not members:
         raise KdkitError("distillation needs a teacher: pass --teacher NAME (and --teacher-weights FILE), "
-                         "or --logits CACHE")
+                         "or --logit-cache CACHE")
     if teacher is None and weights is None:
         teacher, weights = members[0]
     with torch.random.fork_rng(devices=[]):
@@ -351,56 +372,52 @@ def build_teachers(r: Recipe, teacher: nn.Module | str | None, num_classes: int,
 
 
 def logit_source_name(r: Recipe) -> str:
-    """model.logits, with "auto" resolved: a cache when one is named, an ensemble for several teachers."""
-    if r.model.logits != "auto":
-        return r.model.logits
-    if r.model.teacher_logits:
+    """model.logit_source, with "auto" resolved: a cache when one is named, an ensemble for several teachers."""
+    if r.model.logit_source != "auto":
+        return r.model.logit_source
+    if r.model.logit_cache:
         return "cache"
     return "ensemble" if len(r.model.teachers()) > 1 else "live"
 
 
-def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dict, train_ds, eval_loader,
-                       acc: Accelerator | None, summary: dict) -> LogitSource:
-    """The recipe's logit source by name (model.logits), with its settings (model.logits_args); the
-    teachers it asks for are built, and checked on a slice of the evaluation split (summary's
-    teacher_check), only then."""
+def build_logit_source(r: Recipe, teacher: nn.Module | str | None, data_cfg: dict, train_ds,
+                       acc: Accelerator | None) -> LogitSource:
+    """The recipe's logit source by name (model.logit_source), with its settings (model.logit_source_args); the
+    teachers it asks for are built only then (check_teachers checks them). train_ds: the training
+    split with its views (its view_cycle: the cached epochs the run replays)."""
     num_classes = len(train_ds.classes)
     if isinstance(train_ds, StreamDataset) and logit_source_name(r) == "cache":
         raise KdkitError(STREAM_NO_CACHE)
-
-    def teachers() -> list[Teacher]:
-        built = build_teachers(r, teacher, num_classes, data_cfg, acc)
-        if eval_loader is not None and acc is not None:
-            checks = [check_teacher(t, eval_loader, num_classes, r.run.teacher_check_batches, acc,
-                                    train_ds.issues().get("empty_classes", ())) for t in built]
-            summary["teacher_check"] = checks[0] if len(checks) == 1 else {**checks[0], "members": checks}
-        return built
-
-    def set_view_cycle(epochs: int) -> None:
-        train_ds.view_cycle = epochs
-
-    pieces = RunPieces(num_classes=num_classes, epochs=r.optim.epochs, teachers=teachers,
+    pieces = SourceContext(num_classes=num_classes, epochs=r.optim.epochs,
+                       teachers=lambda: build_teachers(r, teacher, num_classes, data_cfg, acc),
                        has_teachers=teacher is not None or bool(r.model.teachers()),
-                       cache=r.model.teacher_logits, cache_cycle=r.model.teacher_logits_cycle,
+                       cache=r.model.logit_cache, view_cycle=getattr(train_ds, "view_cycle", 0),
                        expected_manifest=lambda mode: expected_manifest(r, train_ds, data_cfg, mode),
                        augmented=is_augmented(view_settings(data_cfg, dataclasses.asdict(r.aug))),
-                       standardize=bool(r.loss.args.get("standardize", False)),
-                       set_view_cycle=set_view_cycle, info=summary)
+                       standardize=bool(r.loss.args.get("standardize", False)))
     name = logit_source_name(r)
-    return call_with(LOGIT_SOURCES.get(name).from_run, r.model.logits_args, f"logit source {name!r}", {"run": pieces})
+    return call_with(LOGIT_SOURCES.get(name).from_run, r.model.logit_source_args, f"logit source {name!r}", {"run": pieces})
+
+
+def check_teachers(r: Recipe, source: LogitSource, eval_loader, num_classes: int, acc: Accelerator,
+                   empty_classes: list[str] | tuple[str, ...] = ()) -> dict | None:
+    """The source's teachers (LogitSource.teachers) checked on a slice of the evaluation split
+    (engine/evaluate.py:check_teacher): the run summary's teacher_check, with "members" for
+    several; None when the source runs no teacher."""
+    teachers = source.teachers()
+    if not teachers:
+        return None
+    checks = [check_teacher(t, eval_loader, num_classes, r.run.teacher_check_batches, acc, empty_classes) for t in teachers]
+    return checks[0] if len(checks) == 1 else {**checks[0], "members": checks}
 
 
 def provided_features(student: nn.Module, source: LogitSource | None) -> dict:
-    """What a feature loss may ask for: the student's and the teacher's feature sizes (lazily)."""
+    """What a feature loss may ask for: the student's and the teacher's feature sizes (lazily; the
+    source says its teacher's, LogitSource.feature_size)."""
     def teacher_features() -> int:
-        teacher = getattr(source, "teacher", None)
-        if hasattr(source, "teachers"):
-            raise KdkitError("feature distillation matches one teacher's features: an ensemble has no one feature "
-                             "space (give one --teacher)")
-        if teacher is None:
-            raise KdkitError("feature distillation needs a live teacher (features are not cached): drop --logits "
-                             "and pass --teacher")
-        return teacher.num_features
+        if source is None:
+            raise KdkitError("feature distillation needs a live teacher (features are not cached): pass --teacher")
+        return source.feature_size()
 
     model = student.model
     return {"student_features": Lazy(lambda: num_pooled_features(model)),
@@ -419,8 +436,9 @@ def attach_adapters(student: nn.Module, loss: DistillationLoss) -> None:
 
 
 @dataclass
-class RunParts:
-    """A run's pieces, built from the recipe, before the optimizer: what `run` trains and `plan` reports."""
+class BuiltRun:
+    """A run's pieces, built from the recipe, before the optimizer: what `run` trains and `plan`
+    reports, with what building them found (engine/summary.py:run_summary records it)."""
 
     acc: Accelerator
     kind: str  # the loss's name ("none" for kdkit train)
@@ -432,22 +450,23 @@ class RunParts:
     eval_loader: object
     logits: LogitSource | None
     loss: DistillationLoss
-    summary: dict
     semi: bool
+    loaded: str = ""  # the record of a model.pretrained_path load or model.init_from selection
+    teacher_check: dict | None = None  # check_teachers' report
 
 
 def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None,
               teacher: nn.Module | None = None, run_dir: Path | None = None, data: object | None = None,
-              eval_data: object | None = None) -> RunParts:
+              eval_data: object | None = None) -> BuiltRun:
     """Check the recipe's strategies, then build the accelerator (with run.log_with's trackers under
     `run_dir`, when given), data (data.path, or the Python API's `data` / `eval_data` objects:
     open_data), student, logit source (the teachers, checked on the evaluation split) and loss, as
-    `mode` ("distill" or "train") needs them."""
-    kind = "none" if mode == "train" else r.loss.kind
-    if r.data.unlabeled and (mode == "train" or r.loss.kind == "none"):
+    the run's loss kind (loss_kind: "none" for kdkit train) needs them."""
+    kind = loss_kind(r, mode)
+    if r.data.unlabeled and kind == "none":
         raise KdkitError("unlabeled images (data.unlabeled) learn from the teacher only: use kdkit distill with "
                          "a distillation loss (soft, hard, dkd, ...)")
-    check_strategies(r, mode)
+    check_strategies(r, kind)
     set_seed(r.run.seed)
     if r.run.deterministic:
         set_deterministic()
@@ -472,19 +491,14 @@ def build_run(r: Recipe, mode: str = "distill", student: nn.Module | None = None
             if found.get(key):
                 console.print(f"[bold yellow]warning: {split}: {len(found[key])} {what} (listed in summary.json): "
                               f"{', '.join(found[key][:3])}")
-    train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc)
+    train_ds, eval_ds, train_loader, eval_loader = build_data(r, data_cfg, train_ds, eval_ds, acc,
+                                                              data_view_cycle(r, kind))
     semi = isinstance(train_ds, SemiSupervisedDataset)
-    summary: dict = {"mode": mode, "classes": len(classes), "precision": str(acc.mixed_precision),
-                     "teacher_precision": teacher_precision(r, acc),
-                     "train_images": train_ds.num_labeled if semi else len(train_ds),
-                     "eval_images": len(eval_ds), "processes": acc.num_processes,
-                     "global_batch_size": r.data.batch_size}
-    if loaded:
-        summary["init_from" if r.model.init_from else "pretrained"] = loaded[0]
-    logits = build_logit_source(r, teacher, data_cfg, train_ds, eval_loader, acc, summary) \
-        if LOSSES.get(kind).needs_teacher else None
-    loss = build_loss(r, mode, train_ds.mixup is not None, **provided_features(student, logits))
-    summary["conventions"] = loss.conventions()
+    logits, checked = None, None
+    if LOSSES.get(kind).needs_teacher:
+        logits = build_logit_source(r, teacher, data_cfg, train_ds, acc)
+        checked = check_teachers(r, logits, eval_loader, len(classes), acc, empty or ())
+    loss = build_loss(r, kind, train_ds.mixup is not None, **provided_features(student, logits))
     attach_adapters(student, loss)
-    return RunParts(acc, kind, train_ds, eval_ds, student, data_cfg, train_loader, eval_loader, logits, loss,
-                    summary, semi)
+    return BuiltRun(acc, kind, train_ds, eval_ds, student, data_cfg, train_loader, eval_loader, logits, loss,
+                    semi, loaded[0] if loaded else "", checked)

@@ -13,7 +13,7 @@ from kdkit.cache.store import DTYPES, STATS, encode, record_labels
 from kdkit.cache.writer import write_cache
 from kdkit.config import Recipe
 from kdkit.console import console
-from kdkit.data import SemiSupervisedDataset, StreamDataset, apply_views, open_dataset, open_unlabeled
+from kdkit.data import SemiSupervisedDataset, StreamDataset, open_dataset, open_unlabeled, with_views
 from kdkit.engine.build import (
     STREAM_NO_CACHE,
     build_logit_source,
@@ -46,10 +46,10 @@ def cache_teacher(r: Recipe, out: str | Path, mode: str = "replay", topk: int = 
     data_cfg = student_data_config(build_student(r, "distill", None, num_classes), r.model.img_size, r.data)
     if logit_source_name(r) == "cache":
         raise KdkitError("kdkit cache runs the teacher: pass --teacher (a cache cannot be written from a cache)")
-    source = build_logit_source(r, None, data_cfg, train_ds, None, acc, {})  # live teacher, or an ensemble
+    source = build_logit_source(r, None, data_cfg, train_ds, acc)  # live teacher, or an ensemble
     identity = source.identity()
     manifest = expected_manifest(r, train_ds, data_cfg, mode, identity, topk, dtype, shard_size)
-    apply_views(train_ds, manifest["views"], num_classes)
+    train_ds = with_views(train_ds, manifest["views"], num_classes)
     per_proc = max(r.data.eval_batch_size // acc.num_processes, 1)
     stats = write_cache(source, train_ds, out, manifest, batch_size=per_proc, workers=r.data.workers,
                         accelerator=acc, progress=r.run.progress, overwrite=overwrite)
@@ -73,10 +73,10 @@ def verify_cache(path: str | Path, r: Recipe | None = None, samples: int = 64, s
     ds = open_dataset(m["data"]["source"], m["data"]["split"], seed=m["seed"] or 0)
     if m.get("unlabeled"):
         ds = SemiSupervisedDataset(ds, open_unlabeled(m["unlabeled"]["source"], ds.classes), m["unlabeled_ratio"] or 1.0)
-    apply_views(ds, m["views"], m["num_classes"])
+    ds = with_views(ds, m["views"], m["num_classes"])
     size = m["views"]["img_size"]
     data_cfg = {"mean": m["views"]["mean"], "std": m["views"]["std"], "input_size": (3, size, size)}
-    teacher = build_logit_source(r, None, data_cfg, ds, None, None, {})
+    teacher = build_logit_source(r, None, data_cfg, ds, None)
     report["teacher_matches_manifest"] = teacher.identity()["weights_sha256"] == m["teacher"]["weights_sha256"]
     g = torch.Generator().manual_seed(seed)
     worst, top1_agree, n = 0.0, 0, 0

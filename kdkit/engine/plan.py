@@ -32,23 +32,14 @@ from torch import Tensor, nn
 from kdkit.cache.store import DTYPES, decode, encode, record_bytes, record_labels
 from kdkit.config import Recipe
 from kdkit.engine.benchmark import count_flops
-from kdkit.engine.build import RunParts, build_optimizer, build_run, expected_manifest
+from kdkit.engine.build import BuiltRun, build_optimizer, build_run, expected_manifest
 from kdkit.engine.step import DistillationStep, make_batch, train_step
-from kdkit.models.teacher import Teacher
+from kdkit.engine.summary import run_summary
 from kdkit.registry import KdkitError
 from kdkit.types import Batch
 
 BACKWARD_FACTOR = 3  # a training step's forward + backward is about 3 forwards (the backward is ~2)
 STRATEGIES = ("online", "cached", "hybrid")
-
-
-def _teachers(source: nn.Module | None) -> list[Teacher]:
-    if source is None:
-        return []
-    if hasattr(source, "teachers"):  # an ensemble
-        return list(source.teachers)
-    teacher = getattr(source, "teacher", None) or getattr(getattr(source, "fallback", None), "teacher", None)
-    return [teacher] if teacher is not None else []
 
 
 def plan(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
@@ -59,19 +50,20 @@ def plan(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None
     return describe(recipe, mode, build_run(recipe, mode, student, teacher))
 
 
-def describe(r: Recipe, mode: str, parts: RunParts) -> dict:
+def describe(r: Recipe, mode: str, parts: BuiltRun) -> dict:
     """`plan`'s report of a run already built (`build_run`)."""
     s = parts.student
     size = tuple(parts.data_cfg["input_size"])
     s_flops = count_flops(s, size)
     teachers = [{"name": t.name, "params": sum(p.numel() for p in t.model.parameters()),
                  "input_size": list(t.input_size or size), "flops_per_image": count_flops(t.model, t.input_size or size)}
-                for t in _teachers(parts.logits)]
+                for t in (parts.logits.teachers() if parts.logits is not None else [])]
     t_flops = sum(t["flops_per_image"] for t in teachers)
     per_epoch = expected_manifest(r, parts.train_ds, parts.data_cfg, "replay")["records_per_epoch"]
     k = len(parts.train_ds.classes)
+    summary = run_summary(r, mode, parts)
     return {
-        "mode": mode, "preset": r.preset or "none", "loss": parts.kind, "conventions": parts.summary["conventions"],
+        "mode": mode, "preset": r.preset or "none", "loss": parts.kind, "conventions": summary["conventions"],
         "logit_source": type(parts.logits).__name__ if parts.logits is not None else None,
         "student": {"name": parts.student.model.pretrained_cfg.get("architecture", type(s.model).__name__)
                     if hasattr(s, "model") else type(s).__name__,
@@ -79,12 +71,12 @@ def describe(r: Recipe, mode: str, parts: RunParts) -> dict:
                     "flops_per_image": s_flops},
         "teachers": teachers,
         "teacher_share_of_step": t_flops / (t_flops + BACKWARD_FACTOR * s_flops) if teachers else 0.0,
-        "train_images": parts.summary["train_images"], "classes": k, "epochs": r.optim.epochs,
+        "train_images": summary["train_images"], "classes": k, "epochs": r.optim.epochs,
         "steps_per_epoch": len(parts.train_loader), "global_batch_size": r.data.batch_size,
-        "processes": parts.acc.num_processes, "precision": parts.summary["precision"],
+        "processes": parts.acc.num_processes, "precision": summary["precision"],
         "cache_records_per_epoch": per_epoch,
         "cache_bytes": per_epoch * r.optim.epochs * record_bytes(k, k, "float16"),
-        "teacher_check": parts.summary.get("teacher_check"),
+        "teacher_check": summary.get("teacher_check"),
     }
 
 
@@ -195,14 +187,14 @@ def _loader_batches(loader, count: int) -> tuple[list[dict], list[float]]:
     return batches, seconds
 
 
-def measure(r: Recipe, parts: RunParts, steps: int, topk: int, dtype: str, tail: str) -> StepTimes:
+def measure(r: Recipe, parts: BuiltRun, steps: int, topk: int, dtype: str, tail: str) -> StepTimes:
     """Time `steps` batches of every part (StepTimes), after one untimed warm-up each."""
     if steps < 1:
         raise KdkitError(f"--steps must be at least 1, not {steps}")
     acc, loss = parts.acc, parts.loss
     source = parts.logits
-    if source is None or not _teachers(source):
-        raise KdkitError("kdkit plan times the teacher: pass --teacher (with --teacher-weights), not --logits")
+    if source is None or not source.teachers():
+        raise KdkitError("kdkit plan times the teacher: pass --teacher (with --teacher-weights), not --logit-cache")
     raws, loader_s = _loader_batches(parts.train_loader, steps + 1)
     batches = [make_batch(raw, acc.device) for raw in raws]
     source.to(acc.device)

@@ -20,6 +20,7 @@ from kdkit.engine.checkpoint import list_checkpoints
 from kdkit.engine.loop import LoopSettings, fit
 from kdkit.engine.metrics import RunTrackers
 from kdkit.engine.step import DistillationStep
+from kdkit.engine.summary import run_summary
 from kdkit.files import atomic_write_text, check_new_output, clear_folder, exclusive_lock
 from kdkit.models import HEADS
 from kdkit.models.saved import save_student
@@ -59,19 +60,6 @@ def _plain_timm(student: nn.Module) -> bool:
     """Whether plain timm rebuilds every head of the saved student (see models/saved.py)."""
     return not any(not k.startswith(("model.", "adapters.")) for k in student.state_dict())
 
-def unlabeled_summary(r: Recipe, train_ds, train_loader, run_dir: Path | None = None) -> dict:
-    """What a run learnt from unlabeled images; with `run_dir`, the mean fraction kept by the
-    confidence threshold over the steps logged in metrics.jsonl."""
-    info = {"source": r.data.unlabeled, "images": len(train_ds.unlabeled), "ratio": r.data.unlabeled_ratio,
-            "per_step": train_loader.sampler.unlabeled_batch, "pseudo_label": r.loss.pseudo_label,
-            "confidence_threshold": r.loss.confidence_threshold}
-    path = run_dir / "metrics.jsonl" if run_dir else None
-    if path and path.is_file():
-        kept = [x["unlabeled_kept"] for x in map(json.loads, path.read_text().splitlines()) if "unlabeled_kept" in x]
-        info["kept_mean_logged_steps"] = sum(kept) / len(kept) if kept else None
-    return info
-
-
 RUN_FILES = ("recipe.toml", "metrics.jsonl", "summary.json", "checkpoints", "student")  # one of them: a run
 
 
@@ -104,8 +92,6 @@ def run(recipe: Recipe, mode: str = "distill", student: nn.Module | None = None,
     replace = not resume and check_run_dir(out_dir, overwrite)
     parts = build_run(r, mode, student, teacher, out_dir, data, eval_data)
     acc = parts.acc
-    if parts.semi:
-        parts.summary["unlabeled"] = unlabeled_summary(r, parts.train_ds, parts.train_loader)
     optimizer, scheduler, lr = build_optimizer(r, parts.student, len(parts.train_loader), acc.device)
     if r.run.compile:
         parts.student.compile()  # in place: state-dict names stay the student's own
@@ -127,14 +113,14 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
                 resume: str | Path | None) -> dict:
     """The run's body, under its run directory's lock: header, fit, summary, card and curves."""
     acc, student, train_ds, eval_ds, semi = parts.acc, parts.student, parts.train_ds, parts.eval_ds, parts.semi
-    train_loader, eval_loader, logits, loss, summary = (parts.train_loader, parts.eval_loader, parts.logits,
-                                                        parts.loss, parts.summary)
+    train_loader, eval_loader, logits, loss = parts.train_loader, parts.eval_loader, parts.logits, parts.loss
+    train_images = train_ds.num_labeled if semi else len(train_ds)
     data_cfg, kind, classes = parts.data_cfg, parts.kind, train_ds.classes
     config = student_config(student, r, classes, data_cfg, loss.conventions())
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         console.print(f"{mode}: {config['architecture']} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
-                      f"params, head {HEADS.name_of(student)}) on {summary['train_images']} images"
+                      f"params, head {HEADS.name_of(student)}) on {train_images} images"
                       f"{f' + {len(train_ds.unlabeled)} unlabeled' if semi else ''}, {len(classes)} classes, "
                       f"loss {kind}, lr {lr:.3g}, {r.optim.epochs} epochs, precision {acc.mixed_precision}, "
                       f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
@@ -155,18 +141,12 @@ def _run_locked(r: Recipe, mode: str, parts, optimizer, scheduler, lr: float, ou
                      resume=bool(resume), recipe=recorded, tracker=trackers if acc.log_with else None)
     finally:  # a failed run's trackers are closed too (what they got is flushed)
         trackers.finish()
-    summary.update(eval=result.eval, best=result.best, train_seconds=time.perf_counter() - start, run_dir=str(out_dir),
-                   student=str(out_dir / "student"), updates=result.updates, skipped_steps=result.skipped_steps,
-                   data={"train": {**train_ds.issues(), "skipped_images": result.skipped_images,
-                                   "skipped_names": result.skipped_names},
-                         "eval": {**eval_ds.issues(), "skipped_images": result.eval.get("skipped", 0),
-                                  "skipped_names": result.eval.get("skipped_names", [])}})
-    if semi:
-        summary["unlabeled"] = unlabeled_summary(r, train_ds, train_loader, out_dir)
+    seconds = time.perf_counter() - start
+    # the splits' fingerprints from the datasets in memory, for the model card (which would
+    # otherwise list and stat every file again)
+    identity = data_identities(r, train_ds, eval_ds) if acc.is_main_process else None
+    summary = run_summary(r, mode, parts, result, seconds, out_dir, identity)
     if acc.is_main_process:
-        # the splits' fingerprints from the datasets in memory, for the model card (which
-        # would otherwise list and stat every file again)
-        summary["data_identity"] = data_identities(r, train_ds, eval_ds)
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         try:
             write_model_card(out_dir)
