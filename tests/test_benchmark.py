@@ -10,15 +10,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from kdkit import KdkitError
-from kdkit.engine.benchmark import (
-    ATTENTION_KERNELS,
-    CPU_BATCH_CAP,
-    attention_flops,
-    benchmark_model,
-    count_flops,
-    largest_batch,
-)
+from kdkit.analysis.benchmark import CPU_BATCH_CAP, benchmark_model, largest_batch
 from kdkit.models import create_model
+from kdkit.models.flops import ATTENTION_KERNELS, attention_flops, count_flops
 
 from .conftest import run_cli
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import kdkit
-from kdkit.engine.compare import disagreement
+from kdkit.analysis.compare import disagreement
 from kdkit.models import create_model, create_student
 from kdkit.models.saved import save_student
 

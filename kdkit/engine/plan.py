@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from kdkit.cache.store import DTYPES, decode, encode, record_bytes, record_labels
 from kdkit.config import Recipe
-from kdkit.engine.benchmark import count_flops
 from kdkit.engine.build import RunParts, build_optimizer, build_run, expected_manifest
 from kdkit.engine.step import DistillationStep, make_batch, train_step
+from kdkit.models.flops import count_flops
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError
 from kdkit.types import Batch
