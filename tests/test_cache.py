@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdkit.cache import LogitCache, decode, encode, record_bytes
+from kdkit.cache import LogitCache, decode_record, encode_record, record_bytes
 from kdkit.config import load_recipe
 from kdkit.engine.caching import cache_teacher
 from tests.conftest import run_cli
@@ -83,9 +83,9 @@ def test_top_k_records_rebuild_a_distribution_with_the_exact_top1():
     logits = torch.randn(64, 100) * 3
     logits[0, 7] = logits[0, 3] = 9.0  # a tie: the stored top-1 must win after decoding
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        rec = encode(logits, 10, dtype)
+        rec = encode_record(logits, 10, dtype)
         assert rec["values"].shape == (64, 10) and rec["indices"].dtype == torch.uint8
-        full = decode(rec, 100)
+        full = decode_record(rec, 100)
         p = logits.log_softmax(1)
         assert torch.allclose(full.exp().sum(1), torch.ones(64), atol=1e-2)
         top = p.topk(10)

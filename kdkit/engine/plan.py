@@ -29,7 +29,9 @@ import torch
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from kdkit.cache.store import DTYPES, decode, encode, record_bytes, record_labels
+from kdkit.cache.store import DTYPES, record_bytes, record_labels
+from kdkit.cache.store import decode_record as decode
+from kdkit.cache.store import encode_record as encode
 from kdkit.config import Recipe
 from kdkit.engine.build import RunParts, build_optimizer, build_run, expected_manifest
 from kdkit.engine.step import DistillationStep, make_batch, train_step
