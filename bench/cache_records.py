@@ -38,7 +38,7 @@ from kdkit.engine.build import build_run  # noqa: E402
 from kdkit.engine.step import make_batch  # noqa: E402
 from kdkit.losses import dist_loss, mlkd_terms, soft_kd, z_score  # noqa: E402
 from kdkit.losses.dkd import dkd  # noqa: E402
-from tests.test_cache_records import teacher_like  # noqa: E402
+from tests.helpers import teacher_like  # noqa: E402
 
 TEACHER = Path(__file__).resolve().parent.parent / "kdkit" / "assets" / "teachers" / "resnet9_cifar_s"
 

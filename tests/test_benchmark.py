@@ -13,8 +13,7 @@ from kdkit import KdkitError
 from kdkit.analysis.benchmark import CPU_BATCH_CAP, benchmark_model, largest_batch
 from kdkit.models import create_model
 from kdkit.models.flops import ATTENTION_KERNELS, attention_flops, count_flops
-
-from .conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_linear_only_model_flops_follow_the_hand_formula():

@@ -20,20 +20,7 @@ from kdkit.losses import dist_loss, mlkd_terms, soft_kd, z_score
 from kdkit.losses.dkd import dkd_terms
 from kdkit.registry import KdkitError
 from kdkit.teachers import CachedLogits
-from tests.conftest import run_cli
-from tests.test_cache import AUG, _value
-from tests.test_integrity import IdImages, teacher, write
-
-
-def teacher_like(n: int, c: int, seed: int = 0) -> torch.Tensor:
-    """(n, c) logits shaped like a trained classifier's: a Gaussian bulk, a few related classes
-    raised, one clear winner."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, c, generator=g) * 1.5
-    related = torch.randint(c, (n, 6), generator=g)
-    z.scatter_add_(1, related, torch.empty(n, 6).exponential_(0.4, generator=g))
-    z[torch.arange(n), torch.randint(c, (n,), generator=g)] += 8.0
-    return z
+from tests.helpers import AUG, IdImages, id_teacher, parse_value, run_cli, teacher_like, write_id_cache
 
 
 def outside_top(logp: torch.Tensor, k: int, seed: int = 1) -> torch.Tensor:
@@ -218,7 +205,7 @@ def test_dist_and_mlkd_run_on_densified_records_and_converge_with_k():
 
 
 def test_a_format2_cache_is_refused_with_the_command_that_rewrites_it(tmp_path, capsys):
-    root = write(tmp_path / "c", n=40, epochs=1, topk=4, dtype="float16")
+    root = write_id_cache(tmp_path / "c", n=40, epochs=1, topk=4, dtype="float16")
     manifest = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**manifest, "format": "kdkit-logits/2"}))
     with pytest.raises(KdkitError) as e:
@@ -231,8 +218,8 @@ def test_a_format2_cache_is_refused_with_the_command_that_rewrites_it(tmp_path, 
     assert len(err.strip().splitlines()) == 1 and "--overwrite" in err
     # the writer: refused without --overwrite, rewritten with it
     with pytest.raises(KdkitError, match="format: cache 'kdkit-logits/2', run 'kdkit-logits/3'.*--overwrite"):
-        write_cache(teacher, IdImages(40), root, manifest, batch_size=16, workers=0, progress=False)
-    write_cache(teacher, IdImages(40), root, manifest, batch_size=16, workers=0, progress=False, overwrite=True)
+        write_cache(id_teacher, IdImages(40), root, manifest, batch_size=16, workers=0, progress=False)
+    write_cache(id_teacher, IdImages(40), root, manifest, batch_size=16, workers=0, progress=False, overwrite=True)
     assert LogitCache(root).lookup(0, torch.arange(4)).shape == (4, 10)
 
 
@@ -240,7 +227,7 @@ def test_a_replay_cache_under_mixup_places_each_views_label_and_verify_checks_th
                                                                                           teacher_dir, capsys):
     """Writer and reader agree on every view's label class (Mixup/CutMix's larger weight): the
     cached rows equal the live teacher's on the top 3 and on the label, batch after batch."""
-    aug = {a.split("=")[0].split(".")[1]: _value(a.split("=")[1]) for a in AUG}
+    aug = {a.split("=")[0].split(".")[1]: parse_value(a.split("=")[1]) for a in AUG}
     r = load_recipe(None, {"model": {"student": "deit_tiny", "teacher": "resnet10t", "teacher_weights": str(teacher_dir),
                                      "img_size": 32, "patch_size": 8,
                                      "kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}},
