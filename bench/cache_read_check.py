@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, kdkit_source  # noqa: E402
 
 from kdkit.cache import LogitCache, build_manifest  # noqa: E402
-from kdkit.cache.store import LogitStore, encode, mmap_safetensors, tensors_sha256  # noqa: E402
+from kdkit.cache.store import LogitStore, encode_record, mmap_safetensors, tensors_sha256  # noqa: E402
 from kdkit.data.sampler import epoch_views  # noqa: E402
 from kdkit.engine.step import DistillationStep  # noqa: E402
 from kdkit.losses import create_loss  # noqa: E402
@@ -64,7 +64,7 @@ def write_cache(root: Path, records: int, classes: int, topk: int, epochs: int, 
     g = torch.Generator().manual_seed(0)
     for epoch, shard in store.all_shards():
         n = min(shard_size, records - shard * shard_size)
-        store.write(epoch, shard, encode(torch.randn(n, classes, generator=g) * 3, manifest["topk"], torch.float16))
+        store.write(epoch, shard, encode_record(torch.randn(n, classes, generator=g) * 3, manifest["topk"], torch.float16))
     return store
 
 

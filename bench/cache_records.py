@@ -31,14 +31,14 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kdkit.cache import FORMAT, LogitStore, decode, encode  # noqa: E402
+from kdkit.cache import FORMAT, LogitStore, decode_record, encode_record  # noqa: E402
 from kdkit.cache.store import mmap_safetensors  # noqa: E402
 from kdkit.config import load_recipe  # noqa: E402
 from kdkit.engine.build import build_run  # noqa: E402
 from kdkit.engine.step import make_batch  # noqa: E402
 from kdkit.losses import dist_loss, mlkd_terms, soft_kd, z_score  # noqa: E402
 from kdkit.losses.dkd import dkd  # noqa: E402
-from tests.test_cache_records import teacher_like  # noqa: E402
+from tests.helpers import teacher_like  # noqa: E402
 
 TEACHER = Path(__file__).resolve().parent.parent / "kdkit" / "assets" / "teachers" / "resnet9_cifar_s"
 
@@ -63,7 +63,7 @@ def record_sizes() -> dict:
             manifest = {"format": FORMAT, "mode": "replay", "epochs": 1, "num_classes": classes, "topk": 10,
                         "dtype": "float16", "records_per_epoch": 4096, "shard_size": 4096}
             g = torch.Generator().manual_seed(0)
-            rec = encode(teacher_like(4096, classes), 10, torch.float16, torch.randint(classes, (4096,), generator=g))
+            rec = encode_record(teacher_like(4096, classes), 10, torch.float16, torch.randint(classes, (4096,), generator=g))
             LogitStore(root, manifest).write(0, 0, rec)
             path = root / "shards" / "e0000-s00000.safetensors"
             tensors, _ = mmap_safetensors(path)
@@ -91,12 +91,12 @@ def errors(z: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0) -> dict
     g = torch.Generator().manual_seed(seed)
     logp = z.log_softmax(1).double()
     student = (logp + 2 * torch.randn(logp.shape, generator=g, dtype=torch.float64)).requires_grad_()
-    rec = encode(z, k, torch.float32, labels)
+    rec = encode_record(z, k, torch.float32, labels)
     stored = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, rec["indices"].long(), True)
     stored[torch.arange(len(labels)), labels] = True
     out = {}
     for name, (loss, tail) in LOSSES.items():
-        dense = decode(rec, z.shape[1], labels, tail).double()
+        dense = decode_record(rec, z.shape[1], labels, tail).double()
         ref, got = loss(student, logp, labels), loss(student, dense, labels)
         g_ref = torch.autograd.grad(ref, student)[0]
         g_got = torch.autograd.grad(got, student)[0]

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdkit.cache import FORMAT, LogitCache, build_manifest, data_identity
-from kdkit.cache.store import LogitStore, encode, record_bytes
+from kdkit.cache.store import LogitStore, encode_record, record_bytes
 from kdkit.cache.writer import write_cache
 from kdkit.config import AugConfig
 from kdkit.data import create_loader, open_dataset, view_settings, with_views
@@ -110,7 +110,7 @@ def disk_and_reads(args, tmp: Path) -> dict:
         for shard in range(store.shards_per_epoch()):
             n = min(4096, args.records - shard * 4096)
             labels = torch.randint(classes, (n,), generator=g)
-            store.write(0, shard, encode(torch.randn(n, classes, generator=g) * 3, 10, torch.float16, labels))
+            store.write(0, shard, encode_record(torch.randn(n, classes, generator=g) * 3, 10, torch.float16, labels))
         on_disk = sum(p.stat().st_size for p in (root / "shards").iterdir())
         dropped = subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches", shell=True,
                                  capture_output=True).returncode == 0

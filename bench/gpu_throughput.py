@@ -344,7 +344,7 @@ def run_config(s: Setup, mode: str, compiled: bool, teachers: dict) -> dict:
 
 def flops(s: Setup) -> dict:
     from kdkit.engine import build as R
-    from kdkit.engine.benchmark import count_flops
+    from kdkit.models.flops import count_flops
 
     size = s.data_cfg["input_size"]
     student = R.build_student(s.recipe, "distill", None, s.num_classes)

@@ -437,7 +437,7 @@ def stage_cache(args, cache: Path, log) -> dict:
     import torch
 
     from kdkit.cache import FORMAT, LogitCache
-    from kdkit.cache.store import LogitStore, encode, record_bytes
+    from kdkit.cache.store import LogitStore, encode_record, record_bytes
     from kdkit.data.sampler import epoch_views
 
     torch.set_num_threads(1)
@@ -454,7 +454,7 @@ def stage_cache(args, cache: Path, log) -> dict:
         start = time.perf_counter()
         for shard in range(store.shards_per_epoch()):
             n = min(shard_size, records - shard * shard_size)
-            store.write(0, shard, encode(torch.randn(n, classes, generator=g) * 3, 10, torch.float16))
+            store.write(0, shard, encode_record(torch.randn(n, classes, generator=g) * 3, 10, torch.float16))
         write_seconds = time.perf_counter() - start
         on_disk = sum(p.stat().st_size for p in (root / "shards").iterdir())
         order = epoch_views(records, 0, 0, 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 # the public modules: the package's table of contents (kdkit.__all__) and the modules it draws from
 MODULES = ["kdkit", "kdkit.api", "kdkit.config", "kdkit.types", "kdkit.registry", "kdkit.plugins", "kdkit.data",
-           "kdkit.models", "kdkit.losses", "kdkit.sources", "kdkit.engine"]
+           "kdkit.models", "kdkit.losses", "kdkit.sources", "kdkit.engine", "kdkit.analysis"]
 
 
 def build(out: str | Path, modules: list[str] = MODULES) -> Path:

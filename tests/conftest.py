@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from kdkit.data import sample_path
-
-TINY_DEIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
-TINY_SWIN = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
+from tests.helpers import ONE_EPOCH, TINY_RESNET_ARGS, TINY_VIT_ARGS, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -35,32 +33,10 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
-def steps(run_dir: Path) -> dict[tuple[int, int], dict]:
-    """Per-step records of metrics.jsonl by (epoch, step), without the timing."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        rec.pop("images_per_s", None)
-        if "eval" in rec:
-            rec["eval"].pop("images_per_s")
-        out[(rec["epoch"], rec.get("step", "eval"))] = rec
-    return out
 
 
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    got, want = steps(run_dir), steps(reference)
-    assert list(got) == list(want)  # every step once, in order: nothing repeated, nothing missing
-    for key in want:
-        assert got[key] == want[key], key
-    for folder in ("student", "student_ema"):
-        a, b = load_file(run_dir / folder / "model.safetensors"), load_file(reference / folder / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
 
 
-def run_cli(*argv: str) -> int:
-    from kdkit.cli import main
-
-    return main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="session")
@@ -81,10 +57,6 @@ def teacher_dir(tmp_path_factory) -> Path:
     return root
 
 
-TINY_VIT_ARGS = ["--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--img-size", "32", "--patch-size", "8"]
-TINY_RESNET_ARGS = ["--set", "model.kwargs={channels=[8, 16, 32, 64], stem_width=8}", "--img-size", "32"]
-ONE_EPOCH = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress", "--seed", "0",
-             "--set", "optim.warmup_epochs=0"]
 
 
 @pytest.fixture(scope="session")

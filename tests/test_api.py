@@ -19,19 +19,7 @@ from kdkit import (
     create_teacher,
     load_recipe,
 )
-
-
-class TinyConvNet(nn.Module):
-    """A user's own classifier: no timm, just forward."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
-
+from tests.helpers import TinyConvNet
 
 SMALL = dict(epochs=1, img_size=32, batch_size=16, workers=0, warmup_epochs=0, progress=False)
 SMALL_FLAGS = ["--epochs", "1", "--img-size", "32", "--batch-size", "16", "--workers", "0", "--set",

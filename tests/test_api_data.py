@@ -16,8 +16,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_tensor
 
 import kdkit
 from kdkit.data import TorchImageDataset, open_dataset
-from tests.conftest import assert_same_run
-from tests.test_api import TinyConvNet
+from tests.helpers import TinyConvNet, assert_same_run
 
 RUN = dict(img_size=32, batch_size=16, workers=0, warmup_epochs=0, progress=False, head="dual",
            checkpoint_every=0, ema_decay=0.9, lr=1e-3)

@@ -9,8 +9,7 @@ from kdkit import KdkitError
 from kdkit.losses import create_loss
 from kdkit.models import create_model, create_student, create_teacher
 from kdkit.models.t2t_vit import soft_split_size
-
-from .conftest import TINY_DEIT, TINY_SWIN
+from tests.helpers import TINY_DEIT, TINY_SWIN
 
 K, B = 5, 4
 TINY_T2T = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, token_dim=16)

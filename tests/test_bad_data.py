@@ -9,9 +9,7 @@ import pytest
 from PIL import Image
 
 from kdkit.data import ImageFolderDataset, load_rgb, sample_path
-
-from .conftest import run_cli
-from .test_cli import _error
+from tests.helpers import cli_error, run_cli
 
 JPEG = sample_path() / "train" / "cat"
 
@@ -109,12 +107,12 @@ def test_a_run_skips_counts_and_names_bad_images_in_its_summary(bad_data, tmp_pa
 
 def test_strict_makes_each_case_an_error_in_one_line(bad_data, tmp_path, capsys):
     common = ["train", "--model", "resnet10t", "--data", bad_data, "--output", tmp_path, *FAST, "--batch-size", "16"]
-    assert "class folders without images: ['zz_empty']" in _error(capsys, *common, "--strict")
+    assert "class folders without images: ['zz_empty']" in cli_error(capsys, *common, "--strict")
     shutil.rmtree(bad_data / "train" / "zz_empty")
     try:
-        assert "unreadable image" in _error(capsys, *common, "--strict")
+        assert "unreadable image" in cli_error(capsys, *common, "--strict")
         # from a worker process too: the error reaches the main process, in one line
-        err = _error(capsys, *common, "--strict", "--workers", "1")
+        err = cli_error(capsys, *common, "--strict", "--workers", "1")
         assert "unreadable image" in err and "DataLoader worker" in err
     finally:
         (bad_data / "train" / "zz_empty").mkdir()

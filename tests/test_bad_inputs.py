@@ -12,16 +12,14 @@ from safetensors.torch import save_file
 
 import kdkit
 from kdkit.data import ImageFolderDataset, UnlabeledFolderDataset
-
-from .conftest import run_cli
-from .test_cli import _error
+from tests.helpers import cli_error, run_cli
 
 FAST = ["--img-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress",
         "--set", "optim.warmup_epochs=0"]
 
 
 def test_quickstart_recipe_without_teacher_weights_names_the_flag(tiny_data, tmp_path, capsys):
-    err = _error(capsys, "distill", "--recipe", "quickstart", "--data", tiny_data, "--output", tmp_path, *FAST)
+    err = cli_error(capsys, "distill", "--recipe", "quickstart", "--data", tiny_data, "--output", tmp_path, *FAST)
     bundled = Path(kdkit.__file__).resolve().parent / "assets" / "teachers" / "resnet9_cifar_s"
     assert "--teacher-weights" in err and f"(the bundled one: {bundled})" in err and bundled.is_dir()
     assert not any(tmp_path.iterdir())
@@ -30,13 +28,13 @@ def test_quickstart_recipe_without_teacher_weights_names_the_flag(tiny_data, tmp
 def test_data_given_a_file_says_it_is_a_file(tiny_data, tmp_path, capsys):
     f = tmp_path / "data.txt"
     f.write_text("not a folder")
-    err = _error(capsys, "train", "--model", "resnet10t", "--data", f, "--output", tmp_path / "runs", *FAST)
+    err = cli_error(capsys, "train", "--model", "resnet10t", "--data", f, "--output", tmp_path / "runs", *FAST)
     assert "is a file, not a data folder" in err and not (tmp_path / "runs").exists()
 
 
 def test_an_empty_weights_file_says_it_is_empty(tiny_data, tmp_path, capsys):
     (tmp_path / "w.safetensors").write_bytes(b"")
-    err = _error(capsys, "eval", "--model", "resnet10t", "--weights", tmp_path / "w.safetensors", "--data", tiny_data)
+    err = cli_error(capsys, "eval", "--model", "resnet10t", "--weights", tmp_path / "w.safetensors", "--data", tiny_data)
     assert "is empty (0 bytes)" in err
 
 
@@ -75,7 +73,7 @@ def test_eval_of_a_bare_weights_file_builds_the_datas_class_count(tiny_data, tmp
     assert result["class_top1"] == pytest.approx(100.0 * correct / len(ds), abs=1e-6)
     # a 1,000-class checkpoint on 10-class data is refused, never scored
     save_file(timm.create_model("resnet10t").state_dict(), tmp_path / "thousand.safetensors")
-    err = _error(capsys, "eval", "--model", "resnet10t", "--weights", tmp_path / "thousand.safetensors",
+    err = cli_error(capsys, "eval", "--model", "resnet10t", "--weights", tmp_path / "thousand.safetensors",
                  "--data", tiny_data)
     assert "class count differs" in err
 
@@ -130,7 +128,7 @@ def test_hub_weights_offline_fail_at_once_with_one_line(tiny_data, tmp_path, cap
 def test_an_auto_augment_policy_timm_refuses_is_one_line(policy, tiny_data, teacher_dir, tmp_path, capsys):
     for verb in ("distill", "cache"):
         out = ["--output", tmp_path / "runs"] if verb == "distill" else ["--out", tmp_path / "cache"]
-        err = _error(capsys, verb, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data", tiny_data,
+        err = cli_error(capsys, verb, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data", tiny_data,
                      "--aa", policy, *out, *FAST)
         assert f"aug.auto_augment {policy!r} is not a timm augmentation policy" in err
     assert not any(tmp_path.iterdir())

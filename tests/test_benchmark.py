@@ -10,17 +10,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from kdkit import KdkitError
-from kdkit.engine.benchmark import (
-    ATTENTION_KERNELS,
-    CPU_BATCH_CAP,
-    attention_flops,
-    benchmark_model,
-    count_flops,
-    largest_batch,
-)
+from kdkit.analysis.benchmark import CPU_BATCH_CAP, benchmark_model, largest_batch
 from kdkit.models import create_model
-
-from .conftest import run_cli
+from kdkit.models.flops import ATTENTION_KERNELS, attention_flops, count_flops
+from tests.helpers import run_cli
 
 
 def test_linear_only_model_flops_follow_the_hand_formula():

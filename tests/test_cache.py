@@ -3,43 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from kdkit.cache import LogitCache, decode, encode, record_bytes
+from kdkit.cache import LogitCache, decode_record, encode_record, record_bytes
 from kdkit.config import load_recipe
 from kdkit.engine.caching import cache_teacher
-from tests.conftest import run_cli
-
-AUG = ["aug.auto_augment=rand-m9-mstd0.5-inc1", "aug.reprob=0.25", "aug.mixup=0.8", "aug.cutmix=1.0",
-       "aug.label_smoothing=0.1"]
-STUDENT = ["--student", "deit_tiny", "--img-size", "32", "--patch-size", "8", "--set", "model.kwargs.depth=2",
-           "--set", "model.kwargs.embed_dim=32", "--set", "model.kwargs.num_heads=2"]
-
-
-def common(data: Path, epochs: int = 8, seed: int = 3) -> list[str]:
-    args = [*STUDENT, "--data", data, "--batch-size", "16", "--epochs", str(epochs), "--workers", "0",
-            "--seed", str(seed), "--no-progress", "--set", "run.log_every=1", "--set", "run.eval_every=100",
-            "--set", "optim.warmup_epochs=1", "--set", "optim.lr=1e-3", "--preset", "none"]
-    for item in AUG:
-        args += ["--set", item]
-    return args
-
-
-def teacher_args(teacher_dir: Path) -> list[str]:
-    return ["--teacher", "resnet10t", "--teacher-weights", teacher_dir]
-
-
-def step_terms(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def distill(tmp: Path, name: str, *args) -> list[dict]:
-    assert run_cli("distill", *args, "--output", tmp / "runs", "--name", name) == 0
-    return step_terms(tmp / "runs" / name)
+from tests.helpers import AUG, common, distill, parse_value, run_cli, teacher_args
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +54,9 @@ def test_top_k_records_rebuild_a_distribution_with_the_exact_top1():
     logits = torch.randn(64, 100) * 3
     logits[0, 7] = logits[0, 3] = 9.0  # a tie: the stored top-1 must win after decoding
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        rec = encode(logits, 10, dtype)
+        rec = encode_record(logits, 10, dtype)
         assert rec["values"].shape == (64, 10) and rec["indices"].dtype == torch.uint8
-        full = decode(rec, 100)
+        full = decode_record(rec, 100)
         p = logits.log_softmax(1)
         assert torch.allclose(full.exp().sum(1), torch.ones(64), atol=1e-2)
         top = p.topk(10)
@@ -127,7 +98,7 @@ def test_interrupted_cache_resumes_and_equals_an_uninterrupted_one(tmp_path, tin
                                      "patch_size": 8, "kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}},
                            "data": {"path": str(tiny_data), "workers": 0, "batch_size": 16},
                            "optim": {"epochs": 2}, "run": {"seed": 3, "progress": False},
-                           "aug": {k.split(".")[1]: _value(v) for k, v in (a.split("=") for a in AUG)}})
+                           "aug": {k.split(".")[1]: parse_value(v) for k, v in (a.split("=") for a in AUG)}})
     stats = cache_teacher(r, tmp_path / "cut", shard_size=32)
     assert stats["shards_present"] == 2 and stats["shards_written"] == 6
     whole, cut = LogitCache(tmp_path / "whole"), LogitCache(tmp_path / "cut")
@@ -136,11 +107,6 @@ def test_interrupted_cache_resumes_and_equals_an_uninterrupted_one(tmp_path, tin
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _value(v: str):
-    try:
-        return float(v)
-    except ValueError:
-        return v
 
 
 def test_what_a_killed_writer_leaves_is_removed_and_the_cache_completed(tmp_path, tiny_data, teacher_dir, capsys):

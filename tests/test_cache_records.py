@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from kdkit.cache import LogitCache, decode, encode, record_bytes
+from kdkit.cache import LogitCache, decode_record, encode_record, record_bytes
 from kdkit.cache.writer import write_cache
 from kdkit.config import load_recipe
 from kdkit.engine.build import build_run
@@ -20,20 +20,7 @@ from kdkit.losses import dist_loss, mlkd_terms, soft_kd, z_score
 from kdkit.losses.dkd import dkd_terms
 from kdkit.registry import KdkitError
 from kdkit.sources import CachedLogits
-from tests.conftest import run_cli
-from tests.test_cache import AUG, _value
-from tests.test_integrity import IdImages, teacher, write
-
-
-def teacher_like(n: int, c: int, seed: int = 0) -> torch.Tensor:
-    """(n, c) logits shaped like a trained classifier's: a Gaussian bulk, a few related classes
-    raised, one clear winner."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, c, generator=g) * 1.5
-    related = torch.randint(c, (n, 6), generator=g)
-    z.scatter_add_(1, related, torch.empty(n, 6).exponential_(0.4, generator=g))
-    z[torch.arange(n), torch.randint(c, (n,), generator=g)] += 8.0
-    return z
+from tests.helpers import AUG, IdImages, id_teacher, parse_value, run_cli, teacher_like, write_id_cache
 
 
 def outside_top(logp: torch.Tensor, k: int, seed: int = 1) -> torch.Tensor:
@@ -60,7 +47,7 @@ def tempered(x: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def test_a_top10_of_1000_record_is_46_bytes_and_the_shard_holds_them(tmp_path):
-    rec = encode(teacher_like(64, 1000), 10, torch.float16, torch.arange(64))
+    rec = encode_record(teacher_like(64, 1000), 10, torch.float16, torch.arange(64))
     per_record = sum(t[0].numel() * t.element_size() for t in rec.values())
     # 10 float16 log-probabilities, 10 int16 classes, mean, std, label: 20 + 20 + 6
     assert per_record == record_bytes(10, 1000, "float16") == 46 <= 48
@@ -71,8 +58,8 @@ def test_stored_classes_are_exact_and_the_mass_tail_keeps_tau1(tmp_path):
     z = teacher_like(32, 1000)
     logp = z.log_softmax(1)
     labels = outside_top(logp, 10)
-    rec = encode(z, 10, torch.float32, labels)
-    d = decode(rec, 1000, labels)
+    rec = encode_record(z, 10, torch.float32, labels)
+    d = decode_record(rec, 1000, labels)
     mask = stored_mask(rec, labels, 1000)
     assert torch.equal(d[mask], logp[mask])  # top 10 and the label: the teacher's own values
     assert torch.equal(d.argmax(1), logp.argmax(1))
@@ -102,8 +89,8 @@ def test_tempered_probabilities_of_stored_classes_stay_within_the_documented_bou
     z = teacher_like(64, c, seed=3)
     logp = z.log_softmax(1)
     labels = outside_top(logp, k)
-    rec = encode(z, k, torch.float32, labels)
-    d = decode(rec, c, labels)
+    rec = encode_record(z, k, torch.float32, labels)
+    d = decode_record(rec, c, labels)
     mask = stored_mask(rec, labels, c)
     gap = (tempered(d, tau) - tempered(logp, tau)).masked_fill(~mask, torch.nan)
     delta = gap.nanmean(1)
@@ -132,11 +119,11 @@ def test_the_stored_label_makes_dkd_target_term_exact_at_tau1():
     z = teacher_like(48, 100, seed=5)
     logp = z.log_softmax(1)
     labels = outside_top(logp, 5)
-    rec = encode(z, 5, torch.float32, labels)
+    rec = encode_record(z, 5, torch.float32, labels)
     student = teacher_like(48, 100, seed=6).double()
     truth = dkd_terms(student, logp.double(), labels, tau=1.0)
-    with_label = dkd_terms(student, decode(rec, 100, labels).double(), labels, tau=1.0)
-    without = dkd_terms(student, decode(rec, 100).double(), labels, tau=1.0)  # format 2 kept no label
+    with_label = dkd_terms(student, decode_record(rec, 100, labels).double(), labels, tau=1.0)
+    without = dkd_terms(student, decode_record(rec, 100).double(), labels, tau=1.0)  # format 2 kept no label
     torch.testing.assert_close(with_label[0], truth[0], rtol=1e-6, atol=1e-9)  # TCKD
     assert (without[0] - truth[0]).abs().max() > 1e-3
     # NCKD needs the tail's shape: approximate (closer with the label than without)
@@ -148,19 +135,19 @@ def test_the_normal_tail_keeps_mean_and_std_so_z_scores_of_stored_classes_are_ex
     z = teacher_like(40, c, seed=7)
     logp = z.log_softmax(1)
     labels = outside_top(logp, 10)
-    rec = encode(z, 10, torch.float32, labels)
+    rec = encode_record(z, 10, torch.float32, labels)
     mask = stored_mask(rec, labels, c)
-    d = decode(rec, c, labels, tail="normal")
+    d = decode_record(rec, c, labels, tail="normal")
     assert torch.equal(d[mask], logp[mask]) and torch.equal(d.argmax(1), logp.argmax(1))
     torch.testing.assert_close(d.double().mean(1), logp.double().mean(1), rtol=0, atol=1e-5)
     torch.testing.assert_close(d.double().std(1), logp.double().std(1), rtol=1e-5, atol=0)
     torch.testing.assert_close(z_score(d)[mask], z_score(logp)[mask], rtol=0, atol=1e-5)
     assert (d.masked_fill(mask, -torch.inf).amax(1) < rec["values"][:, -1]).all()  # the tail stays below
-    torch.testing.assert_close(decode(rec, c, labels, tail="normal"), d, rtol=0, atol=0)  # one record, one tail
+    torch.testing.assert_close(decode_record(rec, c, labels, tail="normal"), d, rtol=0, atol=0)  # one record, one tail
     # the mass fill leaves the row's spread to the stored classes: its z-scores are far off
-    assert (z_score(decode(rec, c, labels))[mask] - z_score(logp)[mask]).abs().max() > 1.0
+    assert (z_score(decode_record(rec, c, labels))[mask] - z_score(logp)[mask]).abs().max() > 1.0
     # float16 records: the mean of ~-20 is off by up to 2^-7; the tail's variance is not lost with it
-    half = decode(encode(z, 10, torch.float16, labels), c, labels, tail="normal")
+    half = decode_record(encode_record(z, 10, torch.float16, labels), c, labels, tail="normal")
     torch.testing.assert_close(half.double().std(1), logp.double().std(1), rtol=2e-3, atol=0)
 
 
@@ -178,15 +165,15 @@ def test_a_normal_shaped_tail_is_rebuilt_exactly_up_to_the_order_of_its_classes(
         z[i, order[k:]] = 1.3 * tail
         z[i, order[:k]] = 6.0 + torch.rand(k, generator=g, dtype=torch.float64) * 4
     logp = z.float().log_softmax(1)
-    rec = encode(z.float(), k, torch.float32)
-    d = decode(rec, c, tail="normal")
+    rec = encode_record(z.float(), k, torch.float32)
+    d = decode_record(rec, c, tail="normal")
     mask = stored_mask(rec, None, c)
     torch.testing.assert_close(d[~mask].view(n, -1).sort(1).values, logp[~mask].view(n, -1).sort(1).values,
                                rtol=0, atol=2e-4)
     for tau in (0.5, 1.0, 2.0, 4.0, 8.0):
         torch.testing.assert_close(tempered(d, tau)[mask], tempered(logp, tau)[mask], rtol=0, atol=1e-4)
     # and no class is favoured: over many records each class's average place in the tail order is the middle
-    many = decode(encode(teacher_like(3000, 50, seed=12), 5, torch.float32), 50, tail="normal")
+    many = decode_record(encode_record(teacher_like(3000, 50, seed=12), 5, torch.float32), 50, tail="normal")
     top = many.topk(5).indices
     ranks = many.scatter(1, top, torch.nan).argsort(1).argsort(1).double().scatter(1, top, torch.nan)
     assert (ranks.nanmean(0) - 22.0).abs().max() < 1.5  # 0..44 in the tail: mean 22, sd of a mean ~0.24
@@ -210,7 +197,7 @@ def test_dist_and_mlkd_run_on_densified_records_and_converge_with_k():
     full = grads(logp)
     errors = []
     for k in (5, 20, 60, c):
-        got = grads(decode(encode(z, k, torch.float32, labels), c, labels))
+        got = grads(decode_record(encode_record(z, k, torch.float32, labels), c, labels))
         errors.append([((a - b).norm() / b.norm()).item() for a, b in zip(got, full, strict=True)])
     assert errors[-1] == [0.0, 0.0]  # K = C: the records are the log-probabilities
     for loss in range(2):
@@ -218,7 +205,7 @@ def test_dist_and_mlkd_run_on_densified_records_and_converge_with_k():
 
 
 def test_a_format2_cache_is_refused_with_the_command_that_rewrites_it(tmp_path, capsys):
-    root = write(tmp_path / "c", n=40, epochs=1, topk=4, dtype="float16")
+    root = write_id_cache(tmp_path / "c", n=40, epochs=1, topk=4, dtype="float16")
     manifest = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**manifest, "format": "kdkit-logits/2"}))
     with pytest.raises(KdkitError) as e:
@@ -231,8 +218,8 @@ def test_a_format2_cache_is_refused_with_the_command_that_rewrites_it(tmp_path, 
     assert len(err.strip().splitlines()) == 1 and "--overwrite" in err
     # the writer: refused without --overwrite, rewritten with it
     with pytest.raises(KdkitError, match="format: cache 'kdkit-logits/2', run 'kdkit-logits/3'.*--overwrite"):
-        write_cache(teacher, IdImages(40), root, manifest, batch_size=16, workers=0, progress=False)
-    write_cache(teacher, IdImages(40), root, manifest, batch_size=16, workers=0, progress=False, overwrite=True)
+        write_cache(id_teacher, IdImages(40), root, manifest, batch_size=16, workers=0, progress=False)
+    write_cache(id_teacher, IdImages(40), root, manifest, batch_size=16, workers=0, progress=False, overwrite=True)
     assert LogitCache(root).lookup(0, torch.arange(4)).shape == (4, 10)
 
 
@@ -240,7 +227,7 @@ def test_a_replay_cache_under_mixup_places_each_views_label_and_verify_checks_th
                                                                                           teacher_dir, capsys):
     """Writer and reader agree on every view's label class (Mixup/CutMix's larger weight): the
     cached rows equal the live teacher's on the top 3 and on the label, batch after batch."""
-    aug = {a.split("=")[0].split(".")[1]: _value(a.split("=")[1]) for a in AUG}
+    aug = {a.split("=")[0].split(".")[1]: parse_value(a.split("=")[1]) for a in AUG}
     r = load_recipe(None, {"model": {"student": "deit_tiny", "teacher": "resnet10t", "teacher_weights": str(teacher_dir),
                                      "img_size": 32, "patch_size": 8,
                                      "kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}},

@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 
 from kdkit.card import MARKER, front_matter, teacher_info, write_model_card
 from kdkit.hub import TIMEOUT_S
-
-from .conftest import run_cli
+from tests.helpers import run_cli
 
 
 def parse(card: str) -> tuple[dict, dict[str, str]]:

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from kdkit.data import create_loader, create_transforms, open_dataset, sample_path
-
-from .conftest import run_cli
+from tests.helpers import cli_error, run_cli
 
 TINY = ["--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--img-size", "32", "--patch-size", "8"]
 FAST = ["--img-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress", "--set", "optim.warmup_epochs=0"]
@@ -91,43 +90,34 @@ def test_cli_on_the_bundled_sample(tmp_path):
     assert (summary["train_images"], summary["eval_images"]) == (3000, 2000)
 
 
-def _error(capsys, *argv):
-    capsys.readouterr()
-    code = run_cli(*argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("kdkit ")]
-    assert len(errors) == 1 and errors[0] == err.splitlines()[-1] and ": error: " in errors[0], err
-    return errors[0]
 
 
 def test_bad_inputs_give_one_clear_line(tiny_data, teacher_run, tmp_path, capsys):
     common = ["--output", tmp_path, *FAST]
-    assert "Did you mean" in _error(capsys, "train", "--model", "resnet5O", "--data", tiny_data, *common)
-    assert "not found" in _error(capsys, "train", "--model", "resnet10t", "--data", tmp_path / "nope", *common)
+    assert "Did you mean" in cli_error(capsys, "train", "--model", "resnet5O", "--data", tiny_data, *common)
+    assert "not found" in cli_error(capsys, "train", "--model", "resnet10t", "--data", tmp_path / "nope", *common)
     empty = tmp_path / "empty"
     (empty / "train" / "cat").mkdir(parents=True)
     (empty / "test" / "cat").mkdir(parents=True)
-    assert "no images" in _error(capsys, "train", "--model", "resnet10t", "--data", empty, *common)
+    assert "no images" in cli_error(capsys, "train", "--model", "resnet10t", "--data", empty, *common)
     kd = ["distill", "--teacher", "resnet10t", "--student", "resnet10t", "--data", tiny_data, *common]
-    assert "tau" in _error(capsys, *kd, "--teacher-weights", teacher_run / "student", "--tau", "0")
-    assert "kd_weight" in _error(capsys, *kd, "--teacher-weights", teacher_run / "student", "--kd-weight", "2")
+    assert "tau" in cli_error(capsys, *kd, "--teacher-weights", teacher_run / "student", "--tau", "0")
+    assert "kd_weight" in cli_error(capsys, *kd, "--teacher-weights", teacher_run / "student", "--kd-weight", "2")
     # a teacher trained on 3 classes, data with 10
     three = tmp_path / "three"
     for split in ("train", "test"):
         for c in ("airplane", "cat", "dog"):
             shutil.copytree(tiny_data / split / c, three / split / c)
     assert run_cli("train", "--model", "resnet10t", "--data", three, "--name", "t3", *common) == 0
-    err = _error(capsys, *kd, "--teacher-weights", tmp_path / "t3" / "student")
+    err = cli_error(capsys, *kd, "--teacher-weights", tmp_path / "t3" / "student")
     assert "3 classes" in err or "class count" in err
-    assert "unknown recipe key" in _error(capsys, *kd, "--set", "loss.temperature=2")
+    assert "unknown recipe key" in cli_error(capsys, *kd, "--set", "loss.temperature=2")
 
 
 def test_hub_dataset_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    err = _error(capsys, "train", "--model", "resnet10t", "--data", "hf:not/a-dataset", "--output", tmp_path, *FAST)
+    err = cli_error(capsys, "train", "--model", "resnet10t", "--data", "hf:not/a-dataset", "--output", tmp_path, *FAST)
     assert "from the hub" in err
 
 
@@ -146,7 +136,7 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal_with_strict(tiny_dat
                    *FAST) == 0
     summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
     assert summary["eval"]["skipped"] == 3 and summary["eval"]["n"] == 64
-    err = _error(capsys, "train", "--model", "resnet10t", "--data", data, "--output", tmp_path, *FAST,
+    err = cli_error(capsys, "train", "--model", "resnet10t", "--data", data, "--output", tmp_path, *FAST,
                  "--set", "data.strict=true")
     assert "unreadable image" in err
 

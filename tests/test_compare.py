@@ -10,11 +10,10 @@ import torch
 from PIL import Image
 
 import kdkit
-from kdkit.engine.compare import disagreement
+from kdkit.analysis.compare import disagreement
 from kdkit.models import create_model, create_student
 from kdkit.models.saved import save_student
-
-from .conftest import TINY_DEIT, run_cli
+from tests.helpers import TINY_DEIT, run_cli
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 TINY_T2T = dict(img_size=32, embed_dim=32, depth=1, num_heads=2, token_dim=16)

@@ -17,8 +17,7 @@ from kdkit.losses import create_loss, curriculum_lambda, mlkd_terms
 from kdkit.losses.ctkd import ADAPTER, LearnableTemperature
 from kdkit.registry import KdkitError
 from kdkit.types import StudentOut
-from tests.conftest import run_cli
-from tests.test_new_losses import kl_py, rows, softmax_py
+from tests.helpers import kl_py, rows, run_cli, softmax_py
 
 TOL = {"rtol": 1e-10, "atol": 1e-12}  # torch.testing.assert_close
 APPROX = {"rel": 1e-10, "abs": 1e-12}  # pytest.approx
@@ -152,10 +151,10 @@ def test_mlkd_loss_weighs_the_three_levels_and_records_its_temperatures():
 def test_ctkd_temperature_trains_checkpoints_and_resumes_as_the_uninterrupted_run(tiny_data, teacher_dir, tmp_path):
     """Two epochs with lambda ramping over 2: the temperature moves, is in every checkpoint (and
     not in the saved student), and a run resumed in the second epoch ends where the whole run ends."""
-    from tests.conftest import steps as records
-    from tests.test_strategies import FAST, STUDENT
+    from tests.helpers import FAST, TOKEN_STUDENT
+    from tests.helpers import steps as records
 
-    args = ["distill", *STUDENT, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data", tiny_data,
+    args = ["distill", *TOKEN_STUDENT, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data", tiny_data,
             "--loss", "ctkd", "--set", "loss.args={lambda_epochs=2}", *FAST, "--epochs", "2", "--lr", "1e-2",
             "--set", "run.checkpoint_every=2", "--set", "run.keep_checkpoints=3", "--output", tmp_path]
     assert run_cli(*args, "--name", "whole") == 0
@@ -181,7 +180,7 @@ def test_ctkd_temperature_trains_checkpoints_and_resumes_as_the_uninterrupted_ru
 
 
 def test_ctkd_with_unlabeled_images_is_refused_clearly(tiny_data, teacher_dir, tmp_path, capsys):
-    from tests.test_semi import semi_args
+    from tests.helpers import semi_args
 
     capsys.readouterr()
     assert run_cli("distill", *semi_args(tiny_data, tiny_data / "test", 1), "--teacher", "resnet10t",
@@ -196,7 +195,7 @@ def test_ctkd_and_mlkd_from_a_float32_cache_are_the_live_runs(tiny_data, teacher
     """Both are logit losses: read from a replay cache of all classes (float32) they train as from the
     live teacher, step by step, the learnt temperature included (Mixup on: MLKD's batch and class
     relations see the mixed views the cache replays)."""
-    from tests.test_cache import common, distill, teacher_args
+    from tests.helpers import common, distill, teacher_args
 
     args = common(tiny_data, epochs=1)
     assert run_cli("cache", *args, *teacher_args(teacher_dir), "--dtype", "float32", "--out", tmp_path / "c") == 0
@@ -214,16 +213,14 @@ def test_ctkd_and_mlkd_from_a_float32_cache_are_the_live_runs(tiny_data, teacher
 def test_ctkd_temperature_under_two_processes_is_the_one_process_run(tmp_path, tiny_data, teacher_dir):
     """The temperature lives in the head, so data parallelism syncs it: two processes learn the
     temperature one process learns (the all-reduce order aside)."""
-    from tests.test_cache import step_terms
-    from tests.test_distributed import kdkit
-    from tests.test_strategies import STUDENT
+    from tests.helpers import TOKEN_STUDENT, run_kdkit, step_terms
 
-    args = [*STUDENT, "--data", tiny_data, "--batch-size", "16", "--epochs", "1", "--workers", "0", "--seed", "5",
+    args = [*TOKEN_STUDENT, "--data", tiny_data, "--batch-size", "16", "--epochs", "1", "--workers", "0", "--seed", "5",
             "--no-progress", "--set", "run.log_every=1", "--set", "optim.warmup_epochs=0", "--set", "optim.lr=1e-2",
             "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--preset", "none", "--loss", "ctkd",
             "--set", "loss.args={lambda_epochs=1}"]
     for n in (1, 2):
-        kdkit(n, "distill", *args, "--output", tmp_path, "--name", f"p{n}")
+        run_kdkit(n, "distill", *args, "--output", tmp_path, "--name", f"p{n}")
     one, two = step_terms(tmp_path / "p1"), step_terms(tmp_path / "p2")
     assert len(one) == len(two) == 7 and len({r["tau"] for r in one}) == 7
     for a, b in zip(one, two, strict=True):

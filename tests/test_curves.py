@@ -17,8 +17,7 @@ import pytest
 import kdkit
 from kdkit.curves import plot_runs, read_run, write_curves
 from kdkit.registry import KdkitError
-
-from .conftest import run_cli
+from tests.helpers import run_cli
 
 TEACHER = Path(kdkit.__file__).parent / "assets" / "teachers" / "resnet9_cifar_s"
 TINY = ["--student", "deit_tiny", "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--img-size", "32",

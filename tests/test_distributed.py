@@ -13,20 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdkit.cache.store import mmap_safetensors
-from tests.test_cache import STUDENT, step_terms
-
-# --multi_gpu is Accelerate's multi-process launcher (torchrun); without a GPU each process runs
-# on CPU and the processes talk over gloo
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kdkit"]
-SINGLE = [sys.executable, "-m", "kdkit"]
-
-
-def kdkit(processes: int, *args) -> subprocess.CompletedProcess:
-    cmd = [*(LAUNCH if processes == 2 else SINGLE), *map(str, args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+from tests.helpers import STUDENT, run_args, run_kdkit, step_terms
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +25,11 @@ def odd_data(tmp_path_factory, tiny_data) -> Path:
     return root
 
 
-def run_args(data: Path, teacher: Path) -> list:
-    # Mixup/CutMix, random erasing and the repeated-augmentation sampler all on; no dropout or
-    # drop-path, whose random draws are per process
-    return [*STUDENT, "--data", data, "--batch-size", "16", "--epochs", "2", "--workers", "0", "--seed", "5",
-            "--no-progress", "--set", "run.log_every=1", "--set", "optim.warmup_epochs=1", "--set", "optim.lr=1e-3",
-            "--set", "aug.mixup=0.8", "--set", "aug.cutmix=1.0", "--set", "aug.reprob=0.25",
-            "--set", "aug.repeated_aug=3", "--teacher", "resnet10t", "--teacher-weights", teacher, "--preset", "none"]
 
 
 def test_two_processes_train_the_one_process_model_and_evaluate_exactly(tmp_path, odd_data, teacher_dir):
     for n in (1, 2):
-        kdkit(n, "distill", *run_args(odd_data, teacher_dir), "--output", tmp_path, "--name", f"p{n}")
+        run_kdkit(n, "distill", *run_args(odd_data, teacher_dir), "--output", tmp_path, "--name", f"p{n}")
     one, two = step_terms(tmp_path / "p1"), step_terms(tmp_path / "p2")
     summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch_size"] == 16
@@ -63,7 +43,7 @@ def test_two_processes_train_the_one_process_model_and_evaluate_exactly(tmp_path
     assert w1.keys() == w2.keys()
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0) for k in w1)
     # evaluation over 59 images: Accelerate pads the second process's share; the padding is dropped
-    evals = [json.loads(kdkit(n, "eval", "--weights", tmp_path / "p1" / "student", "--data", odd_data,
+    evals = [json.loads(run_kdkit(n, "eval", "--weights", tmp_path / "p1" / "student", "--data", odd_data,
                               "--workers", "0", "--batch-size", "8", "--json").stdout.strip().splitlines()[-1])
              for n in (1, 2)]
     assert evals[0]["n"] == evals[1]["n"] == 59
@@ -72,7 +52,7 @@ def test_two_processes_train_the_one_process_model_and_evaluate_exactly(tmp_path
 
 def test_a_cache_written_by_two_processes_equals_one_written_by_one(tmp_path, odd_data, teacher_dir):
     for n in (1, 2):
-        kdkit(n, "cache", *run_args(odd_data, teacher_dir), "--shard-size", "16", "--out", tmp_path / f"c{n}")
+        run_kdkit(n, "cache", *run_args(odd_data, teacher_dir), "--shard-size", "16", "--out", tmp_path / f"c{n}")
     a, b = (sorted((tmp_path / f"c{n}" / "shards").iterdir()) for n in (1, 2))
     assert [p.name for p in a] == [p.name for p in b] and len(a) == 2 * 8  # 2 epochs x ceil(120 / 16)
     for x, y in zip(a, b, strict=True):  # (safetensors orders a header's metadata keys at random)
@@ -112,7 +92,7 @@ def test_fsdp_and_deepspeed_are_refused_before_anything_is_written(env, name, tm
     go on unsharded, or, on GPUs, write raw shards. kdkit refuses both, as `accelerate launch
     --use_fsdp / --use_deepspeed` asks for them (ACCELERATE_USE_*), from the CLI and the Python API."""
     from kdkit.registry import KdkitError
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     monkeypatch.setenv(env, "true")
     args = ["distill", *STUDENT, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data", tiny_data,

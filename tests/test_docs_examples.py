@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import kdkit
-from tests.test_api import TinyConvNet
+from tests.helpers import TinyConvNet
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdkit.cli.common import RUN_FLAGS  # noqa: F401  (the CLI's tables are importable without torch work)
 from kdkit.config import load_recipe
 from kdkit.engine.plan import plan
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 KW = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 

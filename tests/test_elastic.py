@@ -11,9 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdkit.engine.checkpoint import list_checkpoints, read_checkpoint, write_checkpoint
-from tests.test_distributed import kdkit, run_args
-
-from .conftest import run_cli
+from tests.helpers import run_args, run_cli, run_kdkit
 
 STEPS = 7  # 120 training images, global batch 16
 
@@ -22,7 +20,7 @@ STEPS = 7  # 120 training images, global batch 16
 def two_process_run(tmp_path_factory, tiny_data, teacher_dir) -> Path:
     """2 epochs under 2 processes (gloo), a checkpoint every 3 updates and at each epoch's end, all kept."""
     out = tmp_path_factory.mktemp("elastic")
-    kdkit(2, "distill", *run_args(tiny_data, teacher_dir), "--output", out, "--name", "p2",
+    run_kdkit(2, "distill", *run_args(tiny_data, teacher_dir), "--output", out, "--name", "p2",
           "--set", "run.checkpoint_every=3", "--set", "run.keep_checkpoints=10")
     return out / "p2"
 
@@ -127,7 +125,7 @@ def test_a_two_process_run_on_shards_is_the_folder_run_and_resumes_under_one_pro
     shards = tmp_path / "tiny-wds"
     assert run_cli("shards", tiny_data, "--out", shards, "--shard-size", "50") == 0
     out = tmp_path / "runs"
-    kdkit(2, "distill", *run_args(shards, teacher_dir), "--output", out, "--name", "p2",
+    run_kdkit(2, "distill", *run_args(shards, teacher_dir), "--output", out, "--name", "p2",
           "--set", "run.checkpoint_every=3", "--set", "run.keep_checkpoints=10")
     sharded, folder = steps(out / "p2"), steps(two_process_run)
     key = ("epoch", "step", "update")

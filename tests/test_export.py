@@ -18,8 +18,7 @@ from safetensors.torch import load_file, save_file
 from kdkit.data import eval_transform, open_dataset
 from kdkit.models import create_student, load_saved
 from kdkit.models.saved import save_student
-
-from .conftest import ONE_EPOCH, run_cli
+from tests.helpers import ONE_EPOCH, run_cli
 
 
 def real_images(folder, data, n=None):

@@ -16,27 +16,7 @@ from kdkit.engine.metrics import MetricsLog
 from kdkit.files import atomic_write, atomic_write_text
 from kdkit.models import create_teacher
 from kdkit.registry import KdkitError
-
-from .test_api import TinyConvNet
-
-RUN = dict(head="shared", loss="soft", tau=2.0, epochs=1, img_size=32, batch_size=16, workers=0, warmup_epochs=0,
-           lr=5e-4, progress=False)  # 120 training images: 7 steps
-
-
-class NaNTeacher(nn.Module):
-    """A fixed random teacher whose answer to training batch number `bad` (0-based) is NaN."""
-
-    def __init__(self, bad: int):
-        super().__init__()
-        self.net, self.bad, self.batches = TinyConvNet(), bad, 0
-
-    def forward(self, x):
-        out = self.net(x)
-        if x.shape[0] == RUN["batch_size"]:  # training batches; evaluation batches hold 60 images
-            self.batches += 1
-            if self.batches == self.bad + 1:
-                out = out * float("nan")
-        return out
+from tests.helpers import RUN, NaNTeacher, TinyConvNet
 
 
 def finite(module: nn.Module) -> bool:

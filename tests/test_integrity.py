@@ -17,61 +17,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdkit.cache import LogitCache, build_manifest
+from kdkit.cache import LogitCache
 from kdkit.cache import store as store_module
-from kdkit.cache.writer import write_cache
 from kdkit.data.sampler import epoch_views
 from kdkit.files import LOCK_NAME, exclusive_lock
 from kdkit.registry import KdkitError
 from kdkit.sources import CachedLogits
-from tests.conftest import run_cli
-from tests.test_cache import common, teacher_args
+from tests.helpers import common, logits_of, run_cli, teacher_args, write_id_cache
 
 HOST = socket.gethostname()
 
 
-class IdImages:
-    """A dataset whose views' pixels carry (view id, epoch), so that the teacher below, made of
-    elementwise operations, gives outputs the test computes from (view id, epoch) alone."""
-
-    def __init__(self, n: int):
-        self.n, self.epoch = n, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, view: int) -> dict:
-        image = torch.zeros(3, 2, 2)
-        image[0, 0, 0], image[1, 0, 0] = view, self.epoch
-        return {"image": image, "target": 0, "index": view, "epoch": self.epoch}
 
 
-def logits_of(view: torch.Tensor, epoch: torch.Tensor) -> torch.Tensor:
-    """(n,) view ids, (n,) epochs (float) -> (n, 10) logits."""
-    k = torch.arange(10, dtype=torch.float32)
-    return torch.sin(view[:, None] * 0.37 + k * 1.3 + epoch[:, None] * 0.11) * 4
 
 
-def teacher(images: torch.Tensor) -> torch.Tensor:
-    return logits_of(images[:, 0, 0, 0], images[:, 1, 0, 0])
 
 
 def expected(views: torch.Tensor, epoch: int) -> torch.Tensor:
     return logits_of(views.float(), torch.full((len(views),), float(epoch))).log_softmax(1)
 
 
-def write(root: Path, n: int = 70, epochs: int = 2, repeats: int = 1, topk: int = 0, dtype: str = "float32",
-          mode: str = "replay", shard_size: int = 32) -> Path:
-    data = {"source": "ids", "split": "train", "num_samples": n, "classes": [f"c{i}" for i in range(10)],
-            "fingerprint": "-"}
-    manifest = build_manifest(mode=mode, teacher={"name": "sin", "weights_sha256": "-"}, data=data,
-                              views={"repeated_aug": repeats}, seed=5, epochs=epochs, topk=topk, dtype=dtype,
-                              shard_size=shard_size)
-    write_cache(teacher, IdImages(n), root, manifest, batch_size=16, workers=0, progress=False)
-    return root
 
 
 def tensor_offset(path: Path, name: str) -> tuple[int, int]:
@@ -94,7 +60,7 @@ def poke(path: Path, at: int, value: int | None = None) -> None:
 
 @pytest.mark.parametrize("repeats,topk,dtype", [(1, 0, "float32"), (2, 0, "float32"), (1, 4, "float16")])
 def test_an_intact_cache_reads_exactly_what_the_writer_was_given(tmp_path, repeats, topk, dtype):
-    root = write(tmp_path / "c", repeats=repeats, topk=topk, dtype=dtype)
+    root = write_id_cache(tmp_path / "c", repeats=repeats, topk=topk, dtype=dtype)
     checked, unchecked = LogitCache(root), LogitCache(root, check_shards=False)
     for epoch in range(2):
         for views in epoch_views(70, 5, epoch, repeats).split(16):  # the training sampler's order
@@ -110,7 +76,7 @@ def test_an_intact_cache_reads_exactly_what_the_writer_was_given(tmp_path, repea
 
 
 def test_a_flipped_byte_in_a_shards_values_fails_the_first_lookup_that_touches_it(tmp_path, capsys):
-    root = write(tmp_path / "c", n=100, epochs=1, dtype="float16")  # shards of 32, 32, 32, 4 records
+    root = write_id_cache(tmp_path / "c", n=100, epochs=1, dtype="float16")  # shards of 32, 32, 32, 4 records
     shard = root / "shards" / "e0000-s00001.safetensors"
     lo, hi = tensor_offset(shard, "values")
     poke(shard, (lo + hi) // 2 + 1)  # the high byte of a float16 in the middle of the values
@@ -133,7 +99,7 @@ def test_a_flipped_byte_in_a_shards_values_fails_the_first_lookup_that_touches_i
 
 
 def test_a_flipped_class_index_is_a_clear_error_not_an_index_error(tmp_path):
-    root = write(tmp_path / "c", n=100, epochs=1, dtype="float16")
+    root = write_id_cache(tmp_path / "c", n=100, epochs=1, dtype="float16")
     shard = root / "shards" / "e0000-s00002.safetensors"
     lo, _ = tensor_offset(shard, "top1")
     poke(shard, lo + 5, 0xFF)  # record 69's top-1 class: 255 of 10
@@ -144,7 +110,7 @@ def test_a_flipped_class_index_is_a_clear_error_not_an_index_error(tmp_path):
 
 
 def test_a_shard_of_the_wrong_layout_is_refused(tmp_path):
-    root = write(tmp_path / "c", n=100, epochs=1, dtype="float16")
+    root = write_id_cache(tmp_path / "c", n=100, epochs=1, dtype="float16")
     shards = root / "shards"
     # a shard of another position (same size: its checksum is fine) copied over this one
     shutil.copy(shards / "e0000-s00000.safetensors", shards / "e0000-s00001.safetensors")
@@ -157,7 +123,7 @@ def test_a_shard_of_the_wrong_layout_is_refused(tmp_path):
 
 @pytest.mark.parametrize("key, value", [("dtype", "float32"), ("topk", 4)])
 def test_an_edited_manifest_is_named_not_reported_as_corrupt_shards(key, value, tmp_path, capsys):
-    root = write(tmp_path / "c", n=100, epochs=1, dtype="float16")
+    root = write_id_cache(tmp_path / "c", n=100, epochs=1, dtype="float16")
     manifest = json.loads((root / "manifest.json").read_text())
     manifest[key] = value
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -172,7 +138,7 @@ def test_an_edited_manifest_is_named_not_reported_as_corrupt_shards(key, value, 
 
 
 def test_an_epoch_or_view_outside_the_cache_is_a_clear_error(tmp_path):
-    cache = LogitCache(write(tmp_path / "plain", n=70, epochs=2))
+    cache = LogitCache(write_id_cache(tmp_path / "plain", n=70, epochs=2))
     for epoch, views, needle in ((2, [0], "holds epochs 0-1, not epoch 2"), (-1, [0], "not epoch -1"),
                                  (0, [5, 70], "view id 70 is outside"), (1, [-3], "view id -3 is negative")):
         with pytest.raises(KdkitError, match=needle):
@@ -181,20 +147,20 @@ def test_an_epoch_or_view_outside_the_cache_is_a_clear_error(tmp_path):
         cache.store.rows(0, torch.tensor([1, 70]))
     with pytest.raises(KdkitError, match="not epoch 5"):
         cache.store.rows(5, torch.tensor([1]))
-    drawn = LogitCache(write(tmp_path / "drawn", n=70, epochs=1, repeats=2))
+    drawn = LogitCache(write_id_cache(tmp_path / "drawn", n=70, epochs=1, repeats=2))
     stored = drawn.views_of_epoch(0)
     absent = sorted(set(range(140)) - set(stored.tolist()))[0]
     for view in (absent, 10_000):
         with pytest.raises(KdkitError, match=f"view id {view} is not among the cache's views of epoch 0"):
             drawn.lookup(0, torch.tensor([int(stored[0]), view]))
-    fixed = LogitCache(write(tmp_path / "fixed", n=70, mode="fixed"))
+    fixed = LogitCache(write_id_cache(tmp_path / "fixed", n=70, mode="fixed"))
     assert torch.equal(fixed.lookup(7, torch.tensor([75])), expected(torch.tensor([5]), 0))  # repeat 1 of image 5
     with pytest.raises(KdkitError, match="negative"):
         fixed.lookup(0, torch.tensor([-1]))
 
 
 def test_a_missing_shard_is_refused_when_the_cache_is_opened(tmp_path):
-    root = write(tmp_path / "c", n=70, epochs=2)  # 3 shards an epoch
+    root = write_id_cache(tmp_path / "c", n=70, epochs=2)  # 3 shards an epoch
     (root / "shards" / "e0001-s00002.safetensors").unlink()
     for open_it in (LogitCache, CachedLogits):
         with pytest.raises(KdkitError) as e:

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from kdkit import KdkitError, StudentOut, create_student, create_teacher
 from kdkit.models import Teacher, resolve_model_name
-
-from .conftest import TINY_DEIT, TINY_SWIN
+from tests.helpers import TINY_DEIT, TINY_SWIN
 
 CASES = [
     ("deit_tiny", "token", TINY_DEIT),                      # timm's own distillation token

@@ -12,6 +12,7 @@ from kdkit.losses.dist import dist_inter_per_sample, dist_loss, dist_terms, pear
 from kdkit.losses.dkd import dkd, dkd_per_sample, dkd_terms
 from kdkit.losses.standardize import z_score
 from kdkit.registry import KdkitError
+from tests.helpers import dist_py, dkd_py, kl_py, pearson_py, rows, softmax_py, z_score_py
 
 F64 = {"rtol": 1e-10, "atol": 1e-10}
 F32 = {"rtol": 1e-5, "atol": 1e-5}
@@ -29,38 +30,14 @@ def batch():
     return s, t, y
 
 
-def rows(x):
-    return x.double().tolist()
 
 
 # ---- plain-Python references ----
 
-def softmax_py(z, tau=1.0):
-    m = max(z)
-    e = [math.exp((v - m) / tau) for v in z]
-    total = sum(e)
-    return [v / total for v in e]
 
 
-def kl_py(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
 
 
-def dkd_py(s, t, y, alpha, beta, tau):
-    """The paper's definitions with probabilities and divisions, one sample at a time: per-sample
-    (tckd, nckd), each times tau^2."""
-    out = []
-    for zs, zt, gt in zip(rows(s), rows(t), y.tolist(), strict=True):
-        ps, pt = softmax_py(zs, tau), softmax_py(zt, tau)
-        others = [j for j in range(len(zs)) if j != gt]
-        bs = [ps[gt], sum(ps[j] for j in others)]  # 1 - p_gt as a sum: exact where p_gt is near 1
-        bt = [pt[gt], sum(pt[j] for j in others)]
-        hat_s = [ps[j] / bs[1] for j in others]
-        hat_t = [pt[j] / bt[1] for j in others]
-        out.append((tau * tau * kl_py(bt, bs), tau * tau * kl_py(hat_t, hat_s)))
-    tckd = [a for a, _ in out]
-    nckd = [b for _, b in out]
-    return torch.tensor([alpha * a + beta * b for a, b in out], dtype=torch.float64), tckd, nckd
 
 
 def logsumexp_py(v):
@@ -85,30 +62,10 @@ def dkd_log_py(s, t, y, alpha, beta, tau):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def pearson_py(a, b, eps):
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    num = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
-    na = math.sqrt(sum((x - ma) ** 2 for x in a))
-    nb = math.sqrt(sum((y - mb) ** 2 for y in b))
-    return num / (na * nb + eps)
 
 
-def dist_py(s, t, tau, eps=1e-8):
-    """(per-sample inter terms, inter, intra), without tau^2."""
-    ys = [softmax_py(z, tau) for z in rows(s)]
-    yt = [softmax_py(z, tau) for z in rows(t)]
-    per_sample = [1 - pearson_py(a, b, eps) for a, b in zip(ys, yt, strict=True)]
-    k = len(ys[0])
-    cols = [1 - pearson_py([r[j] for r in ys], [r[j] for r in yt], eps) for j in range(k)]
-    return per_sample, sum(per_sample) / len(per_sample), sum(cols) / k
 
 
-def z_score_py(x, eps=1e-7):
-    out = []
-    for z in rows(x):
-        m, sd = statistics.mean(z), statistics.stdev(z)  # stdev: divisor K - 1
-        out.append([(v - m) / (sd + eps) for v in z])
-    return torch.tensor(out, dtype=torch.float64)
 
 
 def close(actual, expected, tol):

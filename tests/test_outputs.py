@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 import kdkit
-
-from .conftest import ONE_EPOCH, TINY_RESNET_ARGS, TINY_VIT_ARGS, run_cli
+from tests.helpers import ONE_EPOCH, TINY_RESNET_ARGS, TINY_VIT_ARGS, run_cli
 
 
 def one_line(capsys, verb, *argv) -> str:

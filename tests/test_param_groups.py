@@ -7,8 +7,7 @@ from torch import nn
 
 from kdkit import KdkitError
 from kdkit.models.student import SharedHead, wrap_student
-
-from .conftest import TINY_SWIN
+from tests.helpers import TINY_SWIN
 
 TINY_VIT = dict(img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2, num_classes=10)
 

@@ -18,7 +18,7 @@ import torch
 from kdkit.accelerator import DEFAULT_TIMEOUT, dist_timeout, peer_failure
 from kdkit.config import DataConfig
 from kdkit.registry import KdkitError
-from tests.test_distributed import LAUNCH, run_args
+from tests.helpers import LAUNCH, run_args
 
 GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:7381: "
               "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the "

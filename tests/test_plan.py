@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from kdkit.config import load_recipe
 from kdkit.engine.plan import StepTimes, compare_strategies, plan_cache
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 STUDENT = {"student": "deit_tiny", "img_size": 32, "patch_size": 8, "kwargs": {"depth": 2, "embed_dim": 32,
                                                                               "num_heads": 2}}

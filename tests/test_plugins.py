@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 PLUGIN = textwrap.dedent('''
     """Toy strategies: nothing of kdkit is edited to add them."""

@@ -7,8 +7,7 @@ import torch
 
 from kdkit.config import load_recipe
 from kdkit.engine.build import build_teacher, make_accelerator
-
-from .conftest import TINY_DEIT, run_cli
+from tests.helpers import TINY_DEIT, run_cli
 
 
 def distill_args(tiny_data, teacher_dir, tmp_path, name: str) -> list:

@@ -16,8 +16,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from kdkit import KdkitError
 from kdkit.models import create_model, create_student
-
-from .conftest import TINY_SWIN, run_cli
+from tests.helpers import TINY_SWIN, run_cli
 
 ARCH = dict(depth=2, embed_dim=32, num_heads=2)  # a 2-layer, 32-wide DeiT
 SRC = dict(img_size=32, patch_size=4, **ARCH)  # the checkpoint's: an 8x8 grid, 1000 classes

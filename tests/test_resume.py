@@ -16,22 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from kdkit.engine.checkpoint import latest_checkpoint, list_checkpoints
-
-from .conftest import assert_same_run, run_cli
-
-STEPS_PER_EPOCH, EPOCHS = 7, 2  # 120 training images, batch 16
-
-
-def distill_args(teacher: Path, data: Path, run_dir: Path) -> list[str]:
-    """A run that uses every piece of state: drop_path and Mixup draw random numbers, EMA, AdamW,
-    a cosine schedule, a checkpoint every 2 updates, a metrics line every step."""
-    return ["distill", "--teacher", "resnet10t", "--teacher-weights", teacher, "--student", "deit_tiny",
-            "--set", "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--img-size", "32", "--patch-size", "8",
-            "--data", data, "--output", run_dir.parent, "--name", run_dir.name, "--loss", "soft", "--tau", "2",
-            "--epochs", str(EPOCHS), "--batch-size", "16", "--lr", "1e-3", "--workers", "0", "--no-progress",
-            "--set", "optim.warmup_epochs=1", "--set", "model.drop_path=0.1",
-            "--set", "aug.mixup=0.8", "--set", "optim.ema_decay=0.9", "--set", "run.checkpoint_every=2",
-            "--set", "run.keep_checkpoints=3", "--set", "run.log_every=1", "--set", "run.teacher_check_batches=1"]
+from tests.helpers import EPOCHS, STEPS_PER_EPOCH, assert_same_run, distill_args, run_cli
 
 
 def kdkit(*args) -> list[str]:

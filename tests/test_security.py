@@ -12,7 +12,7 @@ import kdkit
 from kdkit.config import load_recipe, read_recipe_file
 from kdkit.data import open_dataset, open_unlabeled
 from kdkit.registry import KdkitError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 SOURCE = Path(kdkit.__file__).resolve().parent
 # calls that unpickle a file unless given weights_only=True (timm's helpers pass it on to torch.load)

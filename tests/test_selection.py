@@ -19,8 +19,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from kdkit import KdkitError
 from kdkit.models import create_student
-
-from .conftest import run_cli
+from tests.helpers import run_cli
 
 PLAIN = "deit_tiny_patch16_224"
 BIG_VIT = dict(depth=4, embed_dim=12, num_heads=2, mlp_ratio=2.0)  # qkv 36 rows, MLP 24 wide

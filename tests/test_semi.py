@@ -27,8 +27,7 @@ from kdkit.data import (
 from kdkit.losses import create_loss, semi_supervised, task_ce
 from kdkit.models import create_student
 from kdkit.types import StudentOut
-from tests.conftest import TINY_DEIT, run_cli
-from tests.test_cache import STUDENT, step_terms, teacher_args
+from tests.helpers import TINY_DEIT, run_cli, semi_args, step_terms, teacher_args
 
 NORM = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3}  # the test teacher's own
 
@@ -46,11 +45,6 @@ def unlabeled_dir(tmp_path_factory) -> Path:
     return root
 
 
-def semi_args(data: Path, unlabeled: Path, epochs: int = 2, *extra: str) -> list:
-    """Flags `kdkit cache` takes as well as `kdkit distill`."""
-    return [*STUDENT, "--data", data, "--unlabeled", unlabeled, "--batch-size", "16", "--epochs", str(epochs),
-            "--workers", "0", "--seed", "3", "--no-progress", "--set", "run.log_every=1", "--set",
-            "run.eval_every=100", "--set", "optim.warmup_epochs=0", "--set", "optim.lr=1e-3", *extra]
 
 
 LOSS = ["--loss", "soft", "--tau", "2", "--confidence-threshold", "0.6"]

@@ -19,7 +19,7 @@ from PIL import Image
 
 from kdkit.data import open_dataset
 from kdkit.data.dataset import SeededDataset
-from tests.conftest import assert_same_run, run_cli
+from tests.helpers import assert_same_run, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_webdataset_and_timm_read_the_shards_kdkit_writes(shards, tiny_data):
 
 
 def test_a_run_from_shards_equals_the_run_from_their_folder_bit_for_bit(shards, tiny_data, teacher_dir, tmp_path):
-    from tests.test_resume import distill_args
+    from tests.helpers import distill_args
 
     folder, sharded = tmp_path / "folder", tmp_path / "sharded"
     assert run_cli(*distill_args(teacher_dir, tiny_data, folder)) == 0
@@ -92,7 +92,7 @@ def test_a_run_from_shards_equals_the_run_from_their_folder_bit_for_bit(shards, 
 
 
 def test_a_killed_run_on_shards_resumes_mid_epoch_to_the_uninterrupted_run(shards, teacher_dir, tmp_path):
-    from tests.test_resume import distill_args
+    from tests.helpers import distill_args
 
     reference, killed = tmp_path / "ref", tmp_path / "killed"
     assert run_cli(*distill_args(teacher_dir, shards, reference)) == 0
@@ -111,7 +111,7 @@ def test_a_killed_run_on_shards_resumes_mid_epoch_to_the_uninterrupted_run(shard
 
 def test_a_cache_written_from_shards_replays_the_live_teacher_of_the_folder_run(shards, tiny_data, teacher_dir,
                                                                                  tmp_path):
-    from tests.test_cache import common, distill, teacher_args
+    from tests.helpers import common, distill, teacher_args
 
     live = distill(tmp_path, "live", *common(tiny_data, epochs=2), *teacher_args(teacher_dir), "--loss", "soft",
                    "--tau", "2")

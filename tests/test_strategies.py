@@ -17,8 +17,18 @@ from kdkit.models import create_student, create_teacher
 from kdkit.registry import KdkitError
 from kdkit.sources import TeacherEnsemble
 from kdkit.types import StudentOut, TeacherOut
-from tests.conftest import TINY_DEIT, run_cli
-from tests.test_new_losses import dist_py, dkd_py, kl_py, rows, softmax_py, z_score_py
+from tests.helpers import (
+    FAST,
+    TINY_DEIT,
+    TOKEN_STUDENT,
+    dist_py,
+    dkd_py,
+    kl_py,
+    rows,
+    run_cli,
+    softmax_py,
+    z_score_py,
+)
 
 
 def ce_py(z, y):
@@ -136,10 +146,6 @@ def test_native_head_trains_levits_own_distillation_head(tmp_path):
         assert torch.allclose(student(x).fused, student.model(x), atol=1e-5)
 
 
-STUDENT = ["--student", "deit_tiny_patch16_224", "--head", "token", "--set",
-           "model.kwargs={depth=2, embed_dim=32, num_heads=2}", "--img-size", "32", "--patch-size", "8"]
-FAST = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--no-progress", "--preset", "none",
-        "--set", "optim.warmup_epochs=0", "--set", "run.log_every=1"]
 
 
 def _steps(run):
@@ -153,7 +159,7 @@ def _steps(run):
     ("mlkd", ["--set", "loss.args={temperatures=[1.0, 2.0, 3.0, 5.0, 6.0]}"], {"task", "kd"}),
 ])
 def test_new_losses_distil_through_the_cli(tiny_data, teacher_dir, tmp_path, loss, extra, terms):
-    assert run_cli("distill", *STUDENT, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data",
+    assert run_cli("distill", *TOKEN_STUDENT, "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--data",
                    tiny_data, "--loss", loss, *extra, *FAST, "--output", tmp_path, "--name", loss) == 0
     steps = _steps(tmp_path / loss)
     assert steps and terms <= set(steps[0]) and all(math.isfinite(x["loss"]) for x in steps)
@@ -169,17 +175,17 @@ def test_a_two_teacher_ensemble_distils_live_and_into_a_cache_naming_every_membe
                 f'model.teacher_weights=["{teacher_dir}", "{teacher_dir}"]', "--set", 'model.logit_source_args={combine="logits"}']
     repeated = ["--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--teacher", "resnet10t",
                 "--teacher-weights", teacher_dir, *ensemble[4:]]  # the flags repeated, as a user types them
-    assert run_cli("distill", *STUDENT, *repeated, "--data", tiny_data, "--loss", "soft", *FAST, "--output", tmp_path,
+    assert run_cli("distill", *TOKEN_STUDENT, *repeated, "--data", tiny_data, "--loss", "soft", *FAST, "--output", tmp_path,
                    "--name", "ens") == 0
     summary = json.loads((tmp_path / "ens" / "summary.json").read_text())
     assert len(summary["teacher_check"]["members"]) == 2
-    assert run_cli("cache", *STUDENT[:1], *STUDENT[1:2], *STUDENT[4:], *ensemble, "--data", tiny_data, *FAST, "--out", tmp_path / "cache") == 0
+    assert run_cli("cache", *TOKEN_STUDENT[:1], *TOKEN_STUDENT[1:2], *TOKEN_STUDENT[4:], *ensemble, "--data", tiny_data, *FAST, "--out", tmp_path / "cache") == 0
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["teacher"]["name"] == "ensemble(resnet10t,resnet10t)"
     assert [m["weights"] for m in manifest["teacher"]["members"]] == [str(teacher_dir)] * 2
     assert manifest["teacher"]["combine"] == "logits"
     # the same ensemble, read from the cache, trains as the live one
-    assert run_cli("distill", *STUDENT, "--logit-cache", tmp_path / "cache", *ensemble[:4], "--data", tiny_data, "--loss",
+    assert run_cli("distill", *TOKEN_STUDENT, "--logit-cache", tmp_path / "cache", *ensemble[:4], "--data", tiny_data, "--loss",
                    "soft", *FAST, "--output", tmp_path, "--name", "ens-cached") == 0
 
 
@@ -198,15 +204,14 @@ def test_feature_distillation_under_two_processes_is_the_one_process_run(tmp_pat
     what one process trains (the all-reduce order aside). The learning rate is the one this test had
     when --lr was scaled by batch / 512 (1e-3 x 16 / 512): Adam turns the all-reduce's rounding of
     near-zero gradients into whole steps, which a 32x larger rate makes larger than the tolerance."""
-    from tests.test_cache import step_terms
-    from tests.test_distributed import kdkit
+    from tests.helpers import run_kdkit, step_terms
 
-    args = [*STUDENT, "--data", tiny_data, "--batch-size", "16", "--epochs", "1", "--workers", "0", "--seed", "5",
+    args = [*TOKEN_STUDENT, "--data", tiny_data, "--batch-size", "16", "--epochs", "1", "--workers", "0", "--seed", "5",
             "--no-progress", "--set", "run.log_every=1", "--set", "optim.warmup_epochs=0", "--set", "optim.lr=3.125e-5",
             "--set", "aug.mixup=0.8", "--teacher", "resnet10t", "--teacher-weights", teacher_dir, "--preset", "none",
             "--loss", "feature", "--set", "loss.args={tokens=true}"]
     for n in (1, 2):
-        kdkit(n, "distill", *args, "--output", tmp_path, "--name", f"p{n}")
+        run_kdkit(n, "distill", *args, "--output", tmp_path, "--name", f"p{n}")
     one, two = step_terms(tmp_path / "p1"), step_terms(tmp_path / "p2")
     assert len(one) == len(two) == 7
     for a, b in zip(one, two, strict=True):
@@ -220,7 +225,7 @@ def test_feature_distillation_under_two_processes_is_the_one_process_run(tmp_pat
 def test_new_losses_learn_from_unlabeled_images(tiny_data, teacher_dir, tmp_path, loss, args):
     """DKD takes the teacher's class where there is no label; DIST's batch term runs over the samples
     that count (labeled + kept unlabeled)."""
-    from tests.test_semi import semi_args
+    from tests.helpers import semi_args
 
     root = tmp_path / "u"
     root.mkdir()
@@ -234,7 +239,7 @@ def test_new_losses_learn_from_unlabeled_images(tiny_data, teacher_dir, tmp_path
 
 
 def test_feature_distillation_with_unlabeled_images_is_refused_clearly(tiny_data, teacher_dir, tmp_path, capsys):
-    from tests.test_semi import semi_args
+    from tests.helpers import semi_args
 
     capsys.readouterr()
     assert run_cli("distill", *semi_args(tiny_data, tiny_data / "test", 1), "--teacher", "resnet10t",

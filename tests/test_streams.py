@@ -14,7 +14,7 @@ from kdkit.config import AugConfig
 from kdkit.data import create_loader, open_dataset, view_settings, with_views
 from kdkit.data.sampler import seek
 from kdkit.data.stream import StreamDataset
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 DATA_CFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "crop_pct": 1.0}

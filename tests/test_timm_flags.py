@@ -18,8 +18,7 @@ from kdkit.cli.common import recipe_from_args
 from kdkit.cli.distill import FLAGS
 from kdkit.config import load_recipe
 from kdkit.registry import KdkitError
-
-from .conftest import ONE_EPOCH, TINY_VIT_ARGS, run_cli
+from tests.helpers import ONE_EPOCH, TINY_VIT_ARGS, run_cli
 
 # DeiT, README_deit.md, "Multinode training": DeiT-B with hard distillation from RegNetY-160
 DEIT_DISTILL = ("python run_with_submitit.py --model deit_base_distilled_patch16_224 --distillation-type hard "

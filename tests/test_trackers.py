@@ -22,9 +22,7 @@ from kdkit.accelerator import create_accelerator
 from kdkit.config import load_recipe
 from kdkit.engine.metrics import MetricsLog, RunTrackers, tracker_failed
 from kdkit.registry import KdkitError
-
-from .conftest import TINY_VIT_ARGS, run_cli
-from .test_distributed import LAUNCH
+from tests.helpers import LAUNCH, TINY_VIT_ARGS, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +166,7 @@ def test_log_with_takes_a_list_or_comma_separated_names(capsys, tmp_path):
 
 
 def test_a_run_that_fails_closes_its_trackers_with_every_line_written(tiny_data, tmp_path):
-    from .test_faults import RUN, NaNTeacher, TinyConvNet
+    from tests.helpers import RUN, NaNTeacher, TinyConvNet
 
     with pytest.raises(KdkitError, match="non-finite loss at epoch 0 step 3"):
         kdkit.distill(TinyConvNet(), NaNTeacher(bad=3), str(tiny_data), output=str(tmp_path), name="failed",

@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 
 from kdkit.cache.manifest import FORMAT, MODES, build_manifest, data_identity, differences, weights_sha256
-from kdkit.cache.store import TAILS, LogitStore, decode, encode, read_manifest, record_bytes, record_labels
+from kdkit.cache.store import (
+    TAILS,
+    LogitStore,
+    decode_record,
+    encode_record,
+    read_manifest,
+    record_bytes,
+    record_labels,
+)
 from kdkit.data.sampler import epoch_views, mixed_epoch_views
 from kdkit.registry import KdkitError
 
@@ -30,7 +38,7 @@ class LogitCache:
     """A finished cache folder, read-only (`partial=True`: one still being written).
 
     lookup(epoch, views, labels, tail) -> (B, C) float32 teacher log-probabilities of those view
-    ids in that epoch, densified (store.decode) with the views' label classes; a fixed cache ignores
+    ids in that epoch, densified (store.decode_record) with the views' label classes; a fixed cache ignores
     the epoch and the repeat (one record per image).
     A cache of another format is refused, with the command that rewrites it.
     A cache written with unlabeled images covers the combined dataset (data/unlabeled.py): labeled
@@ -114,7 +122,7 @@ class LogitCache:
     def lookup(self, epoch: int, views: Tensor, labels: Tensor | None = None, tail: str = "mass") -> Tensor:
         """(B, C) float32 log-probabilities of the (B,) view ids `views` in `epoch`. labels: (B,) the
         views' label classes (store.record_labels; None: the stored label is left out); tail: the
-        fill of the classes a top-K record does not hold ("mass" or "normal", see store.decode)."""
+        fill of the classes a top-K record does not hold ("mass" or "normal", see store.decode_record)."""
         return self.store.rows(0 if self.mode == "fixed" else epoch, self.positions(epoch, views), labels, tail)
 
     def records(self, epoch: int, views: Tensor) -> dict[str, Tensor]:
@@ -137,6 +145,6 @@ class LogitCache:
             raise KdkitError(f"the logit cache {self.root} does not match this run: " + "; ".join(diffs))
 
 
-__all__ = ["FORMAT", "MODES", "TAILS", "LogitCache", "LogitStore", "build_manifest", "data_identity", "decode",
-           "differences", "encode", "read_manifest", "record_bytes", "record_labels", "replay_cycle",
+__all__ = ["FORMAT", "MODES", "TAILS", "LogitCache", "LogitStore", "build_manifest", "data_identity", "decode_record",
+           "differences", "encode_record", "read_manifest", "record_bytes", "record_labels", "replay_cycle",
            "weights_sha256"]

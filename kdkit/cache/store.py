@@ -15,7 +15,7 @@ each reads logits through a softmax, a z-score or an arg-max):
   NaN where the view has no label). The label's class itself is not stored: a reader passes it
   (the training batch carries it).
 
-`decode` densifies records to (n, C) float32 log-probabilities: the stored classes (top K, and
+`decode_record` densifies records to (n, C) float32 log-probabilities: the stored classes (top K, and
 the label where it is outside them) get their stored values; the other classes, the tail, all get
 one value c, the `tail` fill:
 
@@ -73,7 +73,7 @@ def record_labels(target: Tensor) -> Tensor:
     return torch.where(target.sum(dim=1) > 0, target.argmax(dim=1), -1)
 
 
-def encode(logits: Tensor, topk: int, dtype: torch.dtype, labels: Tensor | None = None) -> dict[str, Tensor]:
+def encode_record(logits: Tensor, topk: int, dtype: torch.dtype, labels: Tensor | None = None) -> dict[str, Tensor]:
     """(n, C) teacher logits -> the record tensors of n records (module docstring). labels: (n,)
     each record's label class (-1: none; None: no labels at all), kept when K < C."""
     logp = logits.float().log_softmax(dim=1)
@@ -91,7 +91,7 @@ def encode(logits: Tensor, topk: int, dtype: torch.dtype, labels: Tensor | None 
             "std": logp.std(1).to(dtype), "label": label.to(dtype)}
 
 
-def decode(record: dict[str, Tensor], num_classes: int, labels: Tensor | None = None,
+def decode_record(record: dict[str, Tensor], num_classes: int, labels: Tensor | None = None,
            tail: str = "mass") -> Tensor:
     """Record tensors of n records -> (n, C) float32 log-probabilities (module docstring).
 
@@ -231,7 +231,7 @@ def mmap_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     base = 8 + size
     out = {}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only memory: never written, decode() copies
+        warnings.simplefilter("ignore")  # read-only memory: never written, decode_record() copies
         for name, info in header.items():
             lo, hi = info["data_offsets"]
             arr = data[base + lo:base + hi].view(_NUMPY[info["dtype"]]).reshape(info["shape"])
@@ -368,8 +368,8 @@ class LogitStore:
 
     def rows(self, epoch: int, positions: Tensor, labels: Tensor | None = None, tail: str = "mass") -> Tensor:
         """(n, C) log-probabilities of the records at `positions` of `epoch` (see `records`),
-        densified by `decode` with the records' label classes `labels` and the `tail` fill."""
-        return decode(self.records(epoch, positions), self.num_classes, labels, tail)
+        densified by `decode_record` with the records' label classes `labels` and the `tail` fill."""
+        return decode_record(self.records(epoch, positions), self.num_classes, labels, tail)
 
     def verify(self) -> dict[str, list[str]]:
         """Check every shard the manifest promises: returns {"missing": [...], "corrupt": [...],

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from kdkit.accelerator import create_accelerator, peers_watched
 from kdkit.cache import LogitCache
 from kdkit.cache.manifest import differences
-from kdkit.cache.store import DTYPES, LogitStore, encode, read_manifest, record_bytes, record_labels
+from kdkit.cache.store import DTYPES, LogitStore, encode_record, read_manifest, record_bytes, record_labels
 from kdkit.console import progress_bar
 from kdkit.data import SeededDataset, collate, start_worker
 from kdkit.files import LOCK_NAME, atomic_write_text, exclusive_lock, remove_stale_temporaries
@@ -110,14 +110,14 @@ def _write(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, root: Pa
             views = reader.views_of_epoch(epoch)[lo:lo + store.shard_size]
             loader = DataLoader(dataset, batch_size=batch_size, sampler=views.tolist(), num_workers=workers,
                                 collate_fn=collate, worker_init_fn=start_worker)
-            record = encode(torch.zeros(len(views), m["num_classes"]), topk, dtype)  # unreadable views stay 0
+            record = encode_record(torch.zeros(len(views), m["num_classes"]), topk, dtype)  # unreadable views stay 0
             row_of = {v: r for r, v in enumerate(views.tolist())}
             for raw in loader:
                 if raw["images"] is None:
                     continue
                 rows = torch.tensor([row_of[v] for v in raw["index"].tolist()])
                 logits = teacher(raw["images"].to(acc.device)).cpu()
-                for k, v in encode(logits, topk, dtype, record_labels(raw["target"])).items():
+                for k, v in encode_record(logits, topk, dtype, record_labels(raw["target"])).items():
                     record[k][rows] = v
             store.write(epoch, shard, record)
             records += len(views)

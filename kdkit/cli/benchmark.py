@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdkit.engine.benchmark import benchmark
+    from kdkit.analysis.benchmark import benchmark
     from kdkit.registry import KdkitError
 
     for flag in ("img_size", "batch_size", "num_classes", "repeats"):

@@ -40,8 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    from kdkit.analysis.compare import compare, draw_heatmap, write_csv
     from kdkit.cli.report import out
-    from kdkit.engine.compare import compare, draw_heatmap, write_csv
     from kdkit.files import check_new_output
 
     folder = Path(args.out)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kdkit.cache import LogitCache
-from kdkit.cache.store import DTYPES, STATS, encode, record_labels
+from kdkit.cache.store import DTYPES, STATS, encode_record, record_labels
 from kdkit.cache.writer import write_cache
 from kdkit.config import Recipe
 from kdkit.console import console
@@ -96,7 +96,7 @@ def verify_cache(path: str | Path, r: Recipe | None = None, samples: int = 64, s
         # a top-K record's mean, std and label, against the same teacher's (NaN label: no label, both sides)
         target = sample["target"]
         target = target[None] if isinstance(target, torch.Tensor) else torch.tensor([target])
-        want = encode(logits, m["topk"], torch.float32, record_labels(target))
+        want = encode_record(logits, m["topk"], torch.float32, record_labels(target))
         got = cache.records(epoch, torch.tensor([view]))
         for name in STATS if m["topk"] < m["num_classes"] else ():
             a, b = got[name].float(), want[name].cpu()

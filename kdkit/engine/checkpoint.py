@@ -107,7 +107,7 @@ def _flat(recipe: dict) -> dict[str, Any]:
 
 # --- a state tree <-> (tensors, JSON) --------------------------------------------------------------
 
-def encode(obj: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
+def to_json_tree(obj: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
     """A JSON-able copy of `obj` with each tensor moved into `tensors` under its path and replaced
     by {"__tensor__": path}; tuples and dicts with non-string keys are tagged so they come back."""
     if isinstance(obj, torch.Tensor):
@@ -115,12 +115,12 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: encode(v, tensors, f"{key}.{k}") for k, v in obj.items()}
-        return {"__items__": [[k, encode(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
+            return {k: to_json_tree(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, to_json_tree(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {"__tuple__": [encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+        return {"__tuple__": [to_json_tree(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+        return [to_json_tree(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
     if isinstance(obj, np.ndarray):
         return {"__array__": obj.tolist(), "dtype": str(obj.dtype)}
     if isinstance(obj, np.generic):
@@ -130,21 +130,21 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
     raise TypeError(f"cannot store a {type(obj).__name__} (at {key!r}) in a checkpoint")
 
 
-def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of `encode`."""
+def from_json_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `to_json_tree`: `obj` read back from JSON, tensors put back from `tensors`."""
     if isinstance(obj, list):
-        return [decode(v, tensors) for v in obj]
+        return [from_json_tree(v, tensors) for v in obj]
     if not isinstance(obj, dict):
         return obj
     if "__tensor__" in obj:
         return tensors[obj["__tensor__"]]
     if "__tuple__" in obj:
-        return tuple(decode(v, tensors) for v in obj["__tuple__"])
+        return tuple(from_json_tree(v, tensors) for v in obj["__tuple__"])
     if "__items__" in obj:
-        return {k: decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: from_json_tree(v, tensors) for k, v in obj["__items__"]}
     if "__array__" in obj:
         return np.asarray(obj["__array__"], dtype=obj["dtype"])
-    return {k: decode(v, tensors) for k, v in obj.items()}
+    return {k: from_json_tree(v, tensors) for k, v in obj.items()}
 
 
 # --- RNG -------------------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ class Checkpointer:
                 "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
                 "ema_generator": getattr(self.ema, "_sr_generator", None) and self.ema._sr_generator.get_state()}
         tensors: dict[str, torch.Tensor] = {}
-        state = json.dumps(encode(tree, tensors, "state"))
+        state = json.dumps(to_json_tree(tree, tensors, "state"))
         files = {"model.safetensors": save_tensors(_weights(self.acc.unwrap_model(self.student))),
                  "state.safetensors": save_tensors(tensors), "state.json": state.encode()}
         if self.ema is not None:
@@ -343,7 +343,7 @@ class Checkpointer:
                              f"(start the run again without --resume)")
         path, files = found
         tensors = load_tensors(files["state.safetensors"])
-        tree = decode(json.loads(files["state.json"]), tensors)
+        tree = from_json_tree(json.loads(files["state.json"]), tensors)
         if self.recipe is not None and tree.get("recipe") is not None:
             # a checkpoint of an earlier kdkit records earlier keys: compare in today's
             changed = recipe_changes(load_recipe(None, upgrade_recipe(tree["recipe"])).to_dict(), self.recipe)

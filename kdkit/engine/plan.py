@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from kdkit.cache.store import DTYPES, decode, encode, record_bytes, record_labels
+from kdkit.cache.store import DTYPES, decode_record, encode_record, record_bytes, record_labels
 from kdkit.config import Recipe
-from kdkit.engine.benchmark import count_flops
 from kdkit.engine.build import BuiltRun, build_optimizer, build_run, expected_manifest
 from kdkit.engine.step import DistillationStep, make_batch, train_step
 from kdkit.engine.summary import run_summary
+from kdkit.models.flops import count_flops
 from kdkit.registry import KdkitError
 from kdkit.types import Batch
 
@@ -218,12 +218,12 @@ def measure(r: Recipe, parts: BuiltRun, steps: int, topk: int, dtype: str, tail:
     for batch, answer in zip(batches, answers, strict=True):
         logits: Tensor = answer.logits if loss.needs_features else answer
         labels = record_labels(batch.target).cpu()
-        took, records = _timed(lambda z=logits, y=labels: encode(z.float().cpu(), k, DTYPES[dtype], y),
+        took, records = _timed(lambda z=logits, y=labels: encode_record(z.float().cpu(), k, DTYPES[dtype], y),
                                torch.device("cpu"))
         took += _timed(lambda rec=records: save(rec), torch.device("cpu"))[0]
         encode_s.append(took)
         classes = logits.shape[1]
-        read_s.append(_timed(lambda rec=records, y=labels, c=classes: decode(rec, c, y, tail).to(acc.device),
+        read_s.append(_timed(lambda rec=records, y=labels, c=classes: decode_record(rec, c, y, tail).to(acc.device),
                              acc.device)[0])
     # the first of each: warm-up (lazy initialisation, the optimizer's state, kernel choice)
     return StepTimes(*(statistics.median(x[1:]) for x in (loader_s, teacher_s, student_s, encode_s, read_s)))

@@ -1,15 +1,10 @@
 """The model table of the DeiT paper (Table 1): parameters, FLOPs per image, inference throughput.
 
-FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one image: matrix products,
-convolutions and attention, where one multiply-add is 2 FLOPs. Element-wise operations, norms and
-softmax are not counted. The DeiT and T2T-ViT papers and timm's tables report multiply-adds
-under the name "FLOPs": compare those with `gmacs` (= gflops / 2): DeiT-Ti 1.25 (timm's table 1.26,
-the paper 1.3), Swin-T 4.49 (paper 4.5), ResNet-50 4.09 (timm 4.1).
-
-Fused attention (`F.scaled_dot_product_attention`) runs one of several kernels. torch's counter
-knows the CUDA ones (flash, memory-efficient, cuDNN) and the math fallback (plain matmuls), but
-not CPU's flash kernel, which every timm ViT uses on CPU: without ATTENTION_KERNELS DeiT-Ti counts
-1.08 GMACs, its two attention products (Q K^T and A V) missing.
+FLOPs are counted on one image by kdkit.models.flops (matrix products, convolutions and
+attention, fused kernels included), where one multiply-add is 2 FLOPs. The DeiT and T2T-ViT
+papers and timm's tables report multiply-adds under the name "FLOPs": compare those with `gmacs`
+(= gflops / 2): DeiT-Ti 1.25 (timm's table 1.26, the paper 1.3), Swin-T 4.49 (paper 4.5),
+ResNet-50 4.09 (timm 4.1).
 
 Throughput is images per second of inference (eval mode, `torch.inference_mode`, bf16 autocast on
 CUDA) at the largest batch that fits, as in the DeiT paper: the batch doubles from 8 up to a cap
@@ -20,7 +15,6 @@ median over timed passes (10 on CUDA, 3 on CPU).
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -28,58 +22,12 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from kdkit.models import create_model, model_data_config
+from kdkit.models.flops import count_flops, count_params
 from kdkit.registry import KdkitError
 
 CUDA_BATCH_CAP, CPU_BATCH_CAP, FIRST_BATCH = 1024, 64, 8
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (trainable or not)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def attention_flops(query_shape: tuple[int, ...], key_shape: tuple[int, ...], value_shape: tuple[int, ...],
-                    *args: object, out_shape: object = None, **kwargs: object) -> int:
-    """FLOPs of scaled dot-product attention's two products: scores Q K^T, (..., Lq, E) x (..., E, Lk),
-    then A V, (..., Lq, Lk) x (..., Lk, Ev); 2 per multiply-add, over the query's leading
-    (batch, heads) dims (grouped keys/values are broadcast to the query's heads). Masks, scaling
-    and softmax are element-wise, not counted; a causal mask is counted in full, as torch does."""
-    *lead, lq, e = query_shape
-    lk, ev = key_shape[-2], value_shape[-1]
-    return 2 * math.prod(lead) * lq * lk * (e + ev)
-
-
-_aten = torch.ops.aten
-# Forward attention kernels torch's FlopCounterMode has no formula for (it has the CUDA ones):
-# CPU's flash kernel, the MPS math kernel and the out-of-tree backends' overridable one. Each takes
-# (query, key, value, ...) first.
-ATTENTION_KERNELS = {op: attention_flops for op in (
-    _aten._scaled_dot_product_flash_attention_for_cpu, _aten._scaled_dot_product_attention_math_for_mps,
-    _aten._scaled_dot_product_fused_attention_overrideable)}
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's FlopCounterMode (no table printed) that also counts every fused attention kernel."""
-    return FlopCounterMode(display=False, custom_mapping=ATTENTION_KERNELS)
-
-
-def count_flops(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> int:
-    """FLOPs of one forward pass on one sample of `input_shape` (e.g. (3, 224, 224)), 2 per multiply-add.
-
-    Runs in float32 without autocast; attention counts the same whichever kernel runs it (see
-    ATTENTION_KERNELS)."""
-    x = torch.zeros(1, *input_shape, device=device)
-    was_training = model.training
-    model.eval()
-    # autograd left on: the counter's module tracker fails on a view of a parameter passed between
-    # modules (PiT's expanded class token) under inference_mode or no_grad; nothing runs backward
-    with flop_counter() as counter:
-        model(x)
-    model.train(was_training)
-    return int(counter.get_total_flops())
 
 
 def _autocast(device: torch.device):

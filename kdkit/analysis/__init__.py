@@ -1,0 +1,2 @@
+"""Analyses of trained or named models, outside training: `compare` (where models disagree) and
+`benchmark` (parameters, FLOPs, throughput)."""
