@@ -53,6 +53,22 @@ def test_the_custom_pair_of_getting_started_runs_as_written(tiny_data, tmp_path,
     assert namespace["probs"].shape == (1, 10)
 
 
+def test_the_lower_level_pieces_of_getting_started_run_as_written(tiny_data, monkeypatch, capsys):
+    """The run assembled by hand, on the tiny slice of the sample: its student learns from the
+    bundled teacher, and the datasets it opened carry the transforms they were opened with."""
+    code = python_block(ROOT / "docs" / "getting-started.md", "<!-- example: lower-level -->")
+    teacher = '"kdkit/assets/teachers/resnet9_cifar_s"'
+    assert teacher in code
+    monkeypatch.setattr("kdkit.data.sample_path", lambda: tiny_data)
+    namespace: dict = {}
+    exec(compile(code.replace(teacher, repr(str(ROOT / teacher.strip('"')))), "getting-started.md", "exec"), namespace)
+    train_ds, eval_ds, result = namespace["train_ds"], namespace["eval_ds"], namespace["result"]
+    assert len(train_ds) == 120 and len(eval_ds) == 60 and train_ds.transform is not None
+    assert tuple(eval_ds[0]["image"].shape) == (3, 32, 32)
+    assert result.eval["n"] == 60 and 0.0 <= result.eval["fused_top1"] <= 100.0
+    assert re.search(r"[\d.]+ [\d.]+ [\d.]+", capsys.readouterr().out)
+
+
 def test_the_api_reference_is_built_from_the_docstrings(tmp_path):
     spec = importlib.util.spec_from_file_location("build_api", ROOT / "docs" / "build_api.py")
     build_api = importlib.util.module_from_spec(spec)

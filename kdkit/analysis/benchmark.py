@@ -25,6 +25,7 @@ from torch import nn
 
 from kdkit.models import create_model, model_data_config
 from kdkit.models.flops import count_flops, count_params
+from kdkit.models.student import eval_mode
 from kdkit.registry import KdkitError
 
 CUDA_BATCH_CAP, CPU_BATCH_CAP, FIRST_BATCH = 1024, 64, 8
@@ -112,12 +113,13 @@ def benchmark_model(model: str | nn.Module, img_size: int | None = None, batch_s
     cuda = device.type == "cuda"
     warmup = (3 if cuda else 1) if warmup is None else warmup
     repeats = (10 if cuda else 3) if repeats is None else repeats
-    net = net.to(device).eval()
-    flops = count_flops(net, input_shape, device)
-    if batch_size is None:
-        # Only CUDA runs out of memory; the CPU batch is a modest cap so the table comes quickly.
-        batch_size = largest_batch(_fits(net, input_shape, device), CUDA_BATCH_CAP) if cuda else CPU_BATCH_CAP
-    ips = throughput(net, input_shape, batch_size, device, warmup, repeats)
+    net = net.to(device)
+    with eval_mode(net):  # a model passed in keeps its own training mode
+        flops = count_flops(net, input_shape, device)
+        if batch_size is None:
+            # Only CUDA runs out of memory; the CPU batch is a modest cap so the table comes quickly.
+            batch_size = largest_batch(_fits(net, input_shape, device), CUDA_BATCH_CAP) if cuda else CPU_BATCH_CAP
+        ips = throughput(net, input_shape, batch_size, device, warmup, repeats)
     return {"model": name, "params": count_params(net), "gflops": flops / 1e9, "gmacs": flops / 2e9,
             "input_shape": list(input_shape), "batch_size": batch_size, "images_per_s": ips,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",

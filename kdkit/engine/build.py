@@ -36,7 +36,7 @@ from kdkit.engine.evaluate import check_teacher
 from kdkit.engine.metrics import resolve_trackers
 from kdkit.losses import LOSSES, DistillationLoss, semi_supervised
 from kdkit.models import HEADS, create_student, create_teacher, model_data_config, resolve_model_name
-from kdkit.models.student import num_pooled_features
+from kdkit.models.student import eval_mode, num_pooled_features
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError, Lazy, call_with, check_settings, parameters
 from kdkit.sources import LOGIT_SOURCES, LogitSource, SourceContext
@@ -65,10 +65,8 @@ def is_convnet(model: nn.Module) -> bool:
 def check_student_classes(student: nn.Module, num_classes: int, data_cfg: dict) -> None:
     """One forward of two blank images: a student whose heads do not predict the data's classes is
     refused before training (it would fail mid-epoch with an index error)."""
-    was_training = student.training
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        out = student.eval()(torch.zeros(2, *data_cfg["input_size"]))
-    student.train(was_training)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), eval_mode(student):
+        out = student(torch.zeros(2, *data_cfg["input_size"]))
     k = out.logits.shape[-1]
     if k != num_classes or out.dist_logits.shape[-1] != num_classes:
         raise KdkitError(f"the student predicts {k} classes but the data has {num_classes}: build it with "

@@ -15,6 +15,7 @@ from kdkit.accelerator import create_accelerator
 from kdkit.console import console, progress_bar
 from kdkit.data import NAMED_SKIPS, create_loader, eval_transform, note_skipped, open_dataset
 from kdkit.models import has_saved_config, load_saved
+from kdkit.models.student import eval_mode
 from kdkit.models.teacher import Teacher
 from kdkit.registry import KdkitError
 from kdkit.types import StudentOut
@@ -37,11 +38,9 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
     and images_per_s.
     """
     acc = accelerator or create_accelerator()
-    was_training = model.training
-    model.eval()
     sums = {f"{h}_top{k}": 0.0 for h in ("class", "dist", "fused") for k in (1, 5)}
     n, skipped, seconds, one_head, names = 0, 0, 0.0, True, []
-    with progress_bar(acc, description, total=len(loader), enabled=progress) as bar:
+    with eval_mode(model), progress_bar(acc, description, total=len(loader), enabled=progress) as bar:
         for raw in loader:
             skipped += raw["skipped"]
             if raw["skipped"]:
@@ -61,7 +60,6 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
                     for k in (1, 5):
                         sums[f"{h}_top{k}"] += _correct(lg.float(), target, k).item()
             bar()
-    model.train(was_training)
     result = {k: 100.0 * v / max(n, 1) for k, v in sums.items()}
     result.update(heads=1 if one_head else 2, n=n, skipped=int(skipped),
                   images_per_s=n / seconds if seconds else 0.0)

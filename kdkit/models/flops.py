@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdkit.models.student import eval_mode
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
@@ -55,11 +57,8 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...], device: torch.de
     Runs in float32 without autocast; attention counts the same whichever kernel runs it (see
     ATTENTION_KERNELS)."""
     x = torch.zeros(1, *input_shape, device=device)
-    was_training = model.training
-    model.eval()
     # autograd left on: the counter's module tracker fails on a view of a parameter passed between
     # modules (PiT's expanded class token) under inference_mode or no_grad; nothing runs backward
-    with flop_counter() as counter:
+    with eval_mode(model), flop_counter() as counter:
         model(x)
-    model.train(was_training)
     return int(counter.get_total_flops())
