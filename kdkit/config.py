@@ -157,6 +157,7 @@ class AugConfig:
     cutmix_minmax: list[float] | None = None  # CutMix box side range, as a fraction (timm's --cutmix-minmax): CutMix on
     label_smoothing: float = 0.0
     repeated_aug: int = 0  # number of repeats (3 in DeiT); 0 or 1 = off
+    crops_per_image: int = 0  # FKD's crops: N views of every image an epoch, one decode (epoch N x longer); 0 or 1 = off
     interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
@@ -166,6 +167,12 @@ class AugConfig:
         mm = self.cutmix_minmax
         if mm is not None and not (len(mm) == 2 and 0 < mm[0] < mm[1] <= 1):
             raise KdkitError(f"aug.cutmix_minmax takes MIN MAX with 0 < MIN < MAX <= 1, got {mm}")
+        if self.crops_per_image > 1 and self.repeated_aug > 1:
+            raise KdkitError(f"aug.crops_per_image {self.crops_per_image} and aug.repeated_aug {self.repeated_aug} both "
+                             "repeat images: choose one (crops: every image N times an epoch; repeats: DeiT's epoch)")
+        for key in ("repeated_aug", "crops_per_image"):
+            if getattr(self, key) < 0:
+                raise KdkitError(f"aug.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass

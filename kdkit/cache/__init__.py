@@ -20,6 +20,7 @@ from kdkit.cache.store import (
     record_labels,
 )
 from kdkit.data.sampler import epoch_views, mixed_epoch_views
+from kdkit.data.views import view_repeats
 from kdkit.registry import KdkitError
 
 # keys a run must share with the cache it reads
@@ -87,7 +88,8 @@ class LogitCache:
                 views = torch.cat(mixed_epoch_views(m["data"]["num_samples"], m["unlabeled"]["num_samples"],
                                                     m["unlabeled_ratio"], m["seed"], epoch, m["repeats"]))
             else:
-                views = epoch_views(m["records_per_epoch"], m["seed"], epoch, m["repeats"])
+                views = epoch_views(m["data"]["num_samples"], m["seed"], epoch, m["repeats"],
+                                    every_repeat=view_repeats(m["views"])[1])
             self._sorted[epoch] = views.sort().values
         return self._sorted[epoch]
 

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from kdkit.cache.store import STATS
 from kdkit.data.dataset import SeededDataset
-from kdkit.data.sampler import unlabeled_per_epoch
-from kdkit.data.views import NOT_PIXELS
+from kdkit.data.sampler import unlabeled_per_epoch, views_per_epoch
+from kdkit.data.views import NOT_PIXELS, view_repeats
 from kdkit.version import __version__
 
 FORMAT = "kdkit-logits/3"  # 3: K < C records keep the mean, std and label of all C (2: cheap view seeds)
@@ -51,17 +51,19 @@ def build_manifest(*, mode: str, teacher: dict, data: dict, views: dict, seed: i
     data: data_identity(...) of the labeled data; views: kdkit.data.views.view_settings(...);
     unlabeled: data_identity(...) of the unlabeled images (None: none) and unlabeled_ratio their MU.
 
-    Records per epoch: the labeled samples, plus with unlabeled images every one of them (fixed)
-    or the floor(MU * N_l) unlabeled views an epoch draws (replay; see data/sampler.py)."""
+    Records per epoch: the labeled views an epoch draws (one per sample; with FKD's crops, every
+    crop of every sample), plus with unlabeled images every one of them (fixed) or the
+    floor(MU * N_l) unlabeled views an epoch draws (replay; see data/sampler.py)."""
     num_classes = len(data["classes"])
     fixed = mode == "fixed"
-    records = data["num_samples"]
+    repeats, every_repeat = (1, False) if fixed else view_repeats(views)
+    records = views_per_epoch(data["num_samples"], repeats, every_repeat)
     if unlabeled is not None:
         records += unlabeled["num_samples"] if fixed else unlabeled_per_epoch(data["num_samples"], unlabeled_ratio)
     k = min(topk, num_classes) if topk > 0 else num_classes
     return {"format": FORMAT, "mode": mode, "teacher": teacher, "data": data, "views": views,
             "seed": None if fixed else seed, "epochs": 1 if fixed else epochs,
-            "repeats": 1 if fixed else max(int(views.get("repeated_aug", 1)), 1),
+            "repeats": repeats,
             "unlabeled": unlabeled, "unlabeled_ratio": None if fixed or unlabeled is None else float(unlabeled_ratio),
             "topk": k, "dtype": dtype, "values": "log_softmax", "stats": list(STATS) if k < num_classes else [],
             "num_classes": num_classes, "records_per_epoch": records, "shard_size": shard_size,

@@ -199,6 +199,8 @@ RUN_FLAGS: dict[str, Flag] = {
                            const=3),
     "--no-repeated-aug": Flag("aug.repeated_aug", bool, "DeiT's: no repeated augmentation (= --repeated-aug 0)",
                               "augmentation", const=0, default="off"),
+    "--crops-per-image": Flag("aug.crops_per_image", int, "FKD's crops (its --num_crops): N views of every image "
+                              "an epoch from one decode, the epoch N times longer (0 or 1 = off)", "augmentation"),
     # optimisation
     "--epochs": Flag("optim.epochs", int, "training epochs", "optimisation"),
     "--lr": Flag("optim.lr", float, "absolute learning rate, as timm's --lr (wins over --lr-base); 0 = from "

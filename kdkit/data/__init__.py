@@ -250,12 +250,13 @@ def note_skipped(names: list[str], new: list[str]) -> list[str]:
 
 
 def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, workers: int = 2, seed: int = 0,
-                  num_replicas: int = 1, rank: int = 0, repeated_aug: int = 0, persistent_workers: bool = True,
+                  num_replicas: int = 1, rank: int = 0, repeated_aug: int | None = None, persistent_workers: bool = True,
                   prefetch_factor: int = 2) -> DataLoader:
     """A DataLoader over one process's part of the data.
 
-    Training: an EpochSampler whose global order depends on (seed, epoch) only (with
-    `repeated_aug` > 1, each drawn image comes `repeated_aug` times in distinct views), split over
+    Training: an EpochSampler whose global order depends on (seed, epoch) only (each drawn image
+    comes as many times as the dataset's views say, `dataset.repeats`, in distinct views; an
+    explicit `repeated_aug` > 1 overrides it; see kdkit.data.with_views), split over
     `num_replicas` processes; `batch_size` is per process and incomplete batches are dropped.
     A SemiSupervisedDataset trains through a MixedSampler instead: every batch holds `batch_size`
     labeled views and MU * `batch_size` unlabeled ones (MU: the dataset's unlabeled_ratio).
@@ -275,13 +276,14 @@ def create_loader(dataset: SeededDataset, batch_size: int, *, training: bool, wo
         return DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=training,
                           pin_memory=torch.cuda.is_available(), worker_init_fn=start_worker,
                           **({"prefetch_factor": prefetch_factor} if workers else {}))
+    repeats = dataset.repeats if repeated_aug is None else max(repeated_aug, 1)
     if training and isinstance(dataset, SemiSupervisedDataset):
         # each step: batch_size labeled + MU * batch_size unlabeled views per process
-        sampler = MixedSampler(dataset, batch_size * num_replicas, seed, num_replicas, rank, max(repeated_aug, 1))
+        sampler = MixedSampler(dataset, batch_size * num_replicas, seed, num_replicas, rank, repeats)
         batch_size = sampler.per_process_batch
     else:
-        sampler = EpochSampler(len(dataset), batch_size * num_replicas, seed, num_replicas, rank,
-                               max(repeated_aug, 1)) if training else None
+        sampler = EpochSampler(len(dataset), batch_size * num_replicas, seed, num_replicas, rank, repeats,
+                               every_repeat=dataset.every_repeat, view_cycle=dataset.view_cycle) if training else None
     workers_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, drop_last=training, pin_memory=torch.cuda.is_available(),

@@ -75,6 +75,7 @@ class SeededDataset(Dataset):
         self.strict = strict
         self.mixup = None
         self.repeats = 1  # repeated augmentation of the training order (pairs of views follow it)
+        self.every_repeat = False  # an epoch draws every repeat of every sample (FKD's crops), not N views
         self.view_cycle = 0
         self._partners: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -112,7 +113,7 @@ class SeededDataset(Dataset):
     def epoch_orders(self, epoch: int) -> list[Tensor]:
         """The global orders of view ids the training sampler draws in view epoch `epoch`, one per
         pool whose views pair among themselves under Mixup/CutMix."""
-        return [epoch_views(len(self), self.seed, epoch, self.repeats)]
+        return [epoch_views(len(self), self.seed, epoch, self.repeats, every_repeat=self.every_repeat)]
 
     def decode(self, index: int) -> tuple[Image.Image | None, int]:
         """Sample `index` as an RGB image (None if unreadable, unless `strict`) and its label."""

@@ -19,13 +19,22 @@ from kdkit.data.seeding import ORDER, UNLABELED_ORDER, sample_seed
 from kdkit.registry import KdkitError
 
 
-def epoch_views(num_samples: int, seed: int, epoch: int, repeats: int = 1, shuffle: bool = True) -> torch.Tensor:
-    """The global order of an epoch's view ids, (num_samples,) int64.
+def views_per_epoch(num_samples: int, repeats: int = 1, every_repeat: bool = False) -> int:
+    """How many views an epoch draws: `num_samples` (DeiT's repeated augmentation keeps the epoch's
+    length), or every repeat of every sample (FKD's crops: `repeats` x `num_samples`)."""
+    return num_samples * repeats if every_repeat else num_samples
+
+
+def epoch_views(num_samples: int, seed: int, epoch: int, repeats: int = 1, shuffle: bool = True,
+                every_repeat: bool = False) -> torch.Tensor:
+    """The global order of an epoch's view ids, (views_per_epoch(...),) int64.
 
     A view id is `index + r * num_samples` for the r-th repeat of sample `index`, so repeated
     augmentation (DeiT's RASampler: each drawn image `repeats` times, in a differently augmented
-    view) draws distinct views; an epoch still draws `num_samples` views, as in DeiT. Repeats come
-    a pair at a time (A B A B A B ...), so the two views of a Mixup pair are never one image.
+    view) draws distinct views; an epoch still draws `num_samples` views, as in DeiT, or with
+    `every_repeat` all `repeats` views of every sample (FKD's several crops of each image, an epoch
+    `repeats` times longer). Repeats come a pair at a time (A B A B A B ...), so the two views of a
+    Mixup pair are never one image, and a batch holding an image's repeats decodes it once.
     """
     g = torch.Generator().manual_seed(sample_seed(seed, epoch, 0, ORDER))
     order = torch.randperm(num_samples, generator=g) if shuffle else torch.arange(num_samples)
@@ -34,7 +43,7 @@ def epoch_views(num_samples: int, seed: int, epoch: int, repeats: int = 1, shuff
         offsets = num_samples * torch.arange(repeats)
         pairs = order[:even].view(-1, 1, 2) + offsets.view(1, -1, 1)
         rest = order[even:].view(-1, 1) + offsets.view(1, -1)
-        order = torch.cat([pairs.reshape(-1), rest.reshape(-1)])[:num_samples]
+        order = torch.cat([pairs.reshape(-1), rest.reshape(-1)])[:views_per_epoch(num_samples, repeats, every_repeat)]
     return order
 
 
@@ -61,29 +70,34 @@ def split_steps(order: torch.Tensor, batch_size: int, num_replicas: int, rank: i
 
 class EpochSampler(Sampler[tuple[int, int]]):
     """Process `rank` of `num_replicas` draws its block of every global batch of `batch_size`
-    (global) views of the epoch's order (`epoch_views`): step s of every process together covers
-    global positions [s * B, (s + 1) * B), as a single process would. Yields (epoch, view id).
+    (global) views of the epoch's order (`epoch_views`, with `repeats` and `every_repeat` as
+    there): step s of every process together covers global positions [s * B, (s + 1) * B), as a
+    single process would. Yields (epoch, view id). With `view_cycle` E > 0 (a run replaying a
+    cache's E epochs), epoch e draws the order of epoch e % E, so it draws the views the cache holds.
 
     set_epoch(epoch, start) re-seeds the order and skips the first `start` views of this process
     (resuming mid-epoch without reading the skipped images).
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 repeats: int = 1, shuffle: bool = True):
+                 repeats: int = 1, shuffle: bool = True, *, every_repeat: bool = False, view_cycle: int = 0):
         if batch_size % num_replicas:
             raise KdkitError(f"batch_size {batch_size} is not divisible by {num_replicas} processes")
         self.num_samples, self.batch_size, self.seed, self.repeats = num_samples, batch_size, seed, repeats
         self.num_replicas, self.rank, self.shuffle = num_replicas, rank, shuffle
+        self.every_repeat, self.view_cycle = every_repeat, view_cycle
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size * (self.batch_size // self.num_replicas) - self.start
+        views = views_per_epoch(self.num_samples, self.repeats, self.every_repeat)
+        return views // self.batch_size * (self.batch_size // self.num_replicas) - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = epoch_views(self.num_samples, self.seed, self.epoch, self.repeats, self.shuffle)
+        epoch = self.epoch % self.view_cycle if self.view_cycle else self.epoch
+        order = epoch_views(self.num_samples, self.seed, epoch, self.repeats, self.shuffle, self.every_repeat)
         mine = split_steps(order, self.batch_size, self.num_replicas, self.rank)
         return ((self.epoch, v) for v in mine[self.start :].tolist())
 

@@ -11,7 +11,10 @@ from timm.data import Mixup
 
 from kdkit.data.dataset import SeededDataset
 from kdkit.data.mixup import SampleMixup
+from kdkit.data.stream import StreamDataset
 from kdkit.data.transforms import create_transforms
+from kdkit.data.unlabeled import SemiSupervisedDataset
+from kdkit.registry import KdkitError
 
 AUG_KEYS = ("scale", "hflip", "color_jitter", "auto_augment", "reprob", "mixup", "cutmix", "mixup_prob",
             "mixup_switch_prob", "label_smoothing", "repeated_aug")
@@ -32,10 +35,23 @@ def view_settings(data_cfg: dict, aug: dict | None = None) -> dict:
     if aug is None:
         return {**views, "interpolation": data_cfg["interpolation"], "crop_pct": float(data_cfg["crop_pct"])}
     augment = {k: list(aug[k]) if isinstance(aug[k], tuple) else aug[k] for k in AUG_KEYS}
-    erase = {k: aug[k] for k, default in ERASE_DEFAULTS.items() if aug.get(k, default) != default}
+    when_set = {k: aug[k] for k, default in ERASE_DEFAULTS.items() if aug.get(k, default) != default}
     if aug.get("cutmix_minmax"):
-        erase["cutmix_minmax"] = [float(x) for x in aug["cutmix_minmax"]]
-    return {**views, "interpolation": aug["interpolation"], **augment, **erase}
+        when_set["cutmix_minmax"] = [float(x) for x in aug["cutmix_minmax"]]
+    if aug.get("crops_per_image", 0) > 1:  # likewise FKD's crops, recorded only when on
+        when_set["crops_per_image"] = int(aug["crops_per_image"])
+    return {**views, "interpolation": aug["interpolation"], **augment, **when_set}
+
+
+def view_repeats(views: dict) -> tuple[int, bool]:
+    """(views of each drawn image, whether an epoch draws every one of them) for training views:
+    DeiT's repeated augmentation (`repeated_aug` R: R views of each drawn image, an epoch still as
+    many views as samples) or FKD's crops (`crops_per_image` N: N views of every image, an epoch N
+    times as long). Either way the repeats of an image come next to each other and are decoded once."""
+    crops = int(views.get("crops_per_image", 0))
+    if crops > 1:
+        return crops, True
+    return max(int(views.get("repeated_aug", 1)), 1), False
 
 
 def is_augmented(views: dict) -> bool:
@@ -70,9 +86,16 @@ def with_views(dataset: SeededDataset, views: dict, num_classes: int, view_cycle
     mixup = SampleMixup(Mixup(mixup_alpha=v["mixup"], cutmix_alpha=v["cutmix"], prob=v["mixup_prob"],
                               cutmix_minmax=v.get("cutmix_minmax"), switch_prob=v["mixup_switch_prob"],
                               label_smoothing=v["label_smoothing"], num_classes=num_classes)) if mixes(v) else None
+    repeats, every_repeat = view_repeats(v)
+    if every_repeat and isinstance(dataset, StreamDataset):
+        raise KdkitError(f"{dataset.source}: aug.crops_per_image needs indexed data (an epoch of every crop of every "
+                         "sample): give local shards or a folder, or use aug.repeated_aug on a stream")
+    if every_repeat and isinstance(dataset, SemiSupervisedDataset):
+        raise KdkitError("aug.crops_per_image does not combine with unlabeled images (an epoch there is one pass "
+                         "over the labeled data): use aug.repeated_aug")
     built = copy.copy(dataset)
-    vars(built).update(transform=view_transform(v), mixup=mixup, view_cycle=view_cycle,
-                       repeats=max(int(v.get("repeated_aug", 1)), 1))  # Mixup pairs follow the sampler's order
+    vars(built).update(transform=view_transform(v), mixup=mixup, view_cycle=view_cycle, repeats=repeats,
+                       every_repeat=every_repeat)  # Mixup pairs follow the sampler's order
     if hasattr(built, "_partners"):
         built._partners = {}  # pair partners depend on the repeats: the new views' own
     return built

@@ -102,7 +102,7 @@ def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator, v
     loader_kw = {"workers": r.data.workers, "persistent_workers": r.data.persistent_workers,
                  "prefetch_factor": r.data.prefetch_factor}
     train_loader = create_loader(train_ds, per_proc, training=True, seed=r.run.seed, num_replicas=acc.num_processes,
-                                 rank=acc.process_index, repeated_aug=r.aug.repeated_aug, **loader_kw)
+                                 rank=acc.process_index, **loader_kw)
     if len(train_loader) == 0:
         raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
     eval_loader = create_loader(eval_ds, max(r.data.eval_batch_size // acc.num_processes, 1), training=False,
