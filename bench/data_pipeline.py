@@ -25,7 +25,9 @@ Settings:
 
 timm: torchvision ImageFolder + timm.data.create_transform(...), DataLoader(batch 64, shuffle,
 drop_last), and for 224 timm's Mixup on each collated batch as timm's train.py applies it (its
-time counts). kdkit: open_dataset + with_views(view_settings(data_cfg, AugConfig)) + create_loader;
+time counts): train.py's CPU path (--no-prefetcher). At 224 px also timm-prefetcher: the CPU's share
+of train.py's default GPU path (uint8 batches, FastCollateMixup in the collate; normalisation and
+random erasing left to the GPU, untimed), the baseline a GPU user's loader is up against. kdkit: open_dataset + with_views(view_settings(data_cfg, AugConfig)) + create_loader;
 each epoch is entered the trainer's way (kdkit.engine.checkpoint.seek: sampler and dataset epoch).
 Note: recent Pillow refuses posterize(0), which DeiT's inc1 RandAugment asks for at its top
 magnitude; kdkit's transforms give those ops the black image the policy means
@@ -273,6 +275,41 @@ class TimmPipeline:
                 "batches_per_epoch": len(self.loader), "sampler": type(self.sampler).__name__}
 
 
+class TimmPrefetcherPipeline(TimmPipeline):
+    """timm's GPU pipeline, the CPU's share of it: train.py's default --prefetcher path. The
+    transform stops at uint8 arrays (create_transform(use_prefetcher=True)), batches are collated
+    as uint8 with Mixup/CutMix done in the collate (FastCollateMixup, as train.py builds it), and
+    normalisation and random erasing run on the GPU (PrefetchLoader), so they are not timed here.
+    Repeats: RepeatAugSampler, each repeat decoded again."""
+
+    name = "timm-prefetcher"
+
+    def __init__(self, root: Path, size: int, aug: dict, repeats: int = 0):
+        from timm.data import FastCollateMixup, create_transform
+        from timm.data.loader import fast_collate
+        from torch.utils.data import DataLoader
+        from torchvision.datasets import ImageFolder
+
+        from kdkit.data.transforms import fix_posterize
+
+        super().__init__(root, size, aug, repeats)
+        self.settings = {**self.settings, "use_prefetcher": True}
+        self.ds = ImageFolder(str(root / "train"), transform=fix_posterize(create_transform(**self.settings)))
+        collate = fast_collate
+        if self.mixup is not None:
+            collate = FastCollateMixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], prob=aug["mixup_prob"],
+                                       switch_prob=aug["mixup_switch_prob"], label_smoothing=aug["label_smoothing"],
+                                       num_classes=len(self.ds.classes))
+            self.mixup = None  # done in the collate
+        if self.sampler is not None:
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            self.sampler = RepeatAugSampler(self.ds, num_replicas=1, rank=0, num_repeats=repeats)
+        self.loader = DataLoader(self.ds, batch_size=BATCH, shuffle=self.sampler is None, sampler=self.sampler,
+                                 drop_last=True, num_workers=0, collate_fn=collate,
+                                 generator=torch.Generator().manual_seed(0))
+
+
 def timed_pass(pipe, max_batches: int) -> tuple[float, int, tuple]:
     """(seconds, samples) of one epoch of `pipe` (or its first max_batches batches) and the first
     batch's (image shape, target shape)."""
@@ -299,6 +336,8 @@ def measure(name: str, root: Path, size: int, aug: dict, rounds: int, warmup: in
     pipes = [KdkitPipeline(root, size, aug, repeats), TimmPipeline(root, size, aug, repeats)]
     if shards is not None:
         pipes.insert(1, KdkitShardsPipeline(shards, size, aug, repeats))
+    if size >= 224:  # what timm's GPU training asks of the CPU (normalisation and erasing on the GPU)
+        pipes.append(TimmPrefetcherPipeline(root, size, aug, repeats))
     for p in pipes:
         warm_up(p, warmup)
     rates: dict[str, list[float]] = {p.name: [] for p in pipes}
@@ -323,6 +362,9 @@ def measure(name: str, root: Path, size: int, aug: dict, rounds: int, warmup: in
             "ratio_paired_median": statistics.median(paired["kdkit"]), "ratio_paired": paired["kdkit"],
             "ratios_over_timm": {k: {"of_medians": stats[k]["median"] / stats["timm"]["median"],
                                      "paired_median": statistics.median(v)} for k, v in paired.items()},
+            **({"kdkit_over_timm_prefetcher": {
+                k: statistics.median(a / b for a, b in zip(rates[k], rates["timm-prefetcher"], strict=True))
+                for k in rates if k.startswith("kdkit")}} if "timm-prefetcher" in rates else {}),
             "batch_shapes": shapes, **{p.name: p.describe() for p in pipes}}
 
 
@@ -351,15 +393,17 @@ def machine(threads: int) -> dict:
 
 def table(results: dict) -> Table:
     t = Table(title=f"data pipeline, samples/s on one core (batch {BATCH}, num_workers=0)")
-    for col in ("setting", "pipeline", "median", "min", "max", "kdkit / timm"):
+    for col in ("setting", "pipeline", "median", "min", "max", "kdkit / timm", "kdkit / timm-prefetcher (paired)"):
         t.add_column(col, justify="left" if col in ("setting", "pipeline") else "right")
     for name, res in results.items():
         s = res["samples_per_s"]
+        over_prefetcher = res.get("kdkit_over_timm_prefetcher", {})
         for i, p in enumerate(s):
             r = res["ratios_over_timm"][p]
             ratio = f"{r['of_medians']:.3f} (paired {r['paired_median']:.3f})" if p != "timm" else ""
             t.add_row(f"{name} px ({res['images']} img)" if i == 0 else "", p, f"{s[p]['median']:,.1f}",
-                      f"{s[p]['min']:,.1f}", f"{s[p]['max']:,.1f}", ratio)
+                      f"{s[p]['min']:,.1f}", f"{s[p]['max']:,.1f}", ratio,
+                      f"{over_prefetcher[p]:.3f}" if p in over_prefetcher else "")
     return t
 
 
