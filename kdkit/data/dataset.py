@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from kdkit.data.sampler import epoch_views, pair_partners
+from kdkit.data.sampler import epoch_views, pair_partners, view_epoch
 from kdkit.data.seeding import AUGMENT, MIX, run_seeded, sample_seed
 from kdkit.registry import KdkitError
 
@@ -83,7 +83,7 @@ class SeededDataset(Dataset):
         self.epoch = self.view_epoch(epoch)
 
     def view_epoch(self, epoch: int) -> int:
-        return epoch % self.view_cycle if self.view_cycle else epoch
+        return view_epoch(epoch, self.view_cycle)
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -19,6 +19,12 @@ from kdkit.data.seeding import ORDER, UNLABELED_ORDER, sample_seed
 from kdkit.registry import KdkitError
 
 
+def view_epoch(epoch: int, view_cycle: int = 0) -> int:
+    """The epoch whose views (and order) epoch `epoch` draws: itself, or with `view_cycle` E > 0 (a
+    run replaying a cache's E epochs) epoch `epoch` mod E."""
+    return epoch % view_cycle if view_cycle else epoch
+
+
 def views_per_epoch(num_samples: int, repeats: int = 1, every_repeat: bool = False) -> int:
     """How many views an epoch draws: `num_samples` (DeiT's repeated augmentation keeps the epoch's
     length), or every repeat of every sample (FKD's crops: `repeats` x `num_samples`)."""
@@ -96,8 +102,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return views // self.batch_size * (self.batch_size // self.num_replicas) - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch % self.view_cycle if self.view_cycle else self.epoch
-        order = epoch_views(self.num_samples, self.seed, epoch, self.repeats, self.shuffle, self.every_repeat)
+        order = epoch_views(self.num_samples, self.seed, view_epoch(self.epoch, self.view_cycle), self.repeats,
+                            self.shuffle, self.every_repeat)
         mine = split_steps(order, self.batch_size, self.num_replicas, self.rank)
         return ((self.epoch, v) for v in mine[self.start :].tolist())
 
@@ -175,9 +181,9 @@ class MixedSampler(Sampler[tuple[int, int]]):
         return self.steps * self.per_process_batch - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        ds, cycle = self.dataset, self.dataset.view_cycle
+        ds = self.dataset
         labeled, unlabeled = mixed_epoch_views(ds.num_labeled, len(ds.unlabeled), ds.unlabeled_ratio, self.seed,
-                                               self.epoch % cycle if cycle else self.epoch, self.repeats)
+                                               ds.view_epoch(self.epoch), self.repeats)
         b, u, p, r = self.batch_size, self.unlabeled_batch, self.num_replicas, self.rank
         labeled = labeled[: self.steps * b].view(self.steps, p, b // p)[:, r]
         unlabeled = unlabeled[: self.steps * u].view(self.steps, p, u // p)[:, r]
