@@ -27,7 +27,10 @@ timm: torchvision ImageFolder + timm.data.create_transform(...), DataLoader(batc
 drop_last), and for 224 timm's Mixup on each collated batch as timm's train.py applies it (its
 time counts): train.py's CPU path (--no-prefetcher). At 224 px also timm-prefetcher: the CPU's share
 of train.py's default GPU path (uint8 batches, FastCollateMixup in the collate; normalisation and
-random erasing left to the GPU, untimed), the baseline a GPU user's loader is up against. kdkit: open_dataset + with_views(view_settings(data_cfg, AugConfig)) + create_loader;
+random erasing left to the GPU, untimed), the baseline a GPU user's loader is up against, and
+kdkit-prefetcher: kdkit's loader as it trains on a GPU (uint8 batches; normalisation, erasing and
+Mixup/CutMix left to the GPU, untimed). kdkit: open_dataset + with_views(view_settings(data_cfg,
+AugConfig)) + create_loader;
 each epoch is entered the trainer's way (kdkit.engine.checkpoint.seek: sampler and dataset epoch).
 Note: recent Pillow refuses posterize(0), which DeiT's inc1 RandAugment asks for at its top
 magnitude; kdkit's transforms give those ops the black image the policy means
@@ -192,6 +195,7 @@ def sharded(cache: Path, root: Path) -> Path:
 
 class KdkitPipeline:
     name = "kdkit"
+    finish_on_device = False
 
     def __init__(self, root: Path, size: int, aug: dict, repeats: int = 0):
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -203,7 +207,9 @@ class KdkitPipeline:
                     "std": IMAGENET_DEFAULT_STD, "crop_pct": 1.0}
         self.views = view_settings(data_cfg, aug_config(aug, repeats))
         self.ds = with_views(self.ds, self.views, len(self.ds.classes))
-        self.loader = create_loader(self.ds, BATCH, training=True, workers=0, seed=0, repeated_aug=repeats)
+        on_device = {"finish_on_device": True} if self.finish_on_device else {}  # (older kdkit: no such option)
+        self.loader = create_loader(self.ds, BATCH, training=True, workers=0, seed=0, repeated_aug=repeats,
+                                    **on_device)
         self.epoch = 0
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -227,6 +233,19 @@ class KdkitPipeline:
 
 class KdkitShardsPipeline(KdkitPipeline):
     name = "kdkit-shards"
+
+
+class KdkitPrefetcherPipeline(KdkitPipeline):
+    """kdkit's loader as it runs for training on a GPU (data.prefetcher, the default there): uint8
+    batches and a plan, which the GPU finishes (normalise, erase, Mixup/CutMix: untimed here, as
+    timm-prefetcher's normalising and erasing)."""
+
+    name = "kdkit-prefetcher"
+    finish_on_device = True
+
+
+class KdkitShardsPrefetcherPipeline(KdkitPrefetcherPipeline):
+    name = "kdkit-shards-prefetcher"
 
 
 class TimmPipeline:
@@ -336,8 +355,11 @@ def measure(name: str, root: Path, size: int, aug: dict, rounds: int, warmup: in
     pipes = [KdkitPipeline(root, size, aug, repeats), TimmPipeline(root, size, aug, repeats)]
     if shards is not None:
         pipes.insert(1, KdkitShardsPipeline(shards, size, aug, repeats))
-    if size >= 224:  # what timm's GPU training asks of the CPU (normalisation and erasing on the GPU)
+    if size >= 224:  # what GPU training asks of the CPU (normalisation and erasing, for kdkit also mixing, on the GPU)
         pipes.append(TimmPrefetcherPipeline(root, size, aug, repeats))
+        pipes.insert(-2, KdkitPrefetcherPipeline(root, size, aug, repeats))
+        if shards is not None:
+            pipes.insert(-2, KdkitShardsPrefetcherPipeline(shards, size, aug, repeats))
     for p in pipes:
         warm_up(p, warmup)
     rates: dict[str, list[float]] = {p.name: [] for p in pipes}

@@ -12,6 +12,9 @@
 #    distill --teacher) for one epoch with --set run.compile=false|true, data loader included;
 #    steady-state images/s from each run's metrics.jsonl. -> bench/results/gpu_e2e.json
 #    (adds several minutes: run it as a second command, SKIP_PY=1 E2E=1, if time is short.)
+# 3. bench/finish_on_device.py: DeiT's training views finished on the GPU (the trainer's default
+#    there) against the same batches finished on the CPU: largest difference, time per batch.
+#    -> bench/results/finish_on_device.json (SKIP_FINISH=1 skips it; needs part 1's data)
 #
 # Data: made on the machine under $WORK/data (4096 train + 1000 val JPEGs of 500x375, 1000 classes)
 # from CIFAR-10 images upscaled, read from the first tarball found among /work/shared/data/,
@@ -21,7 +24,7 @@
 #
 # Environment: PY (python; default .venv/bin/python if present, else python3), WORK
 # (/tmp/kdkit-gpu-bench), BATCH (256), WORKERS (min(cores, 16)), MODES ("plain online cached"),
-# COMPILE (both | on | off; DRY=1 defaults to off: DRY=1 COMPILE=both proves compile too), E2E (0 | 1), SKIP_PY (0 | 1), PY_TIMEOUT (seconds for part 1, 480),
+# COMPILE (both | on | off; DRY=1 defaults to off: DRY=1 COMPILE=both proves compile too), E2E (0 | 1), SKIP_PY (0 | 1), SKIP_FINISH (0 | 1), PY_TIMEOUT (seconds for part 1, 480),
 # E2E_TIMEOUT (seconds per CLI run, 240), EXTRA (more flags for gpu_throughput.py).
 # When $OUT is set (the device tool), the JSON results and logs are copied there too.
 set -uo pipefail
@@ -39,6 +42,7 @@ MODES=${MODES:-plain online cached}
 COMPILE=${COMPILE:-$([ "$DRY" = 1 ] && echo off || echo both)}  # dry-run: off unless asked (CPU inductor is slow)
 E2E=${E2E:-0}
 SKIP_PY=${SKIP_PY:-0}
+SKIP_FINISH=${SKIP_FINISH:-0}
 PY_TIMEOUT=${PY_TIMEOUT:-480}
 E2E_TIMEOUT=${E2E_TIMEOUT:-240}
 RESULTS=bench/results
@@ -115,8 +119,16 @@ if [ "$E2E" = 1 ]; then
       --json "$RESULTS/gpu_e2e$SUFFIX.json" || status=1
 fi
 
+# --- 3. views finished on the GPU against the loader workers' (data.prefetcher; kdkit.data.batch) ----
+if [ "$SKIP_FINISH" != 1 ] && [ -d "$WORK/data/train" ]; then
+  if [ "$DRY" = 1 ]; then FSIZE=(--size 32 --batch 8 --batches 2); else FSIZE=(--batch "$BATCH"); fi
+  timeout 120 "$PY" bench/finish_on_device.py --data "$WORK/data" "${FSIZE[@]}" \
+      --json "$RESULTS/finish_on_device$SUFFIX.json" || { echo "finish_on_device.py failed"; status=1; }
+fi
+
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-  cp -f "$RESULTS"/gpu_throughput$SUFFIX.json "$RESULTS"/gpu_e2e$SUFFIX.json "$OUT"/ 2>/dev/null
+  cp -f "$RESULTS"/gpu_throughput$SUFFIX.json "$RESULTS"/gpu_e2e$SUFFIX.json "$RESULTS"/finish_on_device$SUFFIX.json \
+      "$OUT"/ 2>/dev/null
   cp -f "$WORK"/gpu_throughput.log "$OUT"/ 2>/dev/null
   true
 fi

@@ -211,7 +211,10 @@ def setup(args) -> Setup:
     data_cfg = R.student_data_config(probe, r.model.img_size)
     del probe
     train_ds = with_views(train_ds, view_settings(data_cfg, dataclasses.asdict(r.aug)), k)
-    loader = create_loader(train_ds, args.batch_size, training=True, workers=args.workers, seed=r.run.seed)
+    # as the trainer does: on CUDA the batches stay uint8 and make_batch finishes them (timed with the step)
+    on_device = acc.device.type == "cuda" and getattr(r.data, "prefetcher", False)
+    loader = create_loader(train_ds, args.batch_size, training=True, workers=args.workers, seed=r.run.seed,
+                           **({"finish_on_device": True} if on_device else {}))
     try:
         from kdkit.data.sampler import seek
 

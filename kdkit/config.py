@@ -102,6 +102,9 @@ class DataConfig:
     unlabeled_ratio: float = 1.0  # MU: unlabeled images per labeled one in every step
     persistent_workers: bool = True  # keep loader workers alive between epochs (no respawn per epoch)
     prefetch_factor: int = 2  # batches each worker prepares ahead
+    # on a CUDA device, training batches come as uint8 pixels that the device normalises, erases and
+    # mixes (timm's prefetcher; same views); false: the workers finish them (timm's --no-prefetcher)
+    prefetcher: bool = True
     input_key: str = ""  # image member of a shard sample ('jpg;png') or column of a datasets dataset; "" = auto
     target_key: str = ""  # label member ('cls') or column; "" = auto
     class_map: str = ""  # a file of class names, one a line (timm's --class-map): fixes the label space

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdkit.data import open_dataset
+from kdkit.data import finish_samples, open_dataset
 from kdkit.data.dataset import SeededDataset
 from tests.helpers import assert_same_run, run_cli
 
@@ -201,13 +201,13 @@ def test_the_repeats_of_an_image_in_a_batch_are_decoded_once_with_the_same_pixel
     ds = with_views(CountingReads(open_dataset(tiny_data, "train", seed=5)), view_settings(
         data_cfg, dataclasses.asdict(aug)), 10)
     batch = epoch_views(len(ds), 5, 0, repeats=3)[:24].tolist()  # 4 pairs of images x 3 repeats
-    samples = ds.__getitems__([(0, v) for v in batch])
+    samples = finish_samples(ds.__getitems__([(0, v) for v in batch]))
     assert ds.reads == len({v % len(ds) for v in batch}) == 8
     # the same views one at a time (a decode each, no sharing): identical pixels and targets
     ref = CountingReads(open_dataset(tiny_data, "train", seed=5))
     ref = with_views(ref, view_settings(data_cfg, dataclasses.asdict(aug)), 10)
     for v, s in zip(batch, samples, strict=True):
-        one = ref.__getitems__([(0, v)])[0]
+        one = ref[(0, v)]
         assert torch.equal(one["image"], s["image"]) and torch.equal(one["target"], s["target"])
     assert ref.reads == 2 * len(batch)  # alone, each view and its Mixup partner are decoded every time
 

@@ -272,7 +272,7 @@ def test_best_student_is_kept_beside_the_last(tiny_data, tmp_path):
 def test_cutmix_minmax_sets_the_box_and_mixup_mode_pair_is_the_only_one():
     from types import SimpleNamespace
 
-    from kdkit.data import view_settings, with_views
+    from kdkit.data import finish_batch, plan_batch, view_settings, with_views
 
     cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
            "crop_pct": 1.0}
@@ -280,7 +280,8 @@ def test_cutmix_minmax_sets_the_box_and_mixup_mode_pair_is_the_only_one():
     ds = with_views(SimpleNamespace(), view_settings(cfg, aug), num_classes=3)
     a, b = torch.zeros(3, 32, 32), torch.ones(3, 32, 32)
     for seed in range(5):
-        (xa, ya), (xb, yb) = ds.mixup(a, 0, b, 1, seed)
+        (ya, mix_a), (yb, mix_b) = ds.mixup(a, 0, b, 1, seed)
+        xa, xb = finish_batch(*plan_batch([a, b], [mix_a, mix_b]))
         # timm's rand_bbox_minmax: sides drawn in [int(32 x 0.5), int(32 x 0.54)) = [16, 17), so 16 px;
         # lambda = 1 - 16 x 16 / (32 x 32)
         assert xa.mean().item() == pytest.approx(0.25) and xb.mean().item() == pytest.approx(0.75)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdkit.data import EpochSampler, create_loader, epoch_views, open_dataset, view_settings, with_views
+from kdkit.data import EpochSampler, create_loader, epoch_views, finish_samples, open_dataset, view_settings, with_views
 
 NORM = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
         "crop_pct": 1.0}
@@ -55,7 +55,7 @@ def test_a_pair_is_mixed_both_ways_with_one_lambda(tiny_data):
     ds.mixup = None  # the unmixed views, for reference
     plain = {v: ds.view(v) for v in order[:16].tolist()}
     ds = with_views(ds, deit_views(), 10)
-    batch = ds.__getitems__([(2, v) for v in order[:16].tolist()])
+    batch = finish_samples(ds.__getitems__([(2, v) for v in order[:16].tolist()]))
     for i in range(0, 16, 2):
         a, b = batch[i], batch[i + 1]
         assert ds.partner(a["index"]) == b["index"] and a["index"] % 120 != b["index"] % 120

@@ -159,6 +159,9 @@ RUN_FLAGS: dict[str, Flag] = {
         default="not set", per_process=True),
     "--workers": Flag("data.workers", int, "data-loading worker processes (per process)", "data",
                       aliases=("-j", "--num_workers")),
+    "--no-prefetcher": Flag("data.prefetcher", bool, "on a CUDA device, the loader workers normalise, erase and mix "
+                            "the training views (timm's); by default the device does, from uint8 batches", "data",
+                            const=False, default="the device finishes them"),
     "--crop-pct": Flag("data.crop_pct", float, "evaluation centre crop: resize to size / crop-pct, crop size "
                        "(timm's; DeiT's --eval-crop-ratio)", "data", aliases=("--eval-crop-ratio",),
                        default="1 for images of 64 px or less, else the student's timm config"),

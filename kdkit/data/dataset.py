@@ -10,6 +10,7 @@ import io
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from kdkit.data.batch import finish_samples
+from kdkit.data.mixup import Mixing
 from kdkit.data.sampler import epoch_views, pair_partners, view_epoch
 from kdkit.data.seeding import AUGMENT, MIX, run_seeded, sample_seed
 from kdkit.registry import KdkitError
@@ -125,10 +128,11 @@ class SeededDataset(Dataset):
                 raise KdkitError(f"unreadable image {self.describe(index)}: {type(e).__name__}: {e}") from None
             return None, -1
 
-    def augment(self, decoded: tuple[Image.Image | None, int], view: int, epoch: int) -> tuple[Tensor | None, int]:
-        """View `view` of view epoch `epoch` of a decoded sample: the transform under the view's seed.
-        The decoded image is not modified (timm's transforms return new images), so the repeats of
-        one image can share one decode."""
+    def augment(self, decoded: tuple[Image.Image | None, int], view: int, epoch: int) -> tuple[Any, int]:
+        """View `view` of view epoch `epoch` of a decoded sample: the transform under the view's seed
+        (a kdkit transform gives a RawView, which a batch finishes; kdkit.data.batch). The decoded
+        image is not modified (timm's transforms return new images), so the repeats of one image can
+        share one decode."""
         img, target = decoded
         if img is not None and self.transform is not None:
             img = run_seeded(self.transform, sample_seed(self.seed, epoch, view, AUGMENT), img)
@@ -136,8 +140,11 @@ class SeededDataset(Dataset):
 
     def view(self, view: int, epoch: int | None = None) -> tuple[torch.Tensor | None, int]:
         """The augmented image of view `view` in view epoch `epoch` (default: the current one;
-        None if unreadable) and its label."""
-        return self.augment(self.decode(view % len(self)), view, self.epoch if epoch is None else epoch)
+        None if unreadable), unmixed and finished, and its label."""
+        img, target = self.augment(self.decode(view % len(self)), view, self.epoch if epoch is None else epoch)
+        if img is None:
+            return None, target
+        return finish_samples([{"image": img}])[0]["image"], target
 
     def partners(self, views: list[int], epoch: int | None = None) -> list[int]:
         """The view each of `views` is mixed with under Mixup/CutMix in view epoch `epoch`: the other
@@ -156,18 +163,21 @@ class SeededDataset(Dataset):
         return self.partners([view])[0]
 
     def __getitem__(self, key: ViewKey) -> dict:
-        return self.__getitems__([key])[0]
+        """One sample, its view finished (mixed with its partner under Mixup/CutMix)."""
+        return finish_samples(self.__getitems__([key]))[0]
 
     def __getitems__(self, keys: list[ViewKey]) -> list[dict]:
-        """The samples of `keys` (DataLoader's batched fetch). Each image is decoded once per call,
-        however many of its repeats (views) the call holds, and each view augmented once, however
-        many pairs it takes part in: the repeats of repeated augmentation, which the samplers place
-        next to each other, cost one decode (FKD's several crops of one decoded image)."""
+        """The drawn samples of `keys` (DataLoader's batched fetch; kdkit.data.batch.collate finishes
+        their views, finish_samples one by one): image a RawView (or the transform's output), "mix"
+        how it is mixed with its pair's other view. Each image is decoded once per call, however many
+        of its repeats (views) the call holds, and each view augmented once, however many pairs it
+        takes part in: the repeats of repeated augmentation, which the samplers place next to each
+        other, cost one decode (FKD's several crops of one decoded image)."""
         keyed = [(self.view_epoch(k[0]), k[1]) if isinstance(k, tuple) else (self.epoch, int(k)) for k in keys]
-        views: dict[tuple[int, int], tuple[Tensor | None, int]] = {}
+        views: dict[tuple[int, int], tuple[Any, int]] = {}
         decoded: dict[int, tuple[Image.Image | None, int]] = {}
 
-        def view(e: int, v: int) -> tuple[Tensor | None, int]:
+        def view(e: int, v: int) -> tuple[Any, int]:
             if (e, v) not in views:
                 index = v % len(self)
                 if index not in decoded:
@@ -177,16 +187,15 @@ class SeededDataset(Dataset):
 
         if self.mixup is None:
             return [self._sample(*view(e, v), v, e) for e, v in keyed]
-        mixed: dict[tuple[int, int], tuple[Tensor | None, Tensor]] = {}
+        mixed: dict[tuple[int, int], tuple[Tensor, Mixing | None]] = {}
         for e in {e for e, _ in keyed}:
             mine = [v for ee, v in keyed if ee == e]
             for v, w in zip(mine, self.partners(mine, e), strict=True):
                 if (e, v) in mixed:
                     continue
                 a, b = min(v, w), max(v, w)
-                (xa, ya), (xb, yb) = self.mixup(*view(e, a), *view(e, b), sample_seed(self.seed, e, a, MIX))
-                mixed[e, a], mixed[e, b] = (xa, ya), (xb, yb)
-        return [self._sample(*mixed[e, v], v, e) for e, v in keyed]
+                mixed[e, a], mixed[e, b] = self.mixup(*view(e, a), *view(e, b), sample_seed(self.seed, e, a, MIX))
+        return [{**self._sample(view(e, v)[0], mixed[e, v][0], v, e), "mix": mixed[e, v][1]} for e, v in keyed]
 
     def _sample(self, image: Tensor | None, target: int | Tensor, view: int, epoch: int) -> dict:
         """A sample dict; an unreadable one (image None) names its source (`describe`) for the summary."""

@@ -177,12 +177,15 @@ class StreamDataset(IterableDataset):
                 if raw[0] not in decoded:  # one decode for the repeats of a sample (the last two kept)
                     decoded = {**dict(list(decoded.items())[-1:]), raw[0]: self._decode(raw)}
                 out.append(self._augment(decoded[raw[0]], v, epoch))
+            mixings = [None] * len(out)
             if self.mixup is not None:
                 (xa, ya), (xb, yb) = out
-                out = list(self.mixup(xa, ya, xb, yb, sample_seed(self.seed, epoch, min(pair[0][0], pair[1][0]), MIX)))
-            for (v, raw), (img, target) in zip(pair, out, strict=True):
+                (ya, ma), (yb, mb) = self.mixup(xa, ya, xb, yb,
+                                                sample_seed(self.seed, epoch, min(pair[0][0], pair[1][0]), MIX))
+                out, mixings = [(xa, ya), (xb, yb)], [ma, mb]
+            for (v, raw), (img, target), mixing in zip(pair, out, mixings, strict=True):
                 if done >= skip and done < skip + count:
-                    yield {"image": img, "target": target, "index": v, "epoch": epoch,
+                    yield {"image": img, "target": target, "index": v, "epoch": epoch, "mix": mixing,
                            "source": None if img is not None else f"{self.source}: {raw[0]}"}
                 done += 1
 

@@ -1,16 +1,20 @@
 """The image transforms: timm's create_transform for training and evaluation views, with ToTensor and
 Normalize fused into one contiguous step, and timm's RandAugment posterize fixed for recent Pillow
-(in kdkit's transforms only)."""
+(in kdkit's transforms only). `defer_finish` stops such a transform at uint8 pixels (a RawView) whose
+normalisation and random erasing a batch applies later, in a loader worker or on the training device
+(kdkit.data.batch)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import auto_augment as _auto_augment
 from timm.data import create_transform
+from timm.data.random_erasing import RandomErasing
 
 
 def posterize_keep_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -77,4 +81,78 @@ def fuse_to_tensor(transform: Callable, mean: tuple[float, ...], std: tuple[floa
         if names[i] in ("MaybeToTensor", "ToTensor") and names[i + 1] == "Normalize":
             steps[i : i + 2] = [ToNormalizedTensor(mean, std)]
             break
+    return transform
+
+
+Erase = tuple[int, int, int, int, torch.Tensor]  # (top, bottom, left, right, fill (3, h, w) or (3, 1, 1))
+
+
+@dataclass(frozen=True)
+class RawView:
+    """A view stopped before its last steps: pixels (3, H, W) uint8 (strided), the normalisation that turns
+    them into the view (`norm`), and the random erasing boxes drawn for it, in order (`erase`:
+    rows top:bottom, columns left:right filled with a float32 fill in normalised units).
+    kdkit.data.batch.finish_batch finishes a batch of them: normalise, erase, then Mixup/CutMix."""
+
+    pixels: torch.Tensor
+    norm: ToNormalizedTensor
+    erase: tuple[Erase, ...] = ()
+
+
+class ToRawView:
+    """PIL RGB image -> RawView: ToNormalizedTensor's pixels, kept as (3, H, W) uint8."""
+
+    def __init__(self, norm: ToNormalizedTensor):
+        self.norm = norm
+
+    def __call__(self, img: Image.Image) -> RawView:
+        # a (3, H, W) view of the (H, W, 3) array: the batch's stack is its one copy (as timm's fast_collate)
+        return RawView(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1), self.norm)
+
+    def __repr__(self) -> str:
+        return f"ToRawView(mean={self.norm.mean}, std={self.norm.std})"
+
+
+class _Boxes:
+    """Stands in for an image tensor in timm's RandomErasing._erase: keeps each box and fill written."""
+
+    def __init__(self):
+        self.boxes: list[Erase] = []
+
+    def __setitem__(self, key: tuple[slice, slice, slice], fill: torch.Tensor) -> None:
+        _, rows, cols = key
+        self.boxes.append((rows.start, rows.stop, cols.start, cols.stop, fill))
+
+
+class RecordErasing:
+    """timm's RandomErasing on a RawView: the same random draws in the same order (timm's own code
+    runs, on a stand-in that records what it would write), its boxes and fills kept for the batch
+    to write after normalising."""
+
+    def __init__(self, erasing: RandomErasing):
+        self.erasing = erasing
+
+    def __call__(self, view: RawView) -> RawView:
+        boxes = _Boxes()
+        _, h, w = view.pixels.shape
+        self.erasing._erase(boxes, view.pixels.shape[0], h, w, torch.float32)
+        return replace(view, erase=view.erase + tuple(boxes.boxes)) if boxes.boxes else view
+
+    def __repr__(self) -> str:
+        return f"RecordErasing({self.erasing!r})"
+
+
+def defer_finish(transform: Callable) -> Callable:
+    """A kdkit transform (its steps ending in ToNormalizedTensor, then optionally timm's
+    RandomErasing on CPU) stopped at RawViews: the same pixels once a batch finishes them. Any other
+    transform is returned as it is (its views come finished)."""
+    steps = getattr(transform, "transforms", None) or []
+    names = [type(t).__name__ for t in steps]
+    if "ToNormalizedTensor" not in names:
+        return transform
+    i = names.index("ToNormalizedTensor")
+    tail = steps[i + 1:]
+    if any(not isinstance(t, RandomErasing) or t.device != "cpu" for t in tail):
+        return transform
+    steps[i:] = [ToRawView(steps[i]), *(RecordErasing(t) for t in tail)]
     return transform

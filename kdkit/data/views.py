@@ -12,7 +12,7 @@ from timm.data import Mixup
 from kdkit.data.dataset import SeededDataset
 from kdkit.data.mixup import SampleMixup
 from kdkit.data.stream import StreamDataset
-from kdkit.data.transforms import create_transforms
+from kdkit.data.transforms import create_transforms, defer_finish
 from kdkit.data.unlabeled import SemiSupervisedDataset
 from kdkit.registry import KdkitError
 
@@ -67,7 +67,7 @@ def mixes(views: dict) -> bool:
 
 def view_transform(views: dict) -> Callable:
     """timm's create_transform for `views`: RandomResizedCrop/flip/RandAugment/random erasing for
-    training views, resize + centre crop for evaluation views."""
+    training views, resize + centre crop for evaluation views; PIL image -> (3, H, W) float32."""
     v = views
     if not v["train"]:
         return create_transforms(v["img_size"], v["mean"], v["std"], False, interpolation=v["interpolation"],
@@ -78,8 +78,8 @@ def view_transform(views: dict) -> Callable:
 
 
 def with_views(dataset: SeededDataset, views: dict, num_classes: int, view_cycle: int = 0) -> SeededDataset:
-    """A new dataset: `dataset`'s samples drawn as `views` say (transform, repeats and, for training
-    views, per-sample Mixup/CutMix); with `view_cycle` E > 0, epoch e draws the views of epoch e % E
+    """A new dataset: `dataset`'s samples drawn as `views` say (transform, stopped at RawViews that
+    its batches finish; repeats and, for training views, per-sample Mixup/CutMix); with `view_cycle` E > 0, epoch e draws the views of epoch e % E
     (a run replaying a cache's E epochs). The opened `dataset` is left as it was; the new one shares
     its samples (a shallow copy: nothing a sample read holds is copied)."""
     v = views
@@ -94,7 +94,8 @@ def with_views(dataset: SeededDataset, views: dict, num_classes: int, view_cycle
         raise KdkitError("aug.crops_per_image does not combine with unlabeled images (an epoch there is one pass "
                          "over the labeled data): use aug.repeated_aug")
     built = copy.copy(dataset)
-    vars(built).update(transform=view_transform(v), mixup=mixup, view_cycle=view_cycle, repeats=repeats,
+    # the transform stops at RawViews: the batch normalises, erases and mixes (kdkit.data.batch)
+    vars(built).update(transform=defer_finish(view_transform(v)), mixup=mixup, view_cycle=view_cycle, repeats=repeats,
                        every_repeat=every_repeat)  # Mixup pairs follow the sampler's order
     if hasattr(built, "_partners"):
         built._partners = {}  # pair partners depend on the repeats: the new views' own

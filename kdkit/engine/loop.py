@@ -120,7 +120,7 @@ class Trainer:
                 self.scheduler.step_update(pos.updates)
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.student), step=pos.updates)
-        meter.seen += raw["images"].shape[0] * acc.num_processes
+        meter.seen += len(raw["index"]) * acc.num_processes
         meter.bar(**values)
         if step % s.log_every == 0:
             loss, terms = global_terms(acc, out)

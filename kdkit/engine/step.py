@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from kdkit.console import console
+from kdkit.data import batch_images
 from kdkit.engine.checkpoint import Checkpointer, Position
 from kdkit.engine.metrics import MetricsLog
 from kdkit.losses import DistillationLoss
@@ -51,8 +52,8 @@ class DistillationStep:
 
 
 def make_batch(raw: dict, device: torch.device) -> Batch:
-    """Move a collated batch to the device (Mixup/CutMix already happened per sample, in the data)."""
-    return Batch(raw["images"].to(device, non_blocking=True), raw["target"].to(device, non_blocking=True),
+    """Move a collated batch to the device (its views finished there if the loader left them so)."""
+    return Batch(batch_images(raw, device), raw["target"].to(device, non_blocking=True),
                  raw["index"], raw["epoch"])
 
 
