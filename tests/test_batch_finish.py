@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.data import Mixup
 
-from kdkit.data import batch_images, collate, create_loader, epoch_views, open_dataset, view_settings, with_views
+from kdkit.data import batch_images, collate, create_loader, finish_batch, epoch_views, open_dataset, view_settings, with_views
 from kdkit.data.dataset import SeededDataset
 from kdkit.data.seeding import AUGMENT, MIX, run_seeded, sample_seed
 from kdkit.data.transforms import RawView, create_transforms
@@ -56,6 +56,8 @@ def test_finished_batches_are_timms_pixels_in_the_workers_and_on_the_device(tiny
         loader.sampler.set_epoch(1)
         for raw in loader:
             images = batch_images(raw, torch.device("cpu"))
+            if finish_on_device:  # the GPU's schedule (whole-batch steps), here on the CPU: the same values
+                assert torch.equal(finish_batch(raw["images"], raw["finish"], by_row=False), images)
             assert images.dtype == torch.float32 and images.shape[0] == len(raw["index"])
             if finish_on_device:
                 assert raw["images"].dtype == torch.uint8 and raw["images"].shape[0] >= len(raw["index"])
