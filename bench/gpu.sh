@@ -63,6 +63,7 @@ if [ "$DRY" = 1 ]; then
 else
   DRYFLAG=; SUFFIX=; TEACHER=regnety_160; SIZE=(); PRECISION=bf16; CLASSES=1000
 fi
+mkdir -p "$WORK"
 PY_JSON=$RESULTS/gpu_throughput$SUFFIX.json
 echo "== bench/gpu.sh $(date -u +%FT%TZ) DRY=$DRY BATCH=$BATCH WORKERS=$WORKERS MODES='$MODES' COMPILE=$COMPILE E2E=$E2E"
 
