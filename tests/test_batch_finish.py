@@ -7,7 +7,16 @@ import pytest
 import torch
 from timm.data import Mixup
 
-from kdkit.data import batch_images, collate, create_loader, finish_batch, epoch_views, open_dataset, view_settings, with_views
+from kdkit.data import (
+    batch_images,
+    collate,
+    create_loader,
+    epoch_views,
+    finish_batch,
+    open_dataset,
+    view_settings,
+    with_views,
+)
 from kdkit.data.dataset import SeededDataset
 from kdkit.data.seeding import AUGMENT, MIX, run_seeded, sample_seed
 from kdkit.data.transforms import RawView, create_transforms
@@ -48,7 +57,7 @@ def test_finished_batches_are_timms_pixels_in_the_workers_and_on_the_device(tiny
     ds = with_views(open_dataset(tiny_data, "train", seed=7), v, 10)
     assert type(ds.transform.transforms[-1]).__name__ == "RecordErasing"
     order = epoch_views(len(ds), 7, 1, repeats=max(v["repeated_aug"], 1))[:40].tolist()
-    reference = timm_reference(ds, v, 1, [(min(p), max(p)) for p in zip(ds.partners(order, 1), order)])
+    reference = timm_reference(ds, v, 1, [(min(p), max(p)) for p in zip(ds.partners(order, 1), order, strict=True)])
     erased = mixed = 0
     for finish_on_device in (False, True):
         # batches of 7: pairs split across batches too (the partner then travels as an extra row)

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from kdkit.data import EpochSampler, create_loader, epoch_views, finish_samples, open_dataset, view_settings, with_views
+from kdkit.data import (
+    EpochSampler,
+    create_loader,
+    epoch_views,
+    finish_samples,
+    open_dataset,
+    view_settings,
+    with_views,
+)
 
 NORM = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
         "crop_pct": 1.0}

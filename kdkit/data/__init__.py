@@ -42,7 +42,8 @@ __all__ = [
     "SeededDataset", "SemiSupervisedDataset", "StreamDataset", "TarShardDataset", "TorchImageDataset", "read_class_map",
     "ToNormalizedTensor", "UnlabeledFolderDataset", "collate", "describe_object", "is_data_object", "loader_settings",
     "NAMED_SKIPS", "create_loader", "fuse_to_tensor", "note_skipped", "start_worker",
-    "create_transforms", "epoch_views", "batch_images", "finish_batch", "finish_samples", "plan_batch", "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
+    "create_transforms", "epoch_views", "batch_images", "finish_batch", "finish_samples", "plan_batch",
+    "eval_transform", "load_rgb", "mixed_epoch_views", "open_dataset",
     "open_unlabeled", "sample_path", "sample_seed", "is_augmented", "view_settings", "view_transform", "with_views",
 ]
 

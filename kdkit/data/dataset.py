@@ -10,8 +10,8 @@ import io
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch

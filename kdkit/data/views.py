@@ -79,9 +79,10 @@ def view_transform(views: dict) -> Callable:
 
 def with_views(dataset: SeededDataset, views: dict, num_classes: int, view_cycle: int = 0) -> SeededDataset:
     """A new dataset: `dataset`'s samples drawn as `views` say (transform, stopped at RawViews that
-    its batches finish; repeats and, for training views, per-sample Mixup/CutMix); with `view_cycle` E > 0, epoch e draws the views of epoch e % E
-    (a run replaying a cache's E epochs). The opened `dataset` is left as it was; the new one shares
-    its samples (a shallow copy: nothing a sample read holds is copied)."""
+    its batches finish; repeats and, for training views, per-sample Mixup/CutMix); with
+    `view_cycle` E > 0, epoch e draws the views of epoch e % E (a run replaying a cache's E epochs).
+    The opened `dataset` is left as it was; the new one shares its samples (a shallow copy: nothing
+    a sample read holds is copied)."""
     v = views
     mixup = SampleMixup(Mixup(mixup_alpha=v["mixup"], cutmix_alpha=v["cutmix"], prob=v["mixup_prob"],
                               cutmix_minmax=v.get("cutmix_minmax"), switch_prob=v["mixup_switch_prob"],
@@ -95,8 +96,8 @@ def with_views(dataset: SeededDataset, views: dict, num_classes: int, view_cycle
                          "over the labeled data): use aug.repeated_aug")
     built = copy.copy(dataset)
     # the transform stops at RawViews: the batch normalises, erases and mixes (kdkit.data.batch)
-    vars(built).update(transform=defer_finish(view_transform(v)), mixup=mixup, view_cycle=view_cycle, repeats=repeats,
-                       every_repeat=every_repeat)  # Mixup pairs follow the sampler's order
+    vars(built).update(transform=defer_finish(view_transform(v)), mixup=mixup, view_cycle=view_cycle,
+                       repeats=repeats, every_repeat=every_repeat)  # Mixup pairs follow the sampler's order
     if hasattr(built, "_partners"):
         built._partners = {}  # pair partners depend on the repeats: the new views' own
     return built
