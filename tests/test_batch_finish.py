@@ -89,3 +89,25 @@ def test_a_collated_batch_sends_uint8_pixels_and_a_plan_that_pickles(tiny_data):
     assert torch.equal(batch_images(again, torch.device("cpu")), collate(
         ds.__getitems__([(0, v) for v in epoch_views(len(ds), 1, 0, repeats=3)[:9].tolist()]))["images"])
     assert isinstance(ds.__getitems__([(0, 0)])[0]["image"], RawView)
+
+
+def test_training_on_batches_finished_in_make_batch_equals_training_on_the_workers(tiny_data):
+    """The trainer's GPU path (uint8 batches finished by make_batch) run on the CPU: the same weights,
+    bit for bit, as batches finished in the loader's workers."""
+    import timm.optim
+
+    from kdkit import DistillationStep, create_loss, create_student, fit
+    from kdkit.engine.loop import LoopSettings
+
+    weights = []
+    for finish_on_device in (False, True):
+        torch.manual_seed(0)
+        student = create_student("deit_tiny", 10, "token", img_size=32, patch_size=8,
+                                 model_kwargs=dict(depth=1, embed_dim=32, num_heads=2))
+        ds = with_views(open_dataset(tiny_data, "train", seed=0), views(), 10)
+        loader = create_loader(ds, 16, training=True, workers=2, seed=0, finish_on_device=finish_on_device)
+        optimizer = timm.optim.create_optimizer_v2(student, "adamw", lr=1e-3)
+        fit(student, DistillationStep(create_loss("none")), loader, optimizer, epochs=1,
+            settings=LoopSettings(progress=False))
+        weights.append({k: v.clone() for k, v in student.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

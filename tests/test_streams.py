@@ -103,3 +103,21 @@ def test_a_hub_dataset_streamed_with_its_classlabel_names(tiny_data, tmp_path, m
     ds = with_views(ds, view_settings(DATA_CFG, dataclasses.asdict(AugConfig())), 10)
     got = [int(t) for b in epoch(ds, 0, batch=10) for t in b["target"]]
     assert len(got) == 120 and sorted(got) == sorted(t for _, t in files)
+
+
+def test_a_streamed_batch_finished_on_the_device_equals_the_workers(shards):
+    from kdkit.data import batch_images
+
+    ds = stream(shards, mixup=0.8, cutmix=1.0, reprob=0.5, repeated_aug=3)
+    # batches of 7: Mixup pairs (consecutive views) split across batches, the partner sent as an extra row
+    runs = []
+    for on_device in (False, True):
+        loader = create_loader(ds, 7, training=True, workers=2, seed=0, finish_on_device=on_device)
+        seek(loader, 0)
+        runs.append([(b["index"], batch_images(b, torch.device("cpu")), b) for b in loader])
+    extra = 0
+    for (i, x, _), (j, y, raw) in zip(*runs, strict=True):
+        assert torch.equal(i, j) and torch.equal(x, y)
+        assert raw["images"].dtype == torch.uint8
+        extra += raw["images"].shape[0] - len(j)
+    assert extra > 0

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from kdkit.accelerator import create_accelerator
 from kdkit.console import progress_bar
-from kdkit.data import create_loader, eval_transform, open_dataset
+from kdkit.data import batch_images, create_loader, eval_transform, open_dataset
 from kdkit.files import atomic_write, atomic_write_text
 from kdkit.models import load_saved
 from kdkit.registry import KdkitError
@@ -75,7 +75,7 @@ def predict(module: torch.nn.Module, loader, device: torch.device, n: int,
     for raw in loader:
         if raw["images"] is None:
             continue
-        out = module(raw["images"].to(device))
+        out = module(batch_images(raw, device))
         heads = ({"": out} if not isinstance(out, StudentOut) else {"": out.logits} if out.logits is out.dist_logits
                  else dict(zip(HEAD_ROWS, (out.logits, out.dist_logits, out.fused), strict=True)))
         for head, logits in heads.items():

@@ -28,7 +28,7 @@ from kdkit.cache import LogitCache
 from kdkit.cache.manifest import differences
 from kdkit.cache.store import DTYPES, LogitStore, encode_record, read_manifest, record_bytes, record_labels
 from kdkit.console import progress_bar
-from kdkit.data import SeededDataset, collate, start_worker
+from kdkit.data import SeededDataset, batch_images, collate, start_worker
 from kdkit.files import LOCK_NAME, atomic_write_text, exclusive_lock, remove_stale_temporaries
 from kdkit.registry import KdkitError
 
@@ -116,7 +116,7 @@ def _write(teacher: Callable[[Tensor], Tensor], dataset: SeededDataset, root: Pa
                 if raw["images"] is None:
                     continue
                 rows = torch.tensor([row_of[v] for v in raw["index"].tolist()])
-                logits = teacher(raw["images"].to(acc.device)).cpu()
+                logits = teacher(batch_images(raw, acc.device)).cpu()
                 for k, v in encode_record(logits, topk, dtype, record_labels(raw["target"])).items():
                     record[k][rows] = v
             store.write(epoch, shard, record)

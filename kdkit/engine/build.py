@@ -99,11 +99,12 @@ def build_data(r: Recipe, data_cfg: dict, train_ds, eval_ds, acc: Accelerator, v
     per_proc = r.data.batch_size // acc.num_processes
     if per_proc * acc.num_processes != r.data.batch_size:
         raise KdkitError(f"batch_size {r.data.batch_size} is not divisible by {acc.num_processes} processes")
+    # on a GPU (data.prefetcher) the batches travel as uint8 and the device finishes them (timm's prefetcher)
     loader_kw = {"workers": r.data.workers, "persistent_workers": r.data.persistent_workers,
-                 "prefetch_factor": r.data.prefetch_factor}
+                 "prefetch_factor": r.data.prefetch_factor,
+                 "finish_on_device": r.data.prefetcher and acc.device.type == "cuda"}
     train_loader = create_loader(train_ds, per_proc, training=True, seed=r.run.seed, num_replicas=acc.num_processes,
-                                 rank=acc.process_index, finish_on_device=r.data.prefetcher and acc.device.type == "cuda",
-                                 **loader_kw)
+                                 rank=acc.process_index, **loader_kw)
     if len(train_loader) == 0:
         raise KdkitError(f"{len(train_ds)} training images make no full batch of {per_proc}: lower batch_size")
     eval_loader = create_loader(eval_ds, max(r.data.eval_batch_size // acc.num_processes, 1), training=False,

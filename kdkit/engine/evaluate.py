@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from kdkit.accelerator import create_accelerator
 from kdkit.console import console, progress_bar
-from kdkit.data import NAMED_SKIPS, create_loader, eval_transform, note_skipped, open_dataset
+from kdkit.data import NAMED_SKIPS, batch_images, create_loader, eval_transform, note_skipped, open_dataset
 from kdkit.models import has_saved_config, load_saved
 from kdkit.models.student import eval_mode
 from kdkit.models.teacher import Teacher
@@ -46,7 +46,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | No
             if raw["skipped"]:
                 names = note_skipped(names, raw.get("skipped_names", ()))
             if raw["images"] is not None:
-                images, target = raw["images"].to(acc.device), raw["target"].to(acc.device)
+                images, target = batch_images(raw, acc.device), raw["target"].to(acc.device)
                 start = time.perf_counter()
                 out = model(images)
                 out = out if isinstance(out, StudentOut) else StudentOut(out, out)
@@ -89,7 +89,7 @@ def check_teacher(teacher: Teacher, loader, num_classes: int, batches: int, acce
             break
         if raw["images"] is None:
             continue
-        logits = teacher(raw["images"].to(accelerator.device))
+        logits = teacher(batch_images(raw, accelerator.device))
         k = logits.shape[1]
         if k != num_classes:
             hint = f" (the data's class folders include empty ones: {', '.join(empty[:5])})" if empty else ""
