@@ -102,7 +102,7 @@ class DataConfig:
     unlabeled_ratio: float = 1.0  # MU: unlabeled images per labeled one in every step
     persistent_workers: bool = True  # keep loader workers alive between epochs (no respawn per epoch)
     prefetch_factor: int = 2  # batches each worker prepares ahead
-    # on a CUDA device, training batches come as uint8 pixels that the device normalises, erases and
+    # on a CUDA device, training and evaluation batches come as uint8 pixels that the device normalises, erases and
     # mixes (timm's prefetcher; same views); false: the workers finish them (timm's --no-prefetcher)
     prefetcher: bool = True
     input_key: str = ""  # image member of a shard sample ('jpg;png') or column of a datasets dataset; "" = auto

@@ -160,7 +160,7 @@ RUN_FLAGS: dict[str, Flag] = {
     "--workers": Flag("data.workers", int, "data-loading worker processes (per process)", "data",
                       aliases=("-j", "--num_workers")),
     "--no-prefetcher": Flag("data.prefetcher", bool, "on a CUDA device, the loader workers normalise, erase and mix "
-                            "the training views (timm's); by default the device does, from uint8 batches", "data",
+                            "the views (timm's); by default the device does, from uint8 batches", "data",
                             const=False, default="the device finishes them"),
     "--crop-pct": Flag("data.crop_pct", float, "evaluation centre crop: resize to size / crop-pct, crop size "
                        "(timm's; DeiT's --eval-crop-ratio)", "data", aliases=("--eval-crop-ratio",),
