@@ -7,6 +7,8 @@ timm's ToTensor + Normalize, RandomErasing and Mixup applied view by view."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate, get_worker_info
@@ -20,10 +22,7 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     as default_collate does), in the heap otherwise."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
     return torch.empty(0, dtype=dtype).new(storage).resize_(shape)
 
 

@@ -55,6 +55,11 @@ def create_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, 
                              crop_pct=crop_pct if crop_pct is not None else (1.0 if img_size <= 64 else 0.875))
     return fuse_to_tensor(fix_posterize(t), mean, std)
 
+def chw_pixels(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> (3, H, W) uint8: a strided view of a fresh (H, W, 3) array."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
 class ToNormalizedTensor:
     """PIL RGB image -> (3, H, W) float32 (x / 255 - mean) / std, in one pass over the pixels:
     timm's ToTensor + Normalize, which cost more than the crop and flip of a small image."""
@@ -66,7 +71,7 @@ class ToNormalizedTensor:
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        x = chw_pixels(img)
         # written into a contiguous tensor: random erasing and the batch's stack are faster on it
         return torch.addcmul(self.shift, x, self.scale, out=torch.empty(x.shape, dtype=torch.float32))
 
@@ -106,8 +111,8 @@ class ToRawView:
         self.norm = norm
 
     def __call__(self, img: Image.Image) -> RawView:
-        # a (3, H, W) view of the (H, W, 3) array: the batch's stack is its one copy (as timm's fast_collate)
-        return RawView(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1), self.norm)
+        # left strided: the batch's stack is its one copy (as timm's fast_collate)
+        return RawView(chw_pixels(img), self.norm)
 
     def __repr__(self) -> str:
         return f"ToRawView(mean={self.norm.mean}, std={self.norm.std})"
@@ -134,8 +139,7 @@ class RecordErasing:
 
     def __call__(self, view: RawView) -> RawView:
         boxes = _Boxes()
-        _, h, w = view.pixels.shape
-        self.erasing._erase(boxes, view.pixels.shape[0], h, w, torch.float32)
+        self.erasing._erase(boxes, *view.pixels.shape, torch.float32)
         return replace(view, erase=view.erase + tuple(boxes.boxes)) if boxes.boxes else view
 
     def __repr__(self) -> str:
@@ -147,10 +151,9 @@ def defer_finish(transform: Callable) -> Callable:
     RandomErasing on CPU) stopped at RawViews: the same pixels once a batch finishes them. Any other
     transform is returned as it is (its views come finished)."""
     steps = getattr(transform, "transforms", None) or []
-    names = [type(t).__name__ for t in steps]
-    if "ToNormalizedTensor" not in names:
+    i = next((i for i, t in enumerate(steps) if isinstance(t, ToNormalizedTensor)), None)
+    if i is None:
         return transform
-    i = names.index("ToNormalizedTensor")
     tail = steps[i + 1:]
     if any(not isinstance(t, RandomErasing) or t.device != "cpu" for t in tail):
         return transform
